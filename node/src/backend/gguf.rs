@@ -1,0 +1,42 @@
+//! The real model: a GGUF llama with one KV cache per sequence.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::Tensor;
+
+use super::{Backend, SeqStep};
+use crate::model::{KvCache, LlamaModel, StepChunk};
+
+pub struct GgufBackend {
+    model: Arc<LlamaModel>,
+    caches: HashMap<u64, KvCache>,
+}
+
+impl GgufBackend {
+    pub fn new(model: Arc<LlamaModel>) -> Self {
+        Self { model, caches: HashMap::new() }
+    }
+}
+
+impl Backend for GgufBackend {
+    fn step(&mut self, seqs: &[SeqStep<'_>]) -> Result<Option<Tensor>, String> {
+        let cfg = self.model.config();
+        let mut taken: Vec<KvCache> =
+            seqs.iter().map(|s| self.caches.remove(&s.id).unwrap_or_else(|| KvCache::new(cfg, s.capacity))).collect();
+        let chunks: Vec<StepChunk<'_>> = seqs
+            .iter()
+            .map(|s| StepChunk { tokens: s.tokens, start_pos: s.start_pos, want_logits: s.want_logits })
+            .collect();
+        let mut refs: Vec<&mut KvCache> = taken.iter_mut().collect();
+        let out = self.model.forward(&chunks, &mut refs).map_err(|e| e.to_string());
+        for (s, cache) in seqs.iter().zip(taken) {
+            self.caches.insert(s.id, cache);
+        }
+        out
+    }
+
+    fn release(&mut self, id: u64) {
+        self.caches.remove(&id);
+    }
+}

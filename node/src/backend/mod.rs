@@ -1,0 +1,31 @@
+//! What the scheduler drives: one forward step over many sequences.
+
+mod gguf;
+mod synthetic;
+
+pub use gguf::GgufBackend;
+pub use synthetic::SyntheticBackend;
+
+use candle_core::Tensor;
+
+/// New tokens of one sequence in a step.
+pub struct SeqStep<'a> {
+    pub id: u64,
+    pub tokens: &'a [u32],
+    /// Position of `tokens[0]` in the sequence.
+    pub start_pos: usize,
+    /// Whether next-token logits are needed after these tokens.
+    pub want_logits: bool,
+    /// Most tokens this sequence will ever hold (to size its cache once).
+    pub capacity: usize,
+}
+
+/// A model (or a stand-in for one) that advances many sequences per step.
+pub trait Backend: Send {
+    /// Feeds every sequence's new tokens; returns `[m, vocab]` logits for
+    /// the sequences with `want_logits`, in the order given.
+    fn step(&mut self, seqs: &[SeqStep<'_>]) -> Result<Option<Tensor>, String>;
+
+    /// Frees everything held for a sequence that has left the batch.
+    fn release(&mut self, id: u64);
+}

@@ -1,0 +1,129 @@
+//! The node's configuration: flags, each with an environment override.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::model::DEFAULT_Q8_MAX_ROWS;
+use crate::scheduler::Limits;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    /// A llama-architecture GGUF file (`--model`).
+    Gguf,
+    /// Deterministic words at `--synthetic-tokens-per-sec`, no weights.
+    Synthetic,
+}
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = "mesh-node", version, about = "Serves one LLM over gRPC with continuous batching.")]
+pub struct NodeConfig {
+    /// Address to serve gRPC on; port 0 picks a free port (logged at start).
+    #[arg(long, env = "MESH_NODE_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    #[arg(long, env = "MESH_NODE_BACKEND", value_enum, default_value = "gguf")]
+    pub backend: BackendKind,
+
+    /// Path of the GGUF model file (gguf backend).
+    #[arg(long, env = "MESH_NODE_MODEL", required_if_eq("backend", "gguf"))]
+    pub model: Option<PathBuf>,
+
+    /// Name callers use for the model; defaults to the file stem, or "synthetic".
+    #[arg(long, env = "MESH_NODE_MODEL_NAME")]
+    pub model_name: Option<String>,
+
+    /// Sequences decoded together in one step.
+    #[arg(long, env = "MESH_NODE_MAX_RUNNING", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_running: u32,
+
+    /// Admitted requests that may wait for a running slot.
+    #[arg(long, env = "MESH_NODE_MAX_QUEUED", default_value_t = 128)]
+    pub max_queued: u32,
+
+    /// KV-cache tokens (prompt + max_tokens of every admitted request) the node commits at most.
+    #[arg(long, env = "MESH_NODE_MAX_KV_TOKENS", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_kv_tokens: u64,
+
+    /// Prompt tokens prefilled per step, so running streams keep streaming during long prompts.
+    #[arg(long, env = "MESH_NODE_MAX_STEP_TOKENS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_step_tokens: u32,
+
+    /// max_tokens for requests that leave it 0.
+    #[arg(long, env = "MESH_NODE_DEFAULT_MAX_TOKENS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub default_max_tokens: u32,
+
+    /// Context length cap; defaults to the model's own.
+    #[arg(long, env = "MESH_NODE_CONTEXT_LENGTH")]
+    pub context_length: Option<u32>,
+
+    /// On SIGTERM, how long in-flight streams may run before they are cancelled.
+    #[arg(long, env = "MESH_NODE_DRAIN_GRACE", default_value = "30s", value_parser = humantime_secs)]
+    pub drain_grace: Duration,
+
+    /// Tokens per second per stream of the synthetic backend.
+    #[arg(long, env = "MESH_NODE_SYNTHETIC_TOKENS_PER_SEC", default_value_t = 50.0, value_parser = positive_f64)]
+    pub synthetic_tokens_per_sec: f64,
+
+    /// Batch rows below which matmuls use the Q8_0 kernel instead of f32 GEMM.
+    #[arg(long, env = "MESH_NODE_Q8_MAX_ROWS", default_value_t = DEFAULT_Q8_MAX_ROWS)]
+    pub q8_max_rows: usize,
+
+    /// Run the model on CUDA device N (needs a build with `--features cuda`).
+    #[arg(long, env = "MESH_NODE_CUDA_DEVICE")]
+    pub cuda_device: Option<usize>,
+}
+
+impl NodeConfig {
+    pub fn limits(&self, model_context: usize) -> Limits {
+        let context_length = self.context_length.map_or(model_context, |c| (c as usize).min(model_context));
+        Limits {
+            max_running: self.max_running as usize,
+            max_queued: self.max_queued as usize,
+            max_kv_tokens: self.max_kv_tokens as usize,
+            max_step_tokens: self.max_step_tokens as usize,
+            context_length,
+        }
+    }
+}
+
+/// Parses `30s`, `500ms` or a bare number of seconds.
+fn humantime_secs(s: &str) -> Result<Duration, String> {
+    let bad = || format!("{s:?} is not a duration like 30s or 500ms");
+    if let Some(ms) = s.strip_suffix("ms") {
+        return ms.parse().map(Duration::from_millis).map_err(|_| bad());
+    }
+    s.strip_suffix('s')
+        .unwrap_or(s)
+        .parse::<f64>()
+        .ok()
+        .filter(|v| *v >= 0.0)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(bad)
+}
+
+fn positive_f64(s: &str) -> Result<f64, String> {
+    s.parse::<f64>().ok().filter(|v| *v > 0.0 && v.is_finite()).ok_or_else(|| format!("{s:?} is not a number > 0"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_in_seconds_and_millis() {
+        assert_eq!(humantime_secs("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(humantime_secs("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(humantime_secs("2"), Ok(Duration::from_secs(2)));
+        assert!(humantime_secs("soon").is_err());
+    }
+
+    #[test]
+    fn gguf_backend_requires_a_model_path() {
+        let err = NodeConfig::try_parse_from(["mesh-node"]).unwrap_err().to_string();
+        assert!(err.contains("--model"), "{err}");
+        assert!(NodeConfig::try_parse_from(["mesh-node", "--backend", "synthetic"]).is_ok());
+    }
+}

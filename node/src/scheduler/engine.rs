@@ -1,0 +1,190 @@
+//! The batching loop. Between steps it takes new requests, drops abandoned
+//! ones and fills free slots by priority; each step feeds every running
+//! sequence one token (or a prefill chunk under the step's token budget).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::time::Instant;
+
+use mesh_proto::v1::FinishReason;
+use tonic::Status;
+
+use super::{Sequence, Shared};
+use crate::backend::{Backend, SeqStep};
+use crate::text::TextCodec;
+
+pub enum Command {
+    Submit(Box<Sequence>),
+    CancelAll,
+}
+
+/// Priority levels, low to high (see `Request::priority`).
+const PRIORITIES: usize = 3;
+
+pub struct Engine {
+    shared: Arc<Shared>,
+    backend: Box<dyn Backend>,
+    codec: Arc<dyn TextCodec>,
+    commands: Receiver<Command>,
+    /// One FIFO per priority; the highest non-empty one is served first.
+    waiting: [VecDeque<Box<Sequence>>; PRIORITIES],
+    running: Vec<(Box<Sequence>, Instant)>,
+}
+
+impl Engine {
+    pub fn new(
+        shared: Arc<Shared>,
+        backend: Box<dyn Backend>,
+        codec: Arc<dyn TextCodec>,
+        commands: Receiver<Command>,
+    ) -> Self {
+        Self { shared, backend, codec, commands, waiting: Default::default(), running: Vec::new() }
+    }
+
+    pub fn run(mut self) {
+        loop {
+            let idle = self.running.is_empty() && self.waiting.iter().all(VecDeque::is_empty);
+            if idle {
+                match self.commands.recv() {
+                    Ok(cmd) => self.handle(cmd),
+                    Err(_) => return,
+                }
+            }
+            loop {
+                match self.commands.try_recv() {
+                    Ok(cmd) => self.handle(cmd),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) if self.running.is_empty() => return,
+                    Err(TryRecvError::Disconnected) => break,
+                }
+            }
+            self.reap_abandoned();
+            self.fill_slots();
+            if !self.running.is_empty() {
+                self.step();
+            }
+        }
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Submit(seq) => {
+                let p = seq.priority.min(PRIORITIES - 1);
+                self.waiting[p].push_back(seq);
+            }
+            Command::CancelAll => {
+                for (seq, started) in std::mem::take(&mut self.running) {
+                    self.leave(seq, Some(started), |s| s.finish(FinishReason::Cancelled));
+                }
+                for queue in std::mem::take(&mut self.waiting) {
+                    for seq in queue {
+                        self.leave(seq, None, |s| s.finish(FinishReason::Cancelled));
+                    }
+                }
+            }
+        }
+    }
+
+    /// A caller that disconnected frees its slot before the next step.
+    fn reap_abandoned(&mut self) {
+        let (gone, kept): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.running).into_iter().partition(|(s, _)| s.is_abandoned());
+        self.running = kept;
+        for (seq, started) in gone {
+            self.leave(seq, Some(started), drop);
+        }
+        for p in 0..PRIORITIES {
+            let (gone, kept): (VecDeque<_>, VecDeque<_>) =
+                std::mem::take(&mut self.waiting[p]).into_iter().partition(|s| s.is_abandoned());
+            self.waiting[p] = kept;
+            for seq in gone {
+                self.leave(seq, None, drop);
+            }
+        }
+    }
+
+    fn fill_slots(&mut self) {
+        while self.running.len() < self.shared.limits.max_running {
+            let Some(mut seq) = self.waiting.iter_mut().rev().find_map(VecDeque::pop_front) else {
+                break;
+            };
+            seq.start();
+            self.shared.mark_running();
+            self.running.push((seq, Instant::now()));
+        }
+    }
+
+    fn step(&mut self) {
+        let limits = &self.shared.limits;
+        let mut budget = limits.max_step_tokens;
+        // Decoding sequences first (one token each), then prefill chunks in
+        // arrival order while the budget lasts.
+        let mut order: Vec<usize> = (0..self.running.len()).collect();
+        order.sort_by_key(|&i| !self.running[i].0.is_decoding());
+        let mut fed = Vec::with_capacity(order.len());
+        let mut steps = Vec::with_capacity(order.len());
+        for i in order {
+            let seq = &self.running[i].0;
+            let take = if seq.is_decoding() { 1 } else { budget };
+            if take == 0 {
+                continue;
+            }
+            let (tokens, start_pos, want_logits) = seq.next_chunk(take);
+            if !seq.is_decoding() {
+                budget -= tokens.len();
+            }
+            fed.push((i, tokens.len(), want_logits));
+            steps.push(SeqStep { id: seq.id, tokens, start_pos, want_logits, capacity: seq.kv_need });
+        }
+        let result = self.backend.step(&steps);
+        drop(steps);
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "forward step failed; failing its sequences");
+                for (seq, started) in std::mem::take(&mut self.running) {
+                    self.leave(seq, Some(started), |s| s.fail(Status::internal(format!("model step failed: {e}"))));
+                }
+                return;
+            }
+        };
+        let mut row = 0;
+        let mut finished = Vec::new();
+        for (i, n, want_logits) in fed {
+            let seq = &mut self.running[i].0;
+            seq.advance(n);
+            if !want_logits {
+                continue;
+            }
+            let outcome = match logits.as_ref().map(|l| l.get(row)) {
+                Some(Ok(r)) => seq.sample(&r, self.codec.as_ref(), limits.context_length),
+                Some(Err(e)) => Err(e.to_string()),
+                None => Err("backend returned no logits".into()),
+            };
+            row += 1;
+            match outcome {
+                Ok(None) => {}
+                Ok(Some(reason)) => finished.push((i, Ok(reason))),
+                Err(e) => finished.push((i, Err(e))),
+            }
+        }
+        finished.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
+        for (i, outcome) in finished {
+            let (seq, started) = self.running.swap_remove(i);
+            match outcome {
+                Ok(reason) => self.leave(seq, Some(started), |s| s.finish(reason)),
+                Err(e) => self.leave(seq, Some(started), |s| s.fail(Status::internal(format!("sampling failed: {e}")))),
+            }
+        }
+    }
+
+    /// Takes a sequence out for good: frees its cache and its admission
+    /// accounting, then lets `last_words` send its final message.
+    /// `started` is when it joined the running batch, if it did.
+    fn leave(&mut self, seq: Box<Sequence>, started: Option<Instant>, last_words: impl FnOnce(Sequence)) {
+        self.backend.release(seq.id);
+        self.shared.release(&seq, started.map(|s| s.elapsed()));
+        last_words(*seq);
+    }
+}

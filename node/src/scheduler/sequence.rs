@@ -1,0 +1,136 @@
+//! One request's life inside the engine: its tokens, sampler, detokenizer,
+//! stop matcher and the channel its caller reads.
+
+use std::time::Instant;
+
+use candle_core::Tensor;
+use candle_transformers::generation::LogitsProcessor;
+use mesh_proto::v1::{FinishReason, GenerateResponse, Usage};
+use tokio::sync::mpsc::UnboundedSender;
+use tonic::Status;
+
+use super::{Request, stop::StopMatcher};
+use crate::text::{IncrementalDecoder, TextCodec};
+
+pub type Reply = Result<GenerateResponse, Status>;
+
+pub struct Sequence {
+    pub id: u64,
+    pub priority: usize,
+    /// KV tokens committed at admission (prompt + max_tokens).
+    pub kv_need: usize,
+    /// Prompt, then every sampled token.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    /// Tokens already in the KV cache.
+    prefilled: usize,
+    max_tokens: usize,
+    sampler: LogitsProcessor,
+    decoder: IncrementalDecoder,
+    stop: StopMatcher,
+    tx: UnboundedSender<Reply>,
+    admitted_at: Instant,
+    started_at: Option<Instant>,
+    first_token_at: Option<Instant>,
+}
+
+impl Sequence {
+    pub fn new(id: u64, req: Request, tx: UnboundedSender<Reply>) -> Self {
+        let prompt_len = req.prompt.len();
+        Self {
+            id,
+            priority: req.priority,
+            kv_need: prompt_len + req.max_tokens,
+            tokens: req.prompt,
+            prompt_len,
+            prefilled: 0,
+            max_tokens: req.max_tokens,
+            sampler: LogitsProcessor::from_sampling(req.seed, req.sampling),
+            decoder: IncrementalDecoder::default(),
+            stop: StopMatcher::new(req.stop),
+            tx,
+            admitted_at: Instant::now(),
+            started_at: None,
+            first_token_at: None,
+        }
+    }
+
+    /// The caller went away (cancelled or disconnected).
+    pub fn is_abandoned(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    pub fn start(&mut self) {
+        self.started_at = Some(Instant::now());
+    }
+
+    /// Whether the sequence is past its prompt (feeds one token per step).
+    pub fn is_decoding(&self) -> bool {
+        self.prefilled >= self.prompt_len
+    }
+
+    /// Tokens not yet in the cache, at most `budget` of them, and whether
+    /// they reach the end (so the step must produce this sequence's logits).
+    pub fn next_chunk(&self, budget: usize) -> (&[u32], usize, bool) {
+        let end = self.tokens.len().min(self.prefilled + budget);
+        (&self.tokens[self.prefilled..end], self.prefilled, end == self.tokens.len())
+    }
+
+    pub fn advance(&mut self, fed: usize) {
+        self.prefilled += fed;
+    }
+
+    /// Samples the next token from `logits` and streams what it completes.
+    /// Returns the finish reason when the sequence is done.
+    pub fn sample(
+        &mut self,
+        logits: &Tensor,
+        codec: &dyn TextCodec,
+        context_length: usize,
+    ) -> Result<Option<FinishReason>, String> {
+        let token = self.sampler.sample(logits).map_err(|e| e.to_string())?;
+        self.first_token_at.get_or_insert_with(Instant::now);
+        self.tokens.push(token);
+        if codec.eos_ids().contains(&token) {
+            return Ok(Some(FinishReason::Stop));
+        }
+        let delta = self.decoder.push(codec, token).map_err(|e| e.to_string())?;
+        let (text, stopped) = self.stop.push(&delta);
+        self.send(GenerateResponse { text, token_ids: vec![token], ..Default::default() });
+        if stopped {
+            Ok(Some(FinishReason::Stop))
+        } else if self.generated() >= self.max_tokens || self.tokens.len() >= context_length {
+            Ok(Some(FinishReason::Length))
+        } else {
+            Ok(None)
+        }
+    }
+
+    fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+
+    /// Sends the last message: held-back text, finish reason and usage.
+    pub fn finish(mut self, reason: FinishReason) {
+        let micros = |t: Option<Instant>| t.map_or(0, |t| t.duration_since(self.admitted_at).as_micros() as u64);
+        let usage = Usage {
+            prompt_tokens: self.prompt_len as u32,
+            completion_tokens: self.generated() as u32,
+            queue_time_us: micros(self.started_at),
+            time_to_first_token_us: micros(self.first_token_at),
+        };
+        // Empty after a stop-string match; otherwise text held back as a
+        // possible stop-string start that never completed.
+        let text = self.stop.flush();
+        self.send(GenerateResponse { text, token_ids: Vec::new(), finish_reason: reason.into(), usage: Some(usage) });
+    }
+
+    pub fn fail(self, status: Status) {
+        let _ = self.tx.send(Err(status));
+    }
+
+    /// A failed send means the caller left; the next reap removes the sequence.
+    fn send(&self, msg: GenerateResponse) {
+        let _ = self.tx.send(Ok(msg));
+    }
+}

@@ -1,0 +1,58 @@
+//! The model a node serves: its backend, its codec and what callers may ask of it.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::Device;
+
+use crate::backend::{Backend, GgufBackend, SyntheticBackend};
+use crate::model::{LlamaModel, metadata_string};
+use crate::text::{GgufText, TextCodec, WordCodec, synthetic_words};
+
+pub struct ServedModel {
+    pub name: String,
+    /// "gguf" or "synthetic".
+    pub kind: &'static str,
+    pub codec: Arc<dyn TextCodec>,
+    pub backend: Box<dyn Backend>,
+    pub context_length: usize,
+    pub vocab_size: usize,
+}
+
+impl ServedModel {
+    /// Loads a llama GGUF; `name` defaults to the file's stem.
+    pub fn gguf(path: &Path, name: Option<String>, device: &Device, q8_max_rows: usize) -> anyhow::Result<Self> {
+        let (model, content) = LlamaModel::load(path, device, q8_max_rows)?;
+        let codec = GgufText::from_metadata(&content.metadata)?;
+        let name =
+            name.unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
+        let cfg = model.config().clone();
+        tracing::info!(
+            model = %name,
+            title = metadata_string(&content.metadata, "general.name").unwrap_or("?"),
+            layers = cfg.n_layer,
+            context = cfg.context_length,
+            "model loaded"
+        );
+        Ok(Self {
+            name,
+            kind: "gguf",
+            codec: Arc::new(codec),
+            backend: Box::new(GgufBackend::new(Arc::new(model))),
+            context_length: cfg.context_length,
+            vocab_size: cfg.vocab_size,
+        })
+    }
+
+    /// Deterministic words at `tokens_per_sec` per stream, no weights.
+    pub fn synthetic(name: String, tokens_per_sec: f64, context_length: usize) -> Self {
+        Self {
+            name,
+            kind: "synthetic",
+            codec: Arc::new(WordCodec),
+            backend: Box::new(SyntheticBackend::new(tokens_per_sec)),
+            context_length,
+            vocab_size: synthetic_words::VOCAB,
+        }
+    }
+}

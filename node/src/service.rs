@@ -1,0 +1,92 @@
+//! The `mesh.v1.Generation` service: validate, admit, stream.
+
+use std::sync::Arc;
+
+use mesh_proto::metadata as md;
+use mesh_proto::v1::generation_server::Generation;
+use mesh_proto::v1::{GenerateRequest, ListModelsRequest, ListModelsResponse, ModelInfo};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::{Code, Request, Response, Status};
+
+use crate::scheduler::{AdmitError, Load, Reply, Scheduler};
+use crate::text::TextCodec;
+use crate::validate::{self, Rules};
+
+pub struct GenerationService {
+    model_name: String,
+    kind: &'static str,
+    vocab_size: usize,
+    default_max_tokens: usize,
+    codec: Arc<dyn TextCodec>,
+    scheduler: Scheduler,
+}
+
+impl GenerationService {
+    pub fn new(
+        model_name: String,
+        kind: &'static str,
+        vocab_size: usize,
+        default_max_tokens: usize,
+        codec: Arc<dyn TextCodec>,
+        scheduler: Scheduler,
+    ) -> Self {
+        Self { model_name, kind, vocab_size, default_max_tokens, codec, scheduler }
+    }
+}
+
+#[tonic::async_trait]
+impl Generation for GenerationService {
+    type GenerateStream = UnboundedReceiverStream<Reply>;
+
+    async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
+        let limits = self.scheduler.limits();
+        let rules = Rules {
+            model_name: &self.model_name,
+            context_length: limits.context_length,
+            default_max_tokens: self.default_max_tokens,
+        };
+        let req = validate::check(request.into_inner(), &rules, self.codec.as_ref())?;
+        let (rx, load) = self.scheduler.submit(req).map_err(|e| refusal(&e, self.scheduler.load()))?;
+        let mut response = Response::new(UnboundedReceiverStream::new(rx));
+        put_load(response.metadata_mut(), load);
+        Ok(response)
+    }
+
+    async fn list_models(&self, _: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
+        let limits = self.scheduler.limits();
+        let info = ModelInfo {
+            name: self.model_name.clone(),
+            backend: self.kind.into(),
+            context_length: limits.context_length as u32,
+            default_max_tokens: self.default_max_tokens as u32,
+            max_running: limits.max_running as u32,
+            max_queued: limits.max_queued as u32,
+            max_kv_tokens: limits.max_kv_tokens as u64,
+            vocab_size: self.vocab_size as u32,
+        };
+        let mut response = Response::new(ListModelsResponse { models: vec![info] });
+        put_load(response.metadata_mut(), self.scheduler.load());
+        Ok(response)
+    }
+}
+
+/// RESOURCE_EXHAUSTED (with a retry-after hint) when full; UNAVAILABLE when draining.
+fn refusal(e: &AdmitError, load: Load) -> Status {
+    let mut meta = MetadataMap::new();
+    put_load(&mut meta, load);
+    let code = match e {
+        AdmitError::Draining => Code::Unavailable,
+        AdmitError::QueueFull { .. } | AdmitError::KvFull { .. } => Code::ResourceExhausted,
+    };
+    if let Some(after) = e.retry_after() {
+        meta.insert(md::RETRY_AFTER_MS, MetadataValue::from(after.as_millis() as u64));
+    }
+    Status::with_metadata(code, e.to_string(), meta)
+}
+
+fn put_load(meta: &mut MetadataMap, load: Load) {
+    meta.insert(md::LOAD_RUNNING, MetadataValue::from(load.running as u64));
+    meta.insert(md::LOAD_QUEUED, MetadataValue::from(load.queued as u64));
+    meta.insert(md::LOAD_KV_FREE, MetadataValue::from(load.kv_free as u64));
+}

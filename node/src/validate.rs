@@ -1,0 +1,94 @@
+//! Turns a wire request into a runnable one, or into INVALID_ARGUMENT /
+//! NOT_FOUND naming the field and the limit.
+
+use candle_transformers::generation::Sampling;
+use mesh_proto::v1::{GenerateRequest, Priority, generate_request::Input};
+use tonic::Status;
+
+use crate::scheduler::Request;
+use crate::text::{ChatTurn, TextCodec};
+
+/// Most stop strings per request, and bytes per stop string.
+pub const MAX_STOP_STRINGS: usize = 8;
+pub const MAX_STOP_BYTES: usize = 256;
+const ROLES: [&str; 3] = ["system", "user", "assistant"];
+
+pub struct Rules<'a> {
+    pub model_name: &'a str,
+    pub context_length: usize,
+    pub default_max_tokens: usize,
+}
+
+pub fn check(req: GenerateRequest, rules: &Rules<'_>, codec: &dyn TextCodec) -> Result<Request, Status> {
+    if !req.model.is_empty() && req.model != rules.model_name {
+        return Err(Status::not_found(format!(
+            "model {:?} is not served here; this node serves {:?}",
+            req.model, rules.model_name
+        )));
+    }
+    let p = req.sampling.unwrap_or_default();
+    if !(p.temperature >= 0.0 && p.temperature.is_finite()) {
+        return Err(invalid(format!("sampling.temperature must be >= 0 (got {})", p.temperature)));
+    }
+    let top_p = p.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(invalid(format!("sampling.top_p must be in (0, 1] (got {top_p})")));
+    }
+    if p.stop.len() > MAX_STOP_STRINGS {
+        return Err(invalid(format!("sampling.stop has {} strings; the limit is {MAX_STOP_STRINGS}", p.stop.len())));
+    }
+    if let Some(s) = p.stop.iter().find(|s| s.is_empty() || s.len() > MAX_STOP_BYTES) {
+        return Err(invalid(format!(
+            "sampling.stop strings must be 1 to {MAX_STOP_BYTES} bytes (got {} bytes)",
+            s.len()
+        )));
+    }
+    let text = match req.input {
+        None => return Err(invalid("input is required: set prompt or chat")),
+        Some(Input::Prompt(p)) if p.is_empty() => return Err(invalid("prompt must not be empty")),
+        Some(Input::Prompt(p)) => p,
+        Some(Input::Chat(c)) if c.messages.is_empty() => return Err(invalid("chat.messages must not be empty")),
+        Some(Input::Chat(c)) => {
+            if let Some(m) = c.messages.iter().find(|m| !ROLES.contains(&m.role.as_str())) {
+                return Err(invalid(format!("chat.messages[].role {:?} is not one of {ROLES:?}", m.role)));
+            }
+            let turns: Vec<ChatTurn> =
+                c.messages.into_iter().map(|m| ChatTurn { role: m.role, content: m.content }).collect();
+            codec.render_chat(&turns).map_err(|e| invalid(format!("chat.messages: {e}")))?
+        }
+    };
+    let prompt = codec.encode(&text).map_err(|e| Status::internal(e.to_string()))?;
+    if prompt.is_empty() {
+        return Err(invalid("prompt encodes to zero tokens"));
+    }
+    let ctx = rules.context_length;
+    let room = ctx.saturating_sub(prompt.len());
+    let max_tokens = match p.max_tokens as usize {
+        0 => rules.default_max_tokens.min(room),
+        n => n,
+    };
+    if max_tokens == 0 || prompt.len() + max_tokens > ctx {
+        return Err(invalid(format!(
+            "prompt ({} tokens) + sampling.max_tokens ({max_tokens}) exceeds the context length {ctx}",
+            prompt.len()
+        )));
+    }
+    let temperature = f64::from(p.temperature);
+    let sampling = match (temperature, p.top_k as usize, f64::from(top_p)) {
+        (0.0, _, _) => Sampling::ArgMax,
+        (temperature, 0, p) if p >= 1.0 => Sampling::All { temperature },
+        (temperature, 0, p) => Sampling::TopP { p, temperature },
+        (temperature, k, p) if p >= 1.0 => Sampling::TopK { k, temperature },
+        (temperature, k, p) => Sampling::TopKThenTopP { k, p, temperature },
+    };
+    let priority = match Priority::try_from(req.priority).unwrap_or(Priority::Unspecified) {
+        Priority::Low => 0,
+        Priority::Unspecified | Priority::Normal => 1,
+        Priority::High => 2,
+    };
+    Ok(Request { prompt, max_tokens, sampling, seed: p.seed.unwrap_or_else(rand::random), stop: p.stop, priority })
+}
+
+fn invalid(msg: impl Into<String>) -> Status {
+    Status::invalid_argument(msg)
+}

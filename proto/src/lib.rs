@@ -1,0 +1,22 @@
+//! The mesh's v1 contract. Every client, in any language, is generated from
+//! `proto/mesh/v1/mesh.proto`; this crate is the Rust side of it.
+
+/// Generated messages, client and server for `mesh.v1`.
+pub mod v1 {
+    tonic::include_proto!("mesh.v1");
+
+    /// Encoded `FileDescriptorSet` of the contract, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("mesh_v1_descriptor");
+}
+
+/// Metadata keys the mesh puts on responses and errors.
+pub mod metadata {
+    /// On a refusal: how long the caller should wait before retrying, in milliseconds.
+    pub const RETRY_AFTER_MS: &str = "retry-after-ms";
+    /// On every `Generate` response: sequences the node is running now.
+    pub const LOAD_RUNNING: &str = "x-mesh-load-running";
+    /// On every `Generate` response: requests waiting in the node's queue.
+    pub const LOAD_QUEUED: &str = "x-mesh-load-queued";
+    /// On every `Generate` response: KV-cache tokens not yet committed to a request.
+    pub const LOAD_KV_FREE: &str = "x-mesh-load-kv-free";
+}
