@@ -72,8 +72,12 @@ impl NodeProcess {
         Self::start(&args).await
     }
 
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr)).unwrap().connect().await.expect("connecting to node")
+    }
+
     pub async fn client(&self) -> GenerationClient<Channel> {
-        GenerationClient::connect(format!("http://{}", self.addr)).await.expect("connecting to node")
+        GenerationClient::new(self.channel().await)
     }
 }
 
