@@ -11,7 +11,7 @@ use candle_core::{Device, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use candle_transformers::models::quantized_llama::ModelWeights;
 use node::backend::GgufBackend;
-use node::model::{DEFAULT_Q8_MAX_ROWS, LlamaModel};
+use node::model::LlamaModel;
 use node::scheduler::{Limits, Request, Scheduler};
 use node::text::{GgufText, TextCodec};
 
@@ -26,8 +26,6 @@ pub struct Args {
     /// 128-token prompts timed while 31 streams decode.
     #[arg(long, default_value_t = 20)]
     ttft_samples: usize,
-    #[arg(long, default_value_t = DEFAULT_Q8_MAX_ROWS)]
-    q8_max_rows: usize,
 }
 
 const PROMPT: &str = "The history of the printing press begins in the fifteenth century, when";
@@ -37,7 +35,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let upstream = upstream_tokens_per_sec(&args.model, args.tokens)?;
     println!("upstream quantized_llama, 1 stream: {upstream:.1} tokens/s");
 
-    let (model, content) = LlamaModel::load(&args.model, &device, args.q8_max_rows)?;
+    let (model, content) = LlamaModel::load(&args.model, &device)?;
     let codec: Arc<dyn TextCodec> = Arc::new(GgufText::from_metadata(&content.metadata)?);
     let macs_per_token = model.macs_per_token() as f64;
     let limits = Limits {

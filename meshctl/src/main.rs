@@ -7,7 +7,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use mesh_proto::v1::generation_client::GenerationClient;
 use mesh_proto::v1::{
-    ChatMessage, ChatMessages, FinishReason, GenerateRequest, ListModelsRequest, SamplingParams, generate_request::Input,
+    ChatMessage, ChatMessages, FinishReason, GenerateRequest, ListModelsRequest, SamplingParams,
+    generate_request::Input,
 };
 
 #[derive(Parser)]
@@ -46,7 +47,8 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let mut client = GenerationClient::connect(cli.addr.clone()).await.with_context(|| format!("connecting to {}", cli.addr))?;
+    let mut client =
+        GenerationClient::connect(cli.addr.clone()).await.with_context(|| format!("connecting to {}", cli.addr))?;
     match cli.command {
         Command::Models => {
             for m in client.list_models(ListModelsRequest {}).await?.into_inner().models {
@@ -59,7 +61,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Generate { text, raw, model, max_tokens, temperature, seed } => {
             let input = match raw {
                 true => Input::Prompt(text),
-                false => Input::Chat(ChatMessages { messages: vec![ChatMessage { role: "user".into(), content: text }] }),
+                false => {
+                    Input::Chat(ChatMessages { messages: vec![ChatMessage { role: "user".into(), content: text }] })
+                }
             };
             let req = GenerateRequest {
                 model: model.unwrap_or_default(),

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
-use crate::model::DEFAULT_Q8_MAX_ROWS;
 use crate::scheduler::Limits;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -28,7 +27,7 @@ pub struct NodeConfig {
     pub backend: BackendKind,
 
     /// Path of the GGUF model file (gguf backend).
-    #[arg(long, env = "MESH_NODE_MODEL", required_if_eq("backend", "gguf"))]
+    #[arg(long, env = "MESH_NODE_MODEL")]
     pub model: Option<PathBuf>,
 
     /// Name callers use for the model; defaults to the file stem, or "synthetic".
@@ -66,10 +65,6 @@ pub struct NodeConfig {
     /// Tokens per second per stream of the synthetic backend.
     #[arg(long, env = "MESH_NODE_SYNTHETIC_TOKENS_PER_SEC", default_value_t = 50.0, value_parser = positive_f64)]
     pub synthetic_tokens_per_sec: f64,
-
-    /// Batch rows below which matmuls use the Q8_0 kernel instead of f32 GEMM.
-    #[arg(long, env = "MESH_NODE_Q8_MAX_ROWS", default_value_t = DEFAULT_Q8_MAX_ROWS)]
-    pub q8_max_rows: usize,
 
     /// Run the model on CUDA device N (needs a build with `--features cuda`).
     #[arg(long, env = "MESH_NODE_CUDA_DEVICE")]
@@ -122,8 +117,10 @@ mod tests {
 
     #[test]
     fn gguf_backend_requires_a_model_path() {
-        let err = NodeConfig::try_parse_from(["mesh-node"]).unwrap_err().to_string();
-        assert!(err.contains("--model"), "{err}");
-        assert!(NodeConfig::try_parse_from(["mesh-node", "--backend", "synthetic"]).is_ok());
+        let cfg = NodeConfig::try_parse_from(["mesh-node"]).unwrap();
+        let err = crate::server::load_model(&cfg).err().expect("no model path").to_string();
+        assert!(err.contains("--model is required"), "{err}");
+        let cfg = NodeConfig::try_parse_from(["mesh-node", "--backend", "synthetic"]).unwrap();
+        assert!(crate::server::load_model(&cfg).is_ok());
     }
 }

@@ -21,8 +21,8 @@ pub struct ServedModel {
 
 impl ServedModel {
     /// Loads a llama GGUF; `name` defaults to the file's stem.
-    pub fn gguf(path: &Path, name: Option<String>, device: &Device, q8_max_rows: usize) -> anyhow::Result<Self> {
-        let (model, content) = LlamaModel::load(path, device, q8_max_rows)?;
+    pub fn gguf(path: &Path, name: Option<String>, device: &Device) -> anyhow::Result<Self> {
+        let (model, content) = LlamaModel::load(path, device)?;
         let codec = GgufText::from_metadata(&content.metadata)?;
         let name =
             name.unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());

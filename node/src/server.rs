@@ -32,7 +32,7 @@ pub fn load_model(cfg: &NodeConfig) -> anyhow::Result<ServedModel> {
         BackendKind::Gguf => {
             let path =
                 cfg.model.as_deref().ok_or_else(|| anyhow::anyhow!("--model is required for the gguf backend"))?;
-            ServedModel::gguf(path, cfg.model_name.clone(), &device(cfg)?, cfg.q8_max_rows)?
+            ServedModel::gguf(path, cfg.model_name.clone(), &device(cfg)?)?
         }
         BackendKind::Synthetic => ServedModel::synthetic(
             cfg.model_name.clone().unwrap_or_else(|| "synthetic".into()),

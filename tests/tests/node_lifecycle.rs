@@ -10,10 +10,10 @@ use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+use tonic_reflection::pb::v1::ServerReflectionRequest;
 use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-use tonic_reflection::pb::v1::ServerReflectionRequest;
 
 fn sigterm(node: &NodeProcess) {
     let pid = node.child.id().expect("running").to_string();
@@ -31,7 +31,8 @@ async fn health(node: &NodeProcess) -> ServingStatus {
 async fn in_flight(node: &NodeProcess, n: usize, max_tokens: u32) -> Vec<tokio::task::JoinHandle<Completion>> {
     let mut tasks = Vec::new();
     for _ in 0..n {
-        let mut stream = node.client().await.generate(prompt_request("drain me", max_tokens)).await.unwrap().into_inner();
+        let mut stream =
+            node.client().await.generate(prompt_request("drain me", max_tokens)).await.unwrap().into_inner();
         let mut out = Completion::default();
         out.absorb(stream.message().await.unwrap().unwrap());
         tasks.push(tokio::spawn(async move {
@@ -78,7 +79,8 @@ async fn sigterm_lets_streams_finish_refuses_new_calls_and_exits_zero() {
 #[tokio::test(flavor = "multi_thread")]
 async fn streams_past_the_grace_period_are_cancelled_then_exit_zero() {
     let mut node =
-        NodeProcess::start(&["--backend", "synthetic", "--synthetic-tokens-per-sec", "20", "--drain-grace", "300ms"]).await;
+        NodeProcess::start(&["--backend", "synthetic", "--synthetic-tokens-per-sec", "20", "--drain-grace", "300ms"])
+            .await;
     let streams = in_flight(&node, 2, 1000).await;
     sigterm(&node);
     for s in streams {
@@ -94,7 +96,10 @@ async fn streams_past_the_grace_period_are_cancelled_then_exit_zero() {
 async fn reflection_lists_the_services() {
     let node = NodeProcess::start(&["--backend", "synthetic"]).await;
     let mut client = ServerReflectionClient::new(node.channel().await);
-    let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
     let mut responses = client.server_reflection_info(tokio_stream::iter([req])).await.unwrap().into_inner();
     let Some(MessageResponse::ListServicesResponse(list)) = responses.next().await.unwrap().unwrap().message_response
     else {

@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use mesh_proto::metadata as md;
-use mesh_proto::v1::{ChatMessage, ChatMessages, GenerateRequest, ListModelsRequest, SamplingParams, generate_request::Input};
+use mesh_proto::v1::{
+    ChatMessage, ChatMessages, GenerateRequest, ListModelsRequest, SamplingParams, generate_request::Input,
+};
 use mesh_tests::{NodeProcess, generate, prompt_request};
 use tonic::Code;
 
@@ -38,9 +40,21 @@ async fn invalid_fields_are_refused_naming_field_and_limit() {
             Code::InvalidArgument,
             "chat.messages[].role",
         ),
-        (with_sampling(SamplingParams { temperature: -0.5, ..Default::default() }), Code::InvalidArgument, "sampling.temperature must be >= 0"),
-        (with_sampling(SamplingParams { top_p: Some(0.0), ..Default::default() }), Code::InvalidArgument, "sampling.top_p must be in (0, 1]"),
-        (with_sampling(SamplingParams { top_p: Some(1.5), ..Default::default() }), Code::InvalidArgument, "sampling.top_p must be in (0, 1]"),
+        (
+            with_sampling(SamplingParams { temperature: -0.5, ..Default::default() }),
+            Code::InvalidArgument,
+            "sampling.temperature must be >= 0",
+        ),
+        (
+            with_sampling(SamplingParams { top_p: Some(0.0), ..Default::default() }),
+            Code::InvalidArgument,
+            "sampling.top_p must be in (0, 1]",
+        ),
+        (
+            with_sampling(SamplingParams { top_p: Some(1.5), ..Default::default() }),
+            Code::InvalidArgument,
+            "sampling.top_p must be in (0, 1]",
+        ),
         (
             with_sampling(SamplingParams { max_tokens: 61, ..Default::default() }),
             Code::InvalidArgument,

@@ -185,6 +185,7 @@ mod tests {
             n_head: 2,
             n_kv_head: 1,
             head_dim: 2,
+            ffn_dim: 8,
             rope_dim: 2,
             rope_base: 10_000.0,
             rms_eps: 1e-5,

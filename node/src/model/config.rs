@@ -14,6 +14,8 @@ pub struct LlamaConfig {
     pub n_head: usize,
     pub n_kv_head: usize,
     pub head_dim: usize,
+    /// Width of the feed-forward hidden layer.
+    pub ffn_dim: usize,
     /// Leading dimensions of each head that RoPE rotates (usually all of them).
     pub rope_dim: usize,
     pub rope_base: f32,
@@ -66,6 +68,7 @@ impl LlamaConfig {
         Ok(Self {
             n_layer: u32_key(md, "llama.block_count")?,
             n_embd,
+            ffn_dim: u32_key(md, "llama.feed_forward_length")?,
             n_head,
             n_kv_head,
             head_dim,

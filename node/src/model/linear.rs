@@ -1,39 +1,61 @@
-//! A linear layer kept in two forms, because neither is fastest at every batch.
-//!
-//! On this kind of CPU, candle's Q8_0 kernel costs the same per row whatever
-//! the batch (it is a vector-dot per row), while the f32 GEMM path is slower
-//! for one row but amortises weight loads across rows and wins from a few
-//! rows up. A decode step of one stream takes the Q8_0 path; a batched step
-//! or a prefill chunk takes the GEMM path.
+//! Linear layers: the quantized CPU kernel of `qgemm`, or candle's
+//! `QMatMul` on an accelerator.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Result, Tensor};
 
-/// Rows below which the Q8_0 kernel is used; measured by `mesh-bench node`.
-pub const DEFAULT_Q8_MAX_ROWS: usize = 4;
+use super::qgemm::QMatrix;
 
-pub struct DualLinear {
-    /// The weight transposed to `[in, out]`, contiguous, for `x @ w_t`.
-    w_t: Tensor,
-    q8: QMatMul,
-    q8_max_rows: usize,
+pub enum Linear {
+    Cpu(QMatrix),
+    Device(QMatMul),
 }
 
-impl DualLinear {
-    /// `weight` is `[out, in]` in f32, as dequantized from the file.
-    pub fn new(weight: &Tensor, device: &Device, q8_max_rows: usize) -> Result<Self> {
-        let q8 = QMatMul::from_qtensor(QTensor::quantize_onto(weight, GgmlDType::Q8_0, device)?)?;
-        let w_t = weight.t()?.contiguous()?.to_device(device)?;
-        Ok(Self { w_t, q8, q8_max_rows })
+impl Linear {
+    /// One layer from weights `[out_i, in]` stacked along the output
+    /// dimension (q, k and v become one matmul; so do gate and up).
+    pub fn load(parts: Vec<QTensor>, device: &Device) -> Result<Self> {
+        let dims: Vec<(usize, usize)> = parts.iter().map(|p| p.shape().dims2()).collect::<Result<_>>()?;
+        let cols = dims[0].1;
+        if dims.iter().any(|d| d.1 != cols) {
+            candle_core::bail!("stacked weights differ in input width: {dims:?}");
+        }
+        if !device.is_cpu() {
+            let f32s: Vec<Tensor> = parts.iter().map(|p| p.dequantize(&Device::Cpu)).collect::<Result<_>>()?;
+            let w = Tensor::cat(&f32s, 0)?;
+            return Ok(Self::Device(QMatMul::from_qtensor(QTensor::quantize_onto(&w, GgmlDType::Q8_0, device)?)?));
+        }
+        let rows: usize = dims.iter().map(|d| d.0).sum();
+        let same = |t: GgmlDType| parts.iter().all(|p| p.dtype() == t);
+        let raw = || -> Result<Vec<u8>> {
+            let mut all = Vec::new();
+            for p in &parts {
+                all.extend_from_slice(&p.data()?);
+            }
+            Ok(all)
+        };
+        Ok(Self::Cpu(if same(GgmlDType::Q4_1) && cols.is_multiple_of(32) {
+            QMatrix::from_q4_1(&raw()?, rows, cols)
+        } else if same(GgmlDType::Q8_0) && cols.is_multiple_of(32) {
+            QMatrix::from_q8_0(&raw()?, rows, cols)
+        } else {
+            let mut w = Vec::with_capacity(rows * cols);
+            for p in &parts {
+                w.extend(p.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?);
+            }
+            QMatrix::from_f32(&w, rows, cols)
+        }))
     }
 
-    /// `x` is `[rows, in]`; returns `[rows, out]`.
+    /// `x` is `[n, in]`; returns `[n, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.dim(0)? < self.q8_max_rows { self.q8.forward(x) } else { x.matmul(&self.w_t) }
-    }
-
-    /// Multiply-accumulates per input row.
-    pub fn macs_per_row(&self) -> usize {
-        self.w_t.elem_count()
+        match self {
+            Self::Device(m) => m.forward(x),
+            Self::Cpu(m) => {
+                let n = x.dim(0)?;
+                let out = m.matmul(&x.flatten_all()?.to_vec1::<f32>()?, n);
+                Tensor::from_vec(out, (n, m.rows()), x.device())
+            }
+        }
     }
 }

@@ -4,6 +4,7 @@
 mod attention;
 mod config;
 mod linear;
+pub mod qgemm;
 
 use std::{fs::File, path::Path};
 
@@ -14,8 +15,7 @@ pub use attention::KvCache;
 use attention::{Rope, StepAttention};
 pub use config::LlamaConfig;
 pub(crate) use config::string as metadata_string;
-pub use linear::DEFAULT_Q8_MAX_ROWS;
-use linear::DualLinear;
+use linear::Linear;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -40,11 +40,11 @@ pub struct StepChunk<'a> {
 
 struct Layer {
     attn_norm: Tensor,
-    qkv: DualLinear,
-    wo: DualLinear,
+    qkv: Linear,
+    wo: Linear,
     ffn_norm: Tensor,
-    gate_up: DualLinear,
-    down: DualLinear,
+    gate_up: Linear,
+    down: Linear,
 }
 
 pub struct LlamaModel {
@@ -53,44 +53,42 @@ pub struct LlamaModel {
     embed: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
-    lm_head: DualLinear,
+    lm_head: Linear,
     device: Device,
 }
 
 impl LlamaModel {
     /// Reads the GGUF at `path`; returns the model and the file's metadata
     /// (the tokenizer and chat template live there too).
-    pub fn load(path: &Path, device: &Device, q8_max_rows: usize) -> Result<(Self, gguf_file::Content), ModelError> {
+    pub fn load(path: &Path, device: &Device) -> Result<(Self, gguf_file::Content), ModelError> {
         let mut file = File::open(path)?;
         let content = gguf_file::Content::read(&mut file)?;
         let cfg = LlamaConfig::from_metadata(&content.metadata)?;
         let cpu = Device::Cpu;
-        let mut f32_weight =
-            |name: &str| -> Result<Tensor, ModelError> { Ok(content.tensor(&mut file, name, &cpu)?.dequantize(&cpu)?) };
-        let embed_cpu = f32_weight("token_embd.weight")?;
+        let mut tensor = |name: &str| content.tensor(&mut file, name, &cpu);
+        let embed_q = tensor("token_embd.weight")?;
+        let embed = embed_q.dequantize(&cpu)?;
         let lm_head = match content.tensor_infos.contains_key("output.weight") {
-            true => f32_weight("output.weight")?,
-            false => embed_cpu.clone(),
+            true => tensor("output.weight")?,
+            false => embed_q,
         };
-        let lm_head = DualLinear::new(&lm_head, device, q8_max_rows)?;
-        let norm = f32_weight("output_norm.weight")?.to_device(device)?;
+        let lm_head = Linear::load(vec![lm_head], device)?;
+        let norm = tensor("output_norm.weight")?.dequantize(device)?;
         let mut layers = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
-            let mut w = |n: &str| f32_weight(&format!("blk.{i}.{n}.weight"));
-            let qkv = Tensor::cat(&[w("attn_q")?, w("attn_k")?, w("attn_v")?], 0)?;
-            let gate_up = Tensor::cat(&[w("ffn_gate")?, w("ffn_up")?], 0)?;
+            let mut w = |n: &str| tensor(&format!("blk.{i}.{n}.weight"));
             layers.push(Layer {
-                attn_norm: w("attn_norm")?.to_device(device)?,
-                qkv: DualLinear::new(&qkv, device, q8_max_rows)?,
-                wo: DualLinear::new(&w("attn_output")?, device, q8_max_rows)?,
-                ffn_norm: w("ffn_norm")?.to_device(device)?,
-                gate_up: DualLinear::new(&gate_up, device, q8_max_rows)?,
-                down: DualLinear::new(&w("ffn_down")?, device, q8_max_rows)?,
+                attn_norm: w("attn_norm")?.dequantize(device)?,
+                qkv: Linear::load(vec![w("attn_q")?, w("attn_k")?, w("attn_v")?], device)?,
+                wo: Linear::load(vec![w("attn_output")?], device)?,
+                ffn_norm: w("ffn_norm")?.dequantize(device)?,
+                gate_up: Linear::load(vec![w("ffn_gate")?, w("ffn_up")?], device)?,
+                down: Linear::load(vec![w("ffn_down")?], device)?,
             });
         }
         let model = Self {
             rope: Rope::new(&cfg),
-            embed: embed_cpu.to_device(device)?,
+            embed: embed.to_device(device)?,
             layers,
             norm,
             lm_head,
@@ -106,10 +104,10 @@ impl LlamaModel {
 
     /// Multiply-accumulates of the linear layers per token (lm_head included).
     pub fn macs_per_token(&self) -> usize {
-        let per_layer: usize = self.layers.first().map_or(0, |l| {
-            l.qkv.macs_per_row() + l.wo.macs_per_row() + l.gate_up.macs_per_row() + l.down.macs_per_row()
-        });
-        per_layer * self.layers.len() + self.lm_head.macs_per_row()
+        let c = &self.cfg;
+        let attn = c.n_embd * (c.n_embd + 2 * c.kv_dim()) + c.n_embd * c.n_embd;
+        let ffn = 3 * c.n_embd * c.ffn_dim;
+        c.n_layer * (attn + ffn) + c.n_embd * c.vocab_size
     }
 
     /// Runs one step: every chunk's tokens go through the network together,
