@@ -118,11 +118,16 @@ impl StepAttention<'_> {
         let caches: Vec<&KvCache> = caches.iter().map(|c| &**c).collect();
         let qkv: &[f32] = self.qkv;
         let mut out = vec![0f32; self.positions.len() * q_dim];
-        out.par_chunks_mut(q_dim).enumerate().for_each(|(t, out)| {
+        let one = |(t, out): (usize, &mut [f32])| {
             let cache = &caches[self.owners[t]].layers[layer];
             let q = &qkv[t * row..t * row + q_dim];
             attend(cfg, q, cache, self.positions[t] + 1, out);
-        });
+        };
+        // One token (a decode step of one stream) is not worth waking threads.
+        match self.positions.len() {
+            1 => out.chunks_mut(q_dim).enumerate().for_each(one),
+            _ => out.par_chunks_mut(q_dim).enumerate().for_each(one),
+        }
         out
     }
 }

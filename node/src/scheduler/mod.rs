@@ -155,10 +155,22 @@ impl Scheduler {
             admitted: watch::channel(0).0,
         });
         let engine = Engine::new(shared.clone(), backend, codec, rx);
-        std::thread::Builder::new()
-            .name("batch-engine".into())
-            .spawn(move || engine.run())
-            .expect("spawning the engine thread");
+        // The engine runs on a worker of its own compute pool, so the
+        // parallel parts of each step run on the calling thread plus the
+        // others, without waking and parking a foreign thread every time.
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("batch-engine-{i}"))
+            .build()
+            .expect("building the engine's thread pool");
+        let pool = Arc::new(pool);
+        let keep_alive = pool.clone();
+        // The job owns the pool: it lives as long as the engine runs.
+        pool.spawn(move || {
+            engine.run();
+            drop(keep_alive);
+        });
         Self { shared, commands: tx }
     }
 

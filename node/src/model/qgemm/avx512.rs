@@ -10,6 +10,7 @@ pub fn available() -> bool {
         static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *HAS.get_or_init(|| {
             is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("f16c")
                 && is_x86_feature_detected!("avx512bw")
                 && is_x86_feature_detected!("avx512vnni")
         })
@@ -42,7 +43,7 @@ mod x86 {
     /// `[d_a, d_b, offset_a, offset_b]`.
     pub trait Load {
         /// # Safety
-        /// Only called from `tiles`, which requires AVX-512F/BW/VNNI.
+        /// Only called from `tile`, which requires AVX-512F/BW/VNNI and F16C.
         unsafe fn load(&self) -> (__m512i, __m128);
     }
 
@@ -54,7 +55,7 @@ mod x86 {
                 let mask = _mm256_set1_epi8(0x0f);
                 let lo = _mm256_and_si256(v, mask);
                 let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), mask);
-                (_mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi), _mm_loadu_ps(self.dm.as_ptr()))
+                (_mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi), scales(&self.dm))
             }
         }
     }
@@ -62,8 +63,14 @@ mod x86 {
     impl Load for Q8Step {
         #[inline(always)]
         unsafe fn load(&self) -> (__m512i, __m128) {
-            unsafe { (_mm512_loadu_si512(self.qs.as_ptr().cast()), _mm_loadu_ps(self.dm.as_ptr())) }
+            unsafe { (_mm512_loadu_si512(self.qs.as_ptr().cast()), scales(&self.dm)) }
         }
+    }
+
+    /// Four f16 scales widened to f32.
+    #[inline(always)]
+    unsafe fn scales(dm: &[half::f16; 4]) -> __m128 {
+        unsafe { _mm_cvtph_ps(_mm_loadl_epi64(dm.as_ptr().cast())) }
     }
 
     /// `out[i * rows + r] = w_row(r) · x_row(i)` for a block of weight rows.
@@ -103,7 +110,7 @@ mod x86 {
 
     /// Dot products of MW weight rows with MX activation rows:
     /// `result[r][i] = w_row(r) · x_row(i)`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
     unsafe fn tile<W: WeightStep, const MW: usize, const MX: usize>(
         w: &[W],
         x: &[XStep],

@@ -24,28 +24,30 @@ const STEP: usize = 2 * BLOCK;
 
 /// Two Q4_1 blocks: 32 bytes of nibbles (block a, then block b), their
 /// scales and their minimums. Element `i < 16` of a block is the low nibble
-/// of byte `i`, element `i + 16` the high nibble.
+/// of byte `i`, element `i + 16` the high nibble. 40 bytes per 64 weights,
+/// as compact as the file's own blocks.
 #[derive(Clone, Copy, Default)]
-#[repr(C, align(16))]
+#[repr(C, align(8))]
 pub struct Q4Step {
     qs: [u8; 32],
     /// `[d_a, d_b, m_a, m_b]`: value = d * q + m.
-    dm: [f32; 4],
+    dm: [f16; 4],
 }
 
 /// Two 8-bit blocks stored `+128` as unsigned bytes, in the lane order of
 /// the kernel (see `XStep`), with scales and offsets.
 #[derive(Clone, Copy)]
-#[repr(C, align(16))]
+#[repr(C, align(8))]
 pub struct Q8Step {
     qs: [u8; 64],
-    /// `[d_a, d_b, -128 d_a, -128 d_b]`: value = d * u + offset.
-    dm: [f32; 4],
+    /// `[d_a, d_b, -128 d_a, -128 d_b]`: value = d * u + offset (exact in
+    /// f16: a power-of-two multiple).
+    dm: [f16; 4],
 }
 
 impl Default for Q8Step {
     fn default() -> Self {
-        Self { qs: [128; 64], dm: [0.0; 4] }
+        Self { qs: [128; 64], dm: [f16::ZERO; 4] }
     }
 }
 
@@ -92,8 +94,8 @@ impl QMatrix {
                 let blk = &raw[(r * blocks + b) * 20..][..20];
                 let step = &mut data[r * steps + b / 2];
                 let half = b % 2;
-                step.dm[half] = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
-                step.dm[2 + half] = f16::from_le_bytes([blk[2], blk[3]]).to_f32();
+                step.dm[half] = f16::from_le_bytes([blk[0], blk[1]]);
+                step.dm[2 + half] = f16::from_le_bytes([blk[2], blk[3]]);
                 step.qs[half * 16..half * 16 + 16].copy_from_slice(&blk[4..20]);
             }
         }
@@ -107,7 +109,7 @@ impl QMatrix {
             let blk = &raw[(r * blocks + b) * 34..][..34];
             let mut q = [0i8; BLOCK];
             q.iter_mut().zip(&blk[2..]).for_each(|(q, &v)| *q = v as i8);
-            (f16::from_le_bytes([blk[0], blk[1]]).to_f32(), q)
+            (f16::from_le_bytes([blk[0], blk[1]]), q)
         })
     }
 
@@ -119,11 +121,14 @@ impl QMatrix {
             let src = &w[r * cols..(r + 1) * cols];
             let end = ((b + 1) * BLOCK).min(cols);
             x[..end - b * BLOCK].copy_from_slice(&src[b * BLOCK..end]);
-            quantize_block(&x)
+            let (d, _) = quantize_block(&x);
+            // Quantize against the scale as stored, so the two agree.
+            let d = f16::from_f32(d);
+            (d, quantize_with(&x, d.to_f32()))
         })
     }
 
-    fn from_q8_blocks(rows: usize, blocks: usize, block: impl Fn(usize, usize) -> (f32, [i8; BLOCK])) -> Self {
+    fn from_q8_blocks(rows: usize, blocks: usize, block: impl Fn(usize, usize) -> (f16, [i8; BLOCK])) -> Self {
         let steps = blocks.div_ceil(2);
         let mut data = vec![Q8Step::default(); rows * steps];
         for r in 0..rows {
@@ -132,7 +137,7 @@ impl QMatrix {
                 let step = &mut data[r * steps + b / 2];
                 let half = b % 2;
                 step.dm[half] = d;
-                step.dm[2 + half] = -128.0 * d;
+                step.dm[2 + half] = f16::from_f32(-128.0 * d.to_f32());
                 for (j, &v) in q.iter().enumerate() {
                     step.qs[lane_pos(half * BLOCK + j)] = (i16::from(v) + 128) as u8;
                 }
@@ -168,7 +173,7 @@ impl QMatrix {
 pub trait WeightStep: Sync + Copy + avx512::Load {
     /// The 64 unsigned weight bytes in lane order (scalar path).
     fn bytes(&self) -> [u8; 64];
-    fn dm(&self) -> &[f32; 4];
+    fn dm(&self) -> [f32; 4];
 }
 
 impl WeightStep for Q4Step {
@@ -180,8 +185,8 @@ impl WeightStep for Q4Step {
         }
         out
     }
-    fn dm(&self) -> &[f32; 4] {
-        &self.dm
+    fn dm(&self) -> [f32; 4] {
+        self.dm.map(f16::to_f32)
     }
 }
 
@@ -189,8 +194,8 @@ impl WeightStep for Q8Step {
     fn bytes(&self) -> [u8; 64] {
         self.qs
     }
-    fn dm(&self) -> &[f32; 4] {
-        &self.dm
+    fn dm(&self) -> [f32; 4] {
+        self.dm.map(f16::to_f32)
     }
 }
 
@@ -207,7 +212,7 @@ impl QActs {
         let cols = x.len() / rows.max(1);
         let steps = padded / STEP;
         let mut data = vec![XStep::default(); rows * steps];
-        data.par_chunks_mut(steps.max(1)).enumerate().for_each(|(r, row)| {
+        let quantize_row = |(r, row): (usize, &mut [XStep])| {
             let src = &x[r * cols..(r + 1) * cols];
             for (s, step) in row.iter_mut().enumerate() {
                 for half in 0..2 {
@@ -230,7 +235,13 @@ impl QActs {
                     }
                 }
             }
-        });
+        };
+        // One row (a decode step of one stream) is not worth waking threads.
+        if rows > 1 {
+            data.par_chunks_mut(steps.max(1)).enumerate().for_each(quantize_row);
+        } else {
+            data.chunks_mut(steps.max(1)).enumerate().for_each(quantize_row);
+        }
         Self { rows, steps, data }
     }
 }
@@ -239,23 +250,29 @@ impl QActs {
 fn quantize_block(x: &[f32; BLOCK]) -> (f32, [i8; BLOCK]) {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     let d = amax / 127.0;
+    (d, quantize_with(x, d))
+}
+
+fn quantize_with(x: &[f32; BLOCK], d: f32) -> [i8; BLOCK] {
     let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
     let mut q = [0i8; BLOCK];
     q.iter_mut().zip(x).for_each(|(q, v)| *q = (v * inv).round().clamp(-127.0, 127.0) as i8);
-    (d, q)
+    q
 }
 
-/// Weight rows per parallel task (a multiple of the kernel's 4-row tile).
+/// Weight rows per parallel task (a multiple of the kernel's 4-row tile):
+/// small enough for an even split, large enough to outweigh scheduling.
 const ROWS_PER_TASK: usize = 64;
 
 fn run<W: WeightStep>(w: &[W], rows: usize, steps: usize, x: &QActs) -> Vec<f32> {
     assert_eq!(steps, x.steps, "activation width does not match the weights");
     let n = x.rows;
     let use_avx512 = avx512::available();
-    let parts: Vec<Vec<f32>> = (0..rows.div_ceil(ROWS_PER_TASK))
+    let per_task = ROWS_PER_TASK;
+    let parts: Vec<Vec<f32>> = (0..rows.div_ceil(per_task))
         .into_par_iter()
         .map(|t| {
-            let (r0, r1) = (t * ROWS_PER_TASK, ((t + 1) * ROWS_PER_TASK).min(rows));
+            let (r0, r1) = (t * per_task, ((t + 1) * per_task).min(rows));
             // [n, r1 - r0]
             let mut out = vec![0f32; n * (r1 - r0)];
             let wt = &w[r0 * steps..r1 * steps];
@@ -269,7 +286,7 @@ fn run<W: WeightStep>(w: &[W], rows: usize, steps: usize, x: &QActs) -> Vec<f32>
         .collect();
     let mut out = vec![0f32; n * rows];
     for (t, part) in parts.iter().enumerate() {
-        let (r0, width) = (t * ROWS_PER_TASK, part.len() / n.max(1));
+        let (r0, width) = (t * per_task, part.len() / n.max(1));
         for i in 0..n {
             out[i * rows + r0..i * rows + r0 + width].copy_from_slice(&part[i * width..(i + 1) * width]);
         }
