@@ -165,14 +165,15 @@ fn attend(cfg: &LlamaConfig, q: &[f32], cache: &LayerCache, visible: usize, out:
     }
 }
 
-/// Dot product with eight independent accumulators, so the compiler can
+/// Dot product with sixteen independent accumulators, so the compiler can
 /// keep them in one SIMD register instead of a serial chain.
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    const LANES: usize = 16;
+    let mut acc = [0f32; LANES];
+    let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
     for (x, y) in ac.zip(bc) {
-        for l in 0..8 {
+        for l in 0..LANES {
             acc[l] += x[l] * y[l];
         }
     }

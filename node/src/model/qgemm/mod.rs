@@ -256,7 +256,7 @@ fn quantize_block(x: &[f32; BLOCK]) -> (f32, [i8; BLOCK]) {
 fn quantize_with(x: &[f32; BLOCK], d: f32) -> [i8; BLOCK] {
     let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
     let mut q = [0i8; BLOCK];
-    q.iter_mut().zip(x).for_each(|(q, v)| *q = (v * inv).round().clamp(-127.0, 127.0) as i8);
+    q.iter_mut().zip(x).for_each(|(q, v)| *q = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8);
     q
 }
 
