@@ -26,6 +26,9 @@ pub struct Args {
     /// 128-token prompts timed while 31 streams decode (0 skips the TTFT run).
     #[arg(long, default_value_t = 20)]
     ttft_samples: usize,
+    /// Skip the upstream run (for profiling the node alone; no ratios then).
+    #[arg(long)]
+    skip_upstream: bool,
     /// Batched runs to measure besides the single stream.
     #[arg(long, value_delimiter = ',', default_value = "8,32")]
     batches: Vec<usize>,
@@ -35,7 +38,10 @@ const PROMPT: &str = "The history of the printing press begins in the fifteenth 
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let device = Device::Cpu;
-    let upstream = upstream_tokens_per_sec(&args.model, args.tokens)?;
+    let upstream = match args.skip_upstream {
+        true => f64::NAN,
+        false => upstream_tokens_per_sec(&args.model, args.tokens)?,
+    };
     println!("upstream quantized_llama, 1 stream: {upstream:.1} tokens/s");
 
     let (model, content) = LlamaModel::load(&args.model, &device)?;

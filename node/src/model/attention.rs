@@ -1,4 +1,4 @@
-//! Rotary embeddings, per-sequence KV caches and causal attention over them.
+//! Rotary embeddings and causal attention over per-sequence KV caches.
 //!
 //! Each sequence owns its cache, so sequences of any length share one step:
 //! the linear layers see all new tokens of all sequences as one matrix, and
@@ -9,6 +9,7 @@
 use rayon::prelude::*;
 
 use super::config::LlamaConfig;
+use super::kv_cache::{KvCache, LayerCache};
 
 /// Precomputed cos/sin for every position and rotated pair (interleaved
 /// pairs `(2i, 2i+1)`, llama's convention in GGUF files).
@@ -48,46 +49,6 @@ impl Rope {
     }
 }
 
-/// One layer's keys and values for one sequence, laid out `[pos][kv_head][head_dim]`.
-#[derive(Default)]
-struct LayerCache {
-    k: Vec<f32>,
-    v: Vec<f32>,
-}
-
-/// All layers' keys and values of one sequence.
-pub struct KvCache {
-    layers: Vec<LayerCache>,
-    kv_dim: usize,
-}
-
-impl KvCache {
-    /// Reserves room for `capacity` tokens up front, so a running sequence
-    /// never reallocates (its tokens were committed at admission).
-    pub fn new(cfg: &LlamaConfig, capacity: usize) -> Self {
-        let kv_dim = cfg.kv_dim();
-        let layers = (0..cfg.n_layer)
-            .map(|_| LayerCache { k: Vec::with_capacity(capacity * kv_dim), v: Vec::with_capacity(capacity * kv_dim) })
-            .collect();
-        Self { layers, kv_dim }
-    }
-
-    /// Tokens stored (layer 0 is written first in every step).
-    pub fn len(&self) -> usize {
-        self.layers.first().map_or(0, |l| l.k.len() / self.kv_dim)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) {
-        let l = &mut self.layers[layer];
-        l.k.extend_from_slice(k);
-        l.v.extend_from_slice(v);
-    }
-}
-
 /// One layer's attention inputs for a step: the fused QKV rows of all new tokens.
 pub struct StepAttention<'a> {
     pub cfg: &'a LlamaConfig,
@@ -113,71 +74,46 @@ impl StepAttention<'_> {
             self.rope.apply(q, hd, pos);
             let (k, v) = kv.split_at_mut(kv_dim);
             self.rope.apply(k, hd, pos);
-            caches[self.owners[t]].append(layer, k, v);
+            caches[self.owners[t]].layer_mut(layer).push(k, v);
         }
         let caches: Vec<&KvCache> = caches.iter().map(|c| &**c).collect();
         let qkv: &[f32] = self.qkv;
         let mut out = vec![0f32; self.positions.len() * q_dim];
-        let one = |(t, out): (usize, &mut [f32])| {
-            let cache = &caches[self.owners[t]].layers[layer];
-            let q = &qkv[t * row..t * row + q_dim];
-            attend(cfg, q, cache, self.positions[t] + 1, out);
-        };
-        // One token (a decode step of one stream) is not worth waking threads.
-        match self.positions.len() {
-            1 => out.chunks_mut(q_dim).enumerate().for_each(one),
-            _ => out.par_chunks_mut(q_dim).enumerate().for_each(one),
-        }
+        // One task per (token, head): a single decoding stream still uses every core.
+        out.par_chunks_mut(hd).enumerate().for_each(|(i, out)| {
+            let (t, h) = (i / cfg.n_head, i % cfg.n_head);
+            let cache = caches[self.owners[t]].layer(layer);
+            let q = &qkv[t * row + h * hd..][..hd];
+            attend_head(cfg, q, h / (cfg.n_head / cfg.n_kv_head), cache, self.positions[t] + 1, out);
+        });
         out
     }
 }
 
-/// Causal attention of one token's query heads over the first `visible`
-/// cached positions of its sequence.
-fn attend(cfg: &LlamaConfig, q: &[f32], cache: &LayerCache, visible: usize, out: &mut [f32]) {
-    let hd = cfg.head_dim;
-    let kv_dim = cfg.kv_dim();
-    let group = cfg.n_head / cfg.n_kv_head;
-    let scale = 1.0 / (hd as f32).sqrt();
+/// Causal attention of one query head over the first `visible` cached
+/// positions of its KV head `g`. Keys are stored transposed, so the scores
+/// of all positions accumulate as whole vectors, one head dimension at a time.
+fn attend_head(cfg: &LlamaConfig, q: &[f32], g: usize, cache: &LayerCache, visible: usize, out: &mut [f32]) {
+    let scale = 1.0 / (cfg.head_dim as f32).sqrt();
     let mut scores = vec![0f32; visible];
-    for h in 0..cfg.n_head {
-        let g = h / group;
-        let qh = &q[h * hd..(h + 1) * hd];
-        let mut max = f32::NEG_INFINITY;
-        for (j, s) in scores.iter_mut().enumerate() {
-            let k = &cache.k[j * kv_dim + g * hd..][..hd];
-            *s = dot(qh, k) * scale;
-            max = max.max(*s);
-        }
-        let mut sum = 0.0;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        let oh = &mut out[h * hd..(h + 1) * hd];
-        for (j, s) in scores.iter().enumerate() {
-            let w = s / sum;
-            let v = &cache.v[j * kv_dim + g * hd..][..hd];
-            for (o, v) in oh.iter_mut().zip(v) {
-                *o += w * v;
-            }
+    for (d, &qd) in q.iter().enumerate() {
+        let keys = &cache.key_dim(g, d)[..visible];
+        for (s, k) in scores.iter_mut().zip(keys) {
+            *s += qd * k;
         }
     }
-}
-
-/// Dot product with sixteen independent accumulators, so the compiler can
-/// keep them in one SIMD register instead of a serial chain.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    const LANES: usize = 16;
-    let mut acc = [0f32; LANES];
-    let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ac.zip(bc) {
-        for l in 0..LANES {
-            acc[l] += x[l] * y[l];
+    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s * scale));
+    let mut sum = 0.0;
+    for s in scores.iter_mut() {
+        *s = (*s * scale - max).exp();
+        sum += *s;
+    }
+    for (j, s) in scores.iter().enumerate() {
+        let w = s / sum;
+        for (o, v) in out.iter_mut().zip(cache.value(j, g)) {
+            *o += w * v;
         }
     }
-    acc.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]
@@ -198,14 +134,6 @@ mod tests {
             context_length: 8,
             vocab_size: 4,
         }
-    }
-
-    #[test]
-    fn dot_matches_naive_sum_with_tail() {
-        let a: Vec<f32> = (0..11).map(|i| i as f32).collect();
-        let b: Vec<f32> = (0..11).map(|i| (i * 2) as f32).collect();
-        let naive: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
-        assert_eq!(dot(&a, &b), naive);
     }
 
     #[test]
@@ -230,5 +158,31 @@ mod tests {
             .run(0, &mut [&mut cache]);
         assert_eq!(out, vec![5.0, 7.0, 5.0, 7.0]);
         assert_eq!(cache.len(), 1);
+    }
+
+    #[test]
+    fn attention_weights_positions_by_softmax_of_scores() {
+        let cfg = LlamaConfig { context_length: 8, ..tiny() };
+        let rope = Rope::new(&LlamaConfig { rope_dim: 0, ..cfg.clone() }); // no rotation: plain dot products
+        let mut cache = KvCache::new(&cfg, 4);
+        let keys = [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]];
+        let values = [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]];
+        let q = [2.0, 1.0];
+        let mut qkv: Vec<f32> = Vec::new();
+        for (k, v) in keys.iter().zip(&values) {
+            qkv.extend(q.iter().chain(&q).chain(k).chain(v));
+        }
+        let out = StepAttention { cfg: &cfg, rope: &rope, qkv: &mut qkv, positions: &[0, 1, 2], owners: &[0, 0, 0] }
+            .run(0, &mut [&mut cache]);
+        // The last token sees all three positions.
+        let scores: Vec<f32> = keys.iter().map(|k| (q[0] * k[0] + q[1] * k[1]) / 2f32.sqrt()).collect();
+        let exp: Vec<f32> = scores.iter().map(|s| s.exp()).collect();
+        let total: f32 = exp.iter().sum();
+        for d in 0..2 {
+            let want: f32 = exp.iter().zip(&values).map(|(e, v)| e / total * v[d]).sum();
+            assert!((out[2 * 4 + d] - want).abs() < 1e-5, "dim {d}: {} vs {want}", out[2 * 4 + d]);
+        }
+        // The first token sees only itself.
+        assert_eq!(&out[0..2], &values[0]);
     }
 }

@@ -3,6 +3,7 @@
 
 mod attention;
 mod config;
+mod kv_cache;
 mod linear;
 pub mod qgemm;
 
@@ -11,10 +12,10 @@ use std::{fs::File, path::Path};
 use candle_core::quantized::gguf_file;
 use candle_core::{D, DType, Device, Tensor};
 
-pub use attention::KvCache;
 use attention::{Rope, StepAttention};
 pub use config::LlamaConfig;
 pub(crate) use config::string as metadata_string;
+pub use kv_cache::KvCache;
 use linear::Linear;
 
 #[derive(Debug, thiserror::Error)]
@@ -120,11 +121,13 @@ impl LlamaModel {
         let mut owners = Vec::new();
         let mut logit_rows = Vec::new();
         for (i, chunk) in chunks.iter().enumerate() {
-            if caches[i].len() != chunk.start_pos {
+            if caches[i].len() != chunk.start_pos || caches[i].room() < chunk.tokens.len() {
                 return Err(ModelError::Unsupported(format!(
-                    "chunk starts at {} but its cache holds {} tokens",
+                    "chunk of {} tokens at {} does not fit a cache holding {} with room for {}",
+                    chunk.tokens.len(),
                     chunk.start_pos,
-                    caches[i].len()
+                    caches[i].len(),
+                    caches[i].room()
                 )));
             }
             ids.extend_from_slice(chunk.tokens);
