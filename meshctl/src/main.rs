@@ -10,6 +10,7 @@ use mesh_proto::v1::{
     ChatMessage, ChatMessages, FinishReason, GenerateRequest, ListModelsRequest, SamplingParams,
     generate_request::Input,
 };
+use registry::{EtcdConfig, EtcdRegistry, InstanceRecord, Registry};
 
 #[derive(Parser)]
 #[command(name = "meshctl", version, about = "Operator CLI for the model-serving mesh.")]
@@ -42,15 +43,67 @@ enum Command {
     },
     /// List the models a server serves, with their limits.
     Models,
+    /// Services, instances and their records, read from etcd.
+    Status {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+        /// Print JSON (one array of records) for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Register an instance in etcd under a lease until stopped (SIGTERM or
+    /// Ctrl-C revokes it; if killed, the record expires with the lease).
+    Register {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+        #[arg(long)]
+        service: String,
+        #[arg(long)]
+        instance: String,
+        /// Where callers reach the instance (host:port).
+        #[arg(long)]
+        address: String,
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+    },
+}
+
+#[derive(clap::Args)]
+struct EtcdArgs {
+    /// etcd endpoints, comma-separated.
+    #[arg(long, env = "MESH_ETCD", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    etcd: Vec<String>,
+    #[arg(long, env = "MESH_ETCD_PREFIX", default_value = "/mesh/v1/")]
+    prefix: String,
+    /// Lease TTL in seconds.
+    #[arg(long, default_value_t = 5)]
+    lease_ttl: u64,
+}
+
+impl EtcdArgs {
+    fn config(&self) -> EtcdConfig {
+        let mut c = EtcdConfig::new(self.etcd.clone());
+        c.prefix = self.prefix.clone();
+        c.lease_ttl = std::time::Duration::from_secs(self.lease_ttl.max(1));
+        c
+    }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let mut client =
-        GenerationClient::connect(cli.addr.clone()).await.with_context(|| format!("connecting to {}", cli.addr))?;
+    let connect = || async {
+        GenerationClient::connect(cli.addr.clone()).await.with_context(|| format!("connecting to {}", cli.addr))
+    };
     match cli.command {
+        Command::Status { ref etcd, json } => status(&etcd.config(), json).await?,
+        Command::Register { ref etcd, ref service, ref instance, ref address, weight } => {
+            let mut rec = InstanceRecord::new(service, instance, address);
+            rec.weight = weight;
+            register(etcd.config(), rec).await?
+        }
         Command::Models => {
+            let mut client = connect().await?;
             for m in client.list_models(ListModelsRequest {}).await?.into_inner().models {
                 println!(
                     "{}\tbackend={} context={} max_running={} max_queued={} max_kv_tokens={}",
@@ -58,7 +111,9 @@ async fn main() -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Generate { text, raw, model, max_tokens, temperature, seed } => {
+        Command::Generate { ref text, raw, ref model, max_tokens, temperature, seed } => {
+            let mut client = connect().await?;
+            let (text, model) = (text.clone(), model.clone());
             let input = match raw {
                 true => Input::Prompt(text),
                 false => {
@@ -90,5 +145,40 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+async fn status(config: &EtcdConfig, json: bool) -> anyhow::Result<()> {
+    let records = registry::etcd::fetch_all(config).await.context("reading the registry from etcd")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&records)?);
+        return Ok(());
+    }
+    let mut service = "";
+    for r in &records {
+        if r.service != service {
+            service = &r.service;
+            println!("{service}");
+        }
+        println!(
+            "  {:<24} {:<22} host={} zone={} weight={} max_running={} context={} version={}",
+            r.instance_id, r.address, r.host, r.zone, r.weight, r.max_running, r.context_length, r.version
+        );
+    }
+    if records.is_empty() {
+        println!("no instances registered under {}", config.prefix);
+    }
+    Ok(())
+}
+
+async fn register(config: EtcdConfig, record: InstanceRecord) -> anyhow::Result<()> {
+    let registry = EtcdRegistry::start(config)?;
+    registry.register(record).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    registry.shutdown().await?;
     Ok(())
 }

@@ -14,6 +14,14 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tonic::transport::Channel;
 
+pub mod etcd;
+pub mod proxy;
+
+/// A port that was free a moment ago (bound to 127.0.0.1:0, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
+}
+
 /// The directory holding the workspace's built binaries (the test binary
 /// lives in `<target>/<profile>/deps`).
 pub fn bin_dir() -> PathBuf {

@@ -1,0 +1,185 @@
+//! The registrar: one lease per process, kept alive at TTL/3, with every
+//! record of the process attached. When the lease is lost (etcd down,
+//! restarted, wiped) it grants a new one and writes the records again.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Client, PutOptions};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::{EtcdConfig, with_timeout};
+use crate::backoff::Backoff;
+use crate::{InstanceRecord, RegistryError};
+
+pub enum Command {
+    Put(InstanceRecord),
+    Delete(String, String),
+    Shutdown(oneshot::Sender<()>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum RegistrarState {
+    /// Not (or no longer) in etcd; the string says why.
+    Disconnected(String),
+    /// Records written under this lease.
+    Registered {
+        lease_id: i64,
+    },
+    Stopped,
+}
+
+pub fn spawn(config: Arc<EtcdConfig>) -> (mpsc::UnboundedSender<Command>, watch::Receiver<RegistrarState>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (state_tx, state_rx) = watch::channel(RegistrarState::Disconnected("starting".into()));
+    tokio::spawn(Registrar { config, desired: BTreeMap::new(), commands: rx, state: state_tx }.run());
+    (tx, state_rx)
+}
+
+struct Registrar {
+    config: Arc<EtcdConfig>,
+    /// Records this process wants in etcd, by key.
+    desired: BTreeMap<String, InstanceRecord>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    state: watch::Sender<RegistrarState>,
+}
+
+/// Why a session under one lease ended.
+enum Ended {
+    Lost(RegistryError),
+    /// Asked to stop (or every handle is gone): whom to tell when done.
+    Shutdown(Option<oneshot::Sender<()>>),
+}
+
+impl Registrar {
+    async fn run(mut self) {
+        let (base, cap) = self.config.backoff;
+        let mut backoff = Backoff::new(base, cap);
+        loop {
+            let ended = match self.config.connect().await {
+                Ok(client) => self.session(client, &mut backoff).await,
+                Err(e) => Ended::Lost(e),
+            };
+            match ended {
+                Ended::Shutdown(done) => return self.stopped(done),
+                Ended::Lost(e) => {
+                    tracing::warn!(error = %e, "registry: not registered in etcd; retrying");
+                    self.state.send_replace(RegistrarState::Disconnected(e.to_string()));
+                }
+            }
+            // Wait out the backoff, still taking commands (they change what
+            // is written once etcd is back).
+            let sleep = tokio::time::sleep(backoff.next_delay());
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    _ = &mut sleep => break,
+                    cmd = self.commands.recv() => match cmd {
+                        None => return self.stopped(None),
+                        Some(Command::Shutdown(done)) => return self.stopped(Some(done)),
+                        Some(cmd) => self.apply_offline(cmd),
+                    }
+                }
+            }
+        }
+    }
+
+    fn stopped(&self, done: Option<oneshot::Sender<()>>) {
+        self.state.send_replace(RegistrarState::Stopped);
+        if let Some(done) = done {
+            let _ = done.send(());
+        }
+    }
+
+    fn apply_offline(&mut self, cmd: Command) {
+        match cmd {
+            Command::Put(rec) => {
+                self.desired.insert(rec.key(&self.config.prefix), rec);
+            }
+            Command::Delete(s, i) => {
+                self.desired.remove(&crate::record::key(&self.config.prefix, &s, &i));
+            }
+            Command::Shutdown(_) => {}
+        }
+    }
+
+    /// Grants a lease, writes every record under it and keeps it alive until
+    /// it is lost or the process shuts down.
+    async fn session(&mut self, mut client: Client, backoff: &mut Backoff) -> Ended {
+        let limit = self.config.request_timeout;
+        let ttl = self.config.lease_ttl.as_secs().max(1) as i64;
+        let lease = match with_timeout(limit, client.lease_grant(ttl, None)).await {
+            Ok(l) => l.id(),
+            Err(e) => return Ended::Lost(e),
+        };
+        for (key, rec) in &self.desired {
+            if let Err(e) = put(&mut client, limit, lease, key, rec).await {
+                return Ended::Lost(e);
+            }
+        }
+        let (mut keeper, mut replies) = match with_timeout(limit, client.lease_keep_alive(lease)).await {
+            Ok(k) => k,
+            Err(e) => return Ended::Lost(e),
+        };
+        tracing::info!(lease, records = self.desired.len(), "registry: registered in etcd");
+        self.state.send_replace(RegistrarState::Registered { lease_id: lease });
+        backoff.reset();
+        let mut tick = tokio::time::interval(Duration::from_secs(ttl as u64).div_f64(3.0));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let alive = async {
+                        keeper.keep_alive().await?;
+                        match replies.message().await? {
+                            Some(r) if r.ttl() > 0 => Ok(()),
+                            _ => Err(etcd_client::Error::LeaseKeepAliveError("lease expired or revoked".into())),
+                        }
+                    };
+                    if let Err(e) = with_timeout(limit, alive).await {
+                        return Ended::Lost(e);
+                    }
+                }
+                cmd = self.commands.recv() => {
+                    let result = match cmd {
+                        None | Some(Command::Shutdown(_)) => {
+                            // Revoking removes every record of this process at once.
+                            if let Err(e) = with_timeout(limit, client.lease_revoke(lease)).await {
+                                tracing::warn!(error = %e, "registry: lease revoke failed; records expire with the TTL");
+                            }
+                            return Ended::Shutdown(match cmd {
+                                Some(Command::Shutdown(done)) => Some(done),
+                                _ => None,
+                            });
+                        }
+                        Some(Command::Put(rec)) => {
+                            let key = rec.key(&self.config.prefix);
+                            let r = put(&mut client, limit, lease, &key, &rec).await;
+                            self.desired.insert(key, rec);
+                            r
+                        }
+                        Some(Command::Delete(s, i)) => {
+                            let key = crate::record::key(&self.config.prefix, &s, &i);
+                            self.desired.remove(&key);
+                            with_timeout(limit, client.delete(key, None)).await.map(drop)
+                        }
+                    };
+                    if let Err(e) = result {
+                        return Ended::Lost(e);
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn put(
+    client: &mut Client,
+    limit: Duration,
+    lease: i64,
+    key: &str,
+    rec: &InstanceRecord,
+) -> Result<(), RegistryError> {
+    let opts = PutOptions::new().with_lease(lease);
+    with_timeout(limit, client.put(key, rec.encode(), Some(opts))).await.map(drop)
+}

@@ -1,0 +1,150 @@
+//! The etcd registry: one lease-keeping registrar and one watcher per
+//! process, both background tasks that outlive any etcd outage.
+
+mod lease;
+mod watcher;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Certificate, ConnectOptions, Identity, TlsOptions};
+pub use etcd_client::{Client, GetOptions};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::{InstanceRecord, Registry, RegistryError, View};
+use lease::Command;
+pub use lease::RegistrarState;
+
+/// Client certificate files for etcd over TLS.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    /// Client certificate and key, for etcd's `--client-cert-auth`.
+    pub identity: Option<(PathBuf, PathBuf)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct EtcdConfig {
+    pub endpoints: Vec<String>,
+    /// Key prefix of the whole mesh (default `/mesh/v1/`).
+    pub prefix: String,
+    pub lease_ttl: Duration,
+    pub tls: Option<TlsFiles>,
+    pub user: Option<(String, String)>,
+    /// Longest wait for one etcd call before it counts as a failure.
+    pub request_timeout: Duration,
+    /// Backoff between reconnection attempts: base and cap.
+    pub backoff: (Duration, Duration),
+}
+
+impl EtcdConfig {
+    pub fn new(endpoints: Vec<String>) -> Self {
+        Self {
+            endpoints,
+            prefix: "/mesh/v1/".into(),
+            lease_ttl: Duration::from_secs(5),
+            tls: None,
+            user: None,
+            request_timeout: Duration::from_secs(3),
+            backoff: (Duration::from_millis(100), Duration::from_secs(3)),
+        }
+    }
+
+    fn options(&self) -> Result<ConnectOptions, RegistryError> {
+        // HTTP/2 keep-alives notice a dead etcd even when no call is in flight.
+        let mut opts = ConnectOptions::new()
+            .with_connect_timeout(self.request_timeout)
+            .with_keep_alive(Duration::from_secs(1), self.request_timeout)
+            .with_keep_alive_while_idle(true);
+        if let Some((user, password)) = &self.user {
+            opts = opts.with_user(user, password);
+        }
+        if let Some(tls) = &self.tls {
+            let read = |p: &PathBuf| {
+                std::fs::read(p).map_err(|error| RegistryError::Tls { path: p.display().to_string(), error })
+            };
+            let mut t = TlsOptions::new().ca_certificate(Certificate::from_pem(read(&tls.ca)?));
+            if let Some((cert, key)) = &tls.identity {
+                t = t.identity(Identity::from_pem(read(cert)?, read(key)?));
+            }
+            opts = opts.with_tls(t);
+        }
+        Ok(opts)
+    }
+
+    /// A fresh client, or an error within `request_timeout`.
+    pub async fn connect(&self) -> Result<Client, RegistryError> {
+        let opts = self.options()?;
+        with_timeout(self.request_timeout, Client::connect(&self.endpoints, Some(opts))).await
+    }
+}
+
+async fn with_timeout<T>(
+    limit: Duration,
+    call: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, RegistryError> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(RegistryError::Timeout(limit)),
+    }
+}
+
+/// Registers this process's instances in etcd and watches everyone's.
+#[derive(Clone)]
+pub struct EtcdRegistry {
+    commands: mpsc::UnboundedSender<Command>,
+    view: watch::Receiver<Arc<View>>,
+    state: watch::Receiver<RegistrarState>,
+}
+
+impl EtcdRegistry {
+    /// Starts the registrar and the watcher. Never fails because etcd is
+    /// away: both keep retrying in the background.
+    pub fn start(config: EtcdConfig) -> Result<Self, RegistryError> {
+        config.options()?; // unreadable TLS files are a configuration error, found now
+        let config = Arc::new(config);
+        let (commands, state) = lease::spawn(config.clone());
+        let view = watcher::spawn(config);
+        Ok(Self { commands, view, state })
+    }
+
+    /// Whether this process's records are in etcd now.
+    pub fn registrar_state(&self) -> watch::Receiver<RegistrarState> {
+        self.state.clone()
+    }
+
+    fn send(&self, cmd: Command) -> Result<(), RegistryError> {
+        self.commands.send(cmd).map_err(|_| RegistryError::Closed)
+    }
+}
+
+impl Registry for EtcdRegistry {
+    async fn register(&self, record: InstanceRecord) -> Result<(), RegistryError> {
+        record.validate()?;
+        self.send(Command::Put(record))
+    }
+
+    async fn deregister(&self, service: &str, instance_id: &str) -> Result<(), RegistryError> {
+        self.send(Command::Delete(service.into(), instance_id.into()))
+    }
+
+    fn watch(&self) -> watch::Receiver<Arc<View>> {
+        self.view.clone()
+    }
+
+    async fn shutdown(&self) -> Result<(), RegistryError> {
+        let (done, wait) = oneshot::channel();
+        self.send(Command::Shutdown(done))?;
+        wait.await.map_err(|_| RegistryError::Closed)
+    }
+}
+
+/// Every record under the prefix, read once (for `meshctl status`).
+pub async fn fetch_all(config: &EtcdConfig) -> Result<Vec<InstanceRecord>, RegistryError> {
+    let mut client = config.connect().await?;
+    let prefix = crate::record::services_prefix(&config.prefix);
+    let opts = etcd_client::GetOptions::new().with_prefix();
+    let resp = with_timeout(config.request_timeout, client.get(prefix, Some(opts))).await?;
+    Ok(resp.kvs().iter().filter_map(|kv| InstanceRecord::decode(kv.value())).collect())
+}

@@ -1,0 +1,137 @@
+//! The watcher: a full read of the prefix, then a watch from the next
+//! revision. A broken watch resumes from the last revision seen (cheap for
+//! etcd when a whole fleet reconnects), unless etcd's revision went
+//! backwards (a wiped or restored store) or the revision was compacted
+//! away: then it reads everything again and publishes the difference.
+//! While etcd is unreachable the last view stays, marked
+//! `etcd_reachable: false`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use etcd_client::{Client, EventType, GetOptions, WatchOptions};
+use tokio::sync::watch;
+
+use super::{EtcdConfig, with_timeout};
+use crate::backoff::Backoff;
+use crate::record::services_prefix;
+use crate::{InstanceRecord, RegistryError, View};
+
+pub fn spawn(config: Arc<EtcdConfig>) -> watch::Receiver<Arc<View>> {
+    let (tx, rx) = watch::channel(Arc::new(View::default()));
+    tokio::spawn(Watcher { config, view: tx, revision: None }.run());
+    rx
+}
+
+struct Watcher {
+    config: Arc<EtcdConfig>,
+    view: watch::Sender<Arc<View>>,
+    /// Last revision the view reflects; `None` means a full read is due.
+    revision: Option<i64>,
+}
+
+impl Watcher {
+    async fn run(mut self) {
+        let (base, cap) = self.config.backoff;
+        let mut backoff = Backoff::new(base, cap);
+        loop {
+            if self.view.is_closed() {
+                return; // nobody is watching any more
+            }
+            let result = match self.config.connect().await {
+                Ok(client) => self.follow(client, &mut backoff).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "registry: watch of etcd broken; keeping the last view");
+            }
+            self.view.send_if_modified(|v| {
+                let was = v.etcd_reachable;
+                Arc::make_mut(v).etcd_reachable = false;
+                was
+            });
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
+    }
+
+    /// Reads (if due) and watches until the stream breaks.
+    async fn follow(&mut self, mut client: Client, backoff: &mut Backoff) -> Result<(), RegistryError> {
+        let prefix = services_prefix(&self.config.prefix);
+        let limit = self.config.request_timeout;
+        if let Some(seen) = self.revision {
+            let probe = GetOptions::new().with_prefix().with_count_only();
+            let now = with_timeout(limit, client.get(prefix.as_str(), Some(probe))).await?;
+            if now.header().is_some_and(|h| h.revision() < seen) {
+                tracing::info!(seen, "registry: etcd's revision went backwards; reading everything again");
+                self.revision = None;
+            }
+        }
+        if self.revision.is_none() {
+            let resp = with_timeout(limit, client.get(prefix.as_str(), Some(GetOptions::new().with_prefix()))).await?;
+            let instances = resp
+                .kvs()
+                .iter()
+                .filter_map(|kv| InstanceRecord::decode(kv.value()))
+                .map(|r| ((r.service.clone(), r.instance_id.clone()), r))
+                .collect();
+            self.revision = resp.header().map(|h| h.revision());
+            self.publish(instances);
+        }
+        let from = self.revision.unwrap_or(0) + 1;
+        let opts = WatchOptions::new().with_prefix().with_start_revision(from).with_progress_notify();
+        let mut stream = with_timeout(limit, client.watch(prefix.as_str(), Some(opts))).await?;
+        self.mark_reachable();
+        backoff.reset();
+        while let Some(resp) = stream.message().await? {
+            if resp.compact_revision() > 0 || resp.canceled() {
+                tracing::info!(
+                    compacted = resp.compact_revision(),
+                    "registry: watch revision gone; reading everything again"
+                );
+                self.revision = None;
+                return Ok(());
+            }
+            let mut instances = self.view.borrow().instances.clone();
+            for event in resp.events() {
+                let Some(kv) = event.kv() else { continue };
+                let Some((service, id)) = parse_key(&prefix, kv.key()) else { continue };
+                match (event.event_type(), InstanceRecord::decode(kv.value())) {
+                    (EventType::Put, Some(rec)) => instances.insert((service, id), rec),
+                    _ => instances.remove(&(service, id)),
+                };
+            }
+            if let Some(h) = resp.header() {
+                self.revision = Some(h.revision());
+            }
+            self.publish(instances);
+        }
+        Err(RegistryError::Closed)
+    }
+
+    fn publish(&self, instances: BTreeMap<(String, String), InstanceRecord>) {
+        self.view.send_if_modified(|v| {
+            let next = View { instances, etcd_reachable: true, synced_at: Some(SystemTime::now()) };
+            let changed = next.instances != v.instances || !v.etcd_reachable;
+            *v = Arc::new(next);
+            changed
+        });
+    }
+
+    fn mark_reachable(&self) {
+        self.view.send_if_modified(|v| {
+            let was = v.etcd_reachable;
+            let v = Arc::make_mut(v);
+            v.etcd_reachable = true;
+            v.synced_at = Some(SystemTime::now());
+            !was
+        });
+    }
+}
+
+/// `{prefix}{service}/{instance}` -> (service, instance).
+fn parse_key(prefix: &str, key: &[u8]) -> Option<(String, String)> {
+    let rest = std::str::from_utf8(key).ok()?.strip_prefix(prefix)?;
+    let (service, id) = rest.split_once('/')?;
+    Some((service.to_string(), id.to_string()))
+}
