@@ -1,6 +1,7 @@
 //! `meshctl`: talk to a node (or, later, a sidecar) from the shell.
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -10,7 +11,7 @@ use mesh_proto::v1::{
     ChatMessage, ChatMessages, FinishReason, GenerateRequest, ListModelsRequest, SamplingParams,
     generate_request::Input,
 };
-use registry::{EtcdConfig, EtcdRegistry, InstanceRecord, Registry};
+use registry::{EtcdConfig, EtcdRegistry, InstanceRecord, Registry, TlsFiles};
 
 #[derive(Parser)]
 #[command(name = "meshctl", version, about = "Operator CLI for the model-serving mesh.")]
@@ -78,6 +79,18 @@ struct EtcdArgs {
     /// Lease TTL in seconds.
     #[arg(long, default_value_t = 5)]
     lease_ttl: u64,
+    /// CA certificate (PEM) to reach etcd over TLS.
+    #[arg(long, env = "MESH_ETCD_CA")]
+    etcd_ca: Option<PathBuf>,
+    /// Client certificate and key (PEM) for etcd's client-cert auth.
+    #[arg(long, env = "MESH_ETCD_CERT", requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+    #[arg(long, env = "MESH_ETCD_KEY", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+    #[arg(long, env = "MESH_ETCD_USER", requires = "etcd_password")]
+    etcd_user: Option<String>,
+    #[arg(long, env = "MESH_ETCD_PASSWORD", hide_env_values = true)]
+    etcd_password: Option<String>,
 }
 
 impl EtcdArgs {
@@ -85,6 +98,9 @@ impl EtcdArgs {
         let mut c = EtcdConfig::new(self.etcd.clone());
         c.prefix = self.prefix.clone();
         c.lease_ttl = std::time::Duration::from_secs(self.lease_ttl.max(1));
+        c.tls =
+            self.etcd_ca.clone().map(|ca| TlsFiles { ca, identity: self.etcd_cert.clone().zip(self.etcd_key.clone()) });
+        c.user = self.etcd_user.clone().zip(self.etcd_password.clone());
         c
     }
 }

@@ -47,6 +47,16 @@ async fn watcher_sees_registration_and_deregistration() {
     assert_eq!(view.borrow().service("chat").next(), Some(&rec));
     assert!(view.borrow().etcd_reachable);
 
+    // Operators see the same record through meshctl.
+    let out = tokio::process::Command::new(bin_dir().join("meshctl"))
+        .args(["status", "--json", "--etcd", &etcd.url()])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listed = String::from_utf8(out.stdout).unwrap();
+    assert!(listed.contains("\"instance_id\": \"node-a\"") && listed.contains("\"weight\": 3"), "{listed}");
+
     registrant.deregister("chat", "node-a").await.unwrap();
     wait_view(&mut view, Duration::from_secs(5), |v| !has(v, "node-a")).await;
 
