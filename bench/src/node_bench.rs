@@ -84,7 +84,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn greedy(prompt: &[u32], max_tokens: usize) -> Request {
-    Request { prompt: prompt.to_vec(), max_tokens, sampling: Sampling::ArgMax, seed: 0, stop: vec![], priority: 1 }
+    Request {
+        prompt: prompt.to_vec(),
+        continued: 0,
+        max_tokens,
+        sampling: Sampling::ArgMax,
+        seed: 0,
+        stop: vec![],
+        priority: 1,
+    }
 }
 
 /// Aggregate decode tokens/s of `streams` concurrent greedy streams, counted

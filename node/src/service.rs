@@ -45,8 +45,12 @@ impl Generation for GenerationService {
             model_name: &self.model_name,
             context_length: limits.context_length,
             default_max_tokens: self.default_max_tokens,
+            vocab_size: self.vocab_size,
         };
-        let req = validate::check(request.into_inner(), &rules, self.codec.as_ref())?;
+        let request = request.into_inner();
+        let request_id = request.request_id.clone();
+        let req = validate::check(request, &rules, self.codec.as_ref())?;
+        tracing::debug!(request_id, prompt_tokens = req.prompt.len(), max_tokens = req.max_tokens, "generate");
         let (rx, load) = self.scheduler.submit(req).map_err(|e| refusal(&e, self.scheduler.load()))?;
         let mut response = Response::new(UnboundedReceiverStream::new(rx));
         put_load(response.metadata_mut(), load);

@@ -17,6 +17,7 @@ pub struct Rules<'a> {
     pub model_name: &'a str,
     pub context_length: usize,
     pub default_max_tokens: usize,
+    pub vocab_size: usize,
 }
 
 pub fn check(req: GenerateRequest, rules: &Rules<'_>, codec: &dyn TextCodec) -> Result<Request, Status> {
@@ -57,9 +58,16 @@ pub fn check(req: GenerateRequest, rules: &Rules<'_>, codec: &dyn TextCodec) -> 
             codec.render_chat(&turns).map_err(|e| invalid(format!("chat.messages: {e}")))?
         }
     };
-    let prompt = codec.encode(&text).map_err(|e| Status::internal(e.to_string()))?;
+    let mut prompt = codec.encode(&text).map_err(|e| Status::internal(e.to_string()))?;
     if prompt.is_empty() {
         return Err(invalid("prompt encodes to zero tokens"));
+    }
+    let continued = req.continuation_token_ids.len();
+    if let Some(bad) = req.continuation_token_ids.iter().find(|&&t| t as usize >= rules.vocab_size) {
+        return Err(invalid(format!(
+            "continuation_token_ids has {bad}, outside the vocabulary of {}",
+            rules.vocab_size
+        )));
     }
     let ctx = rules.context_length;
     let room = ctx.saturating_sub(prompt.len());
@@ -73,6 +81,12 @@ pub fn check(req: GenerateRequest, rules: &Rules<'_>, codec: &dyn TextCodec) -> 
             prompt.len()
         )));
     }
+    if continued >= max_tokens {
+        return Err(invalid(format!(
+            "continuation_token_ids has {continued} tokens; sampling.max_tokens ({max_tokens}) leaves none to generate"
+        )));
+    }
+    prompt.extend_from_slice(&req.continuation_token_ids);
     let temperature = f64::from(p.temperature);
     let sampling = match (temperature, p.top_k as usize, f64::from(top_p)) {
         (0.0, _, _) => Sampling::ArgMax,
@@ -86,7 +100,15 @@ pub fn check(req: GenerateRequest, rules: &Rules<'_>, codec: &dyn TextCodec) -> 
         Priority::Unspecified | Priority::Normal => 1,
         Priority::High => 2,
     };
-    Ok(Request { prompt, max_tokens, sampling, seed: p.seed.unwrap_or_else(rand::random), stop: p.stop, priority })
+    Ok(Request {
+        prompt,
+        continued,
+        max_tokens,
+        sampling,
+        seed: p.seed.unwrap_or_else(rand::random),
+        stop: p.stop,
+        priority,
+    })
 }
 
 fn invalid(msg: impl Into<String>) -> Status {

@@ -80,3 +80,28 @@ async fn end_of_sequence_finishes_with_stop() {
     assert_eq!(usage.completion_tokens as usize, out.token_ids.len() + 1);
     assert!(!out.text.contains("<|im_end|>"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn continuation_tokens_resume_a_greedy_stream_exactly() {
+    let node = NodeProcess::start_model(&[]).await;
+    let mut client = node.client().await;
+    let req = chat_request("Name three colours of the rainbow.", 20);
+    let mut stream = client.generate(req.clone()).await.unwrap().into_inner();
+    let mut messages = Vec::new();
+    while let Some(msg) = stream.message().await.unwrap() {
+        messages.push(msg);
+    }
+    let full: Vec<u32> = messages.iter().flat_map(|m| m.token_ids.clone()).collect();
+    let full_text: String = messages.iter().map(|m| m.text.as_str()).collect();
+    let k = 7;
+    let sent_text: String = messages[..k].iter().map(|m| m.text.as_str()).collect();
+
+    let mut resumed = req;
+    resumed.continuation_token_ids = full[..k].to_vec();
+    let rest = generate(&mut client, resumed).await.unwrap();
+    assert_eq!(rest.token_ids, full[k..]);
+    assert_eq!(format!("{sent_text}{}", rest.text), full_text);
+    let usage = rest.usage.unwrap();
+    assert_eq!(usage.completion_tokens as usize, full.len());
+    assert_eq!(rest.finish_reason, FinishReason::Length as i32);
+}

@@ -71,6 +71,16 @@ async fn invalid_fields_are_refused_naming_field_and_limit() {
             "sampling.stop strings must be 1 to 256 bytes",
         ),
         (
+            GenerateRequest { continuation_token_ids: vec![1, 2, 3, 4], ..prompt_request("hi", 4) },
+            Code::InvalidArgument,
+            "continuation_token_ids has 4 tokens; sampling.max_tokens (4) leaves none to generate",
+        ),
+        (
+            GenerateRequest { continuation_token_ids: vec![1, 99], ..prompt_request("hi", 4) },
+            Code::InvalidArgument,
+            "continuation_token_ids has 99, outside the vocabulary of 32",
+        ),
+        (
             GenerateRequest { model: "gpt-9".into(), ..prompt_request("hi", 4) },
             Code::NotFound,
             "model \"gpt-9\" is not served here",

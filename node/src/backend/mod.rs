@@ -18,6 +18,8 @@ pub struct SeqStep<'a> {
     pub want_logits: bool,
     /// Most tokens this sequence will ever hold (to size its cache once).
     pub capacity: usize,
+    /// Length of the caller's prompt; tokens after it were generated.
+    pub prompt_len: usize,
 }
 
 /// A model (or a stand-in for one) that advances many sequences per step.

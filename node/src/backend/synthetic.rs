@@ -3,7 +3,8 @@
 //!
 //! Every step takes `1 / tokens_per_sec` whatever the batch size (as a
 //! batched GPU decode roughly does), and each sequence's next word depends
-//! only on its prompt and position.
+//! only on its prompt and position, so a stream continued elsewhere from
+//! its first tokens goes on exactly as it would have.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -41,10 +42,9 @@ impl Backend for SyntheticBackend {
         let mut logits = Vec::new();
         for s in seqs {
             let seed = self.seeds.entry(s.id).or_insert(0x9e37_79b9_7f4a_7c15);
-            if s.start_pos == 0 {
-                for &t in s.tokens {
-                    *seed = seed.rotate_left(5) ^ u64::from(t).wrapping_mul(0x100_0000_01b3);
-                }
+            let prompt_part = s.prompt_len.saturating_sub(s.start_pos).min(s.tokens.len());
+            for &t in &s.tokens[..prompt_part] {
+                *seed = seed.rotate_left(5) ^ u64::from(t).wrapping_mul(0x100_0000_01b3);
             }
             if s.want_logits {
                 let pos = (s.start_pos + s.tokens.len()) as u64;

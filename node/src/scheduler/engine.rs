@@ -135,7 +135,14 @@ impl Engine {
                 budget -= tokens.len();
             }
             fed.push((i, tokens.len(), want_logits));
-            steps.push(SeqStep { id: seq.id, tokens, start_pos, want_logits, capacity: seq.kv_need });
+            steps.push(SeqStep {
+                id: seq.id,
+                tokens,
+                start_pos,
+                want_logits,
+                capacity: seq.kv_need,
+                prompt_len: seq.original_prompt_len(),
+            });
         }
         let result = self.backend.step(&steps);
         drop(steps);

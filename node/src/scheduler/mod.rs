@@ -37,7 +37,12 @@ pub struct Limits {
 
 /// A validated request, ready to run.
 pub struct Request {
+    /// The prompt, followed by the continuation tokens if any.
     pub prompt: Vec<u32>,
+    /// How many trailing tokens of `prompt` were generated earlier (and count
+    /// as completion tokens).
+    pub continued: usize,
+    /// Completion tokens in all, the continued ones included.
     pub max_tokens: usize,
     pub sampling: Sampling,
     pub seed: u64,
@@ -136,6 +141,7 @@ impl Shared {
 pub struct Scheduler {
     shared: Arc<Shared>,
     commands: mpsc::Sender<Command>,
+    codec: Arc<dyn TextCodec>,
 }
 
 impl Scheduler {
@@ -154,7 +160,7 @@ impl Scheduler {
             }),
             admitted: watch::channel(0).0,
         });
-        let engine = Engine::new(shared.clone(), backend, codec, rx);
+        let engine = Engine::new(shared.clone(), backend, codec.clone(), rx);
         // The engine runs on a worker of its own compute pool, so the
         // parallel parts of each step run on the calling thread plus the
         // others, without waking and parking a foreign thread every time.
@@ -171,7 +177,7 @@ impl Scheduler {
             engine.run();
             drop(keep_alive);
         });
-        Self { shared, commands: tx }
+        Self { shared, commands: tx, codec }
     }
 
     pub fn limits(&self) -> &Limits {
@@ -186,7 +192,7 @@ impl Scheduler {
     /// replies and the load right after admission.
     pub fn submit(&self, req: Request) -> Result<(UnboundedReceiver<Reply>, Load), AdmitError> {
         let limits = &self.shared.limits;
-        let need = req.prompt.len() + req.max_tokens;
+        let need = req.prompt.len() + req.max_tokens - req.continued;
         let (id, load) = {
             let mut acc = self.shared.lock();
             if acc.draining {
@@ -209,7 +215,7 @@ impl Scheduler {
             (acc.next_id, self.shared.load(&acc))
         };
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let seq = Sequence::new(id, req, tx);
+        let seq = Sequence::new(id, req, tx, self.codec.as_ref());
         if let Err(mpsc::SendError(Command::Submit(seq))) = self.commands.send(Command::Submit(Box::new(seq))) {
             // The engine is gone (only after a fatal error): undo and refuse.
             self.shared.release(&seq, None);

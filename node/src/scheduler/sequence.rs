@@ -21,7 +21,10 @@ pub struct Sequence {
     pub kv_need: usize,
     /// Prompt, then every sampled token.
     tokens: Vec<u32>,
+    /// Tokens fed before sampling starts: the prompt and any continuation.
     prompt_len: usize,
+    /// Tokens generated elsewhere before this sequence took over.
+    continued: usize,
     /// Tokens already in the KV cache.
     prefilled: usize,
     max_tokens: usize,
@@ -35,18 +38,20 @@ pub struct Sequence {
 }
 
 impl Sequence {
-    pub fn new(id: u64, req: Request, tx: UnboundedSender<Reply>) -> Self {
+    pub fn new(id: u64, req: Request, tx: UnboundedSender<Reply>, codec: &dyn TextCodec) -> Self {
         let prompt_len = req.prompt.len();
+        let decoder = IncrementalDecoder::resume(codec, &req.prompt[prompt_len - req.continued..]);
         Self {
             id,
             priority: req.priority,
-            kv_need: prompt_len + req.max_tokens,
+            kv_need: prompt_len + req.max_tokens - req.continued,
             tokens: req.prompt,
             prompt_len,
+            continued: req.continued,
             prefilled: 0,
             max_tokens: req.max_tokens,
             sampler: LogitsProcessor::from_sampling(req.seed, req.sampling),
-            decoder: IncrementalDecoder::default(),
+            decoder,
             stop: StopMatcher::new(req.stop),
             tx,
             admitted_at: Instant::now(),
@@ -67,6 +72,11 @@ impl Sequence {
     /// Whether the sequence is past its prompt (feeds one token per step).
     pub fn is_decoding(&self) -> bool {
         self.prefilled >= self.prompt_len
+    }
+
+    /// Length of the caller's own prompt (without continuation tokens).
+    pub fn original_prompt_len(&self) -> usize {
+        self.prompt_len - self.continued
     }
 
     /// Tokens not yet in the cache, at most `budget` of them, and whether
@@ -106,15 +116,16 @@ impl Sequence {
         }
     }
 
+    /// Completion tokens so far, the continued ones included.
     fn generated(&self) -> usize {
-        self.tokens.len() - self.prompt_len
+        self.tokens.len() - self.original_prompt_len()
     }
 
     /// Sends the last message: held-back text, finish reason and usage.
     pub fn finish(mut self, reason: FinishReason) {
         let micros = |t: Option<Instant>| t.map_or(0, |t| t.duration_since(self.admitted_at).as_micros() as u64);
         let usage = Usage {
-            prompt_tokens: self.prompt_len as u32,
+            prompt_tokens: self.original_prompt_len() as u32,
             completion_tokens: self.generated() as u32,
             queue_time_us: micros(self.started_at),
             time_to_first_token_us: micros(self.first_token_at),

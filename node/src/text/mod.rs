@@ -49,6 +49,17 @@ pub struct IncrementalDecoder {
 }
 
 impl IncrementalDecoder {
+    /// A decoder continuing after `ids`, whose text was already delivered up
+    /// to the last whole character (bytes of a character cut at the end are
+    /// delivered once the next tokens complete it).
+    pub fn resume(codec: &dyn TextCodec, ids: &[u32]) -> Self {
+        let clean = (ids.len().saturating_sub(4)..=ids.len())
+            .rev()
+            .find(|&k| codec.decode(&ids[..k]).is_ok_and(|t| !t.ends_with('\u{FFFD}')))
+            .unwrap_or(0);
+        Self { ids: ids.to_vec(), prefix: clean, read: clean }
+    }
+
     /// Adds a token; returns the text it completes (possibly empty).
     pub fn push(&mut self, codec: &dyn TextCodec, id: u32) -> Result<String, TextError> {
         self.ids.push(id);
