@@ -16,11 +16,19 @@ enum Command {
     /// Decode speed and batching gain of the node's engine, against candle's
     /// upstream quantized_llama on the same file.
     Node(node_bench::Args),
+    /// Drive Generate load (closed or open loop) against a node or sidecar
+    /// on loopback or an allowed test network; print a summary, JSON or a plot.
+    Load(bench::load::cli::Args),
+    /// Bring up nodes, run load, inject the scenario's fault, write the report.
+    #[command(subcommand)]
+    Scenario(bench::scenario::Scenario),
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Node(args) => node_bench::run(args).await,
+        Command::Load(args) => bench::load::cli::run(args).await,
+        Command::Scenario(scenario) => bench::scenario::run(scenario).await,
     }
 }

@@ -1,0 +1,150 @@
+//! `mesh-bench load`: the flags, and the command that runs one load and
+//! prints its summary table (or JSON) and draws its plot.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::engine::{Arrival, Load, LoadSpec};
+use super::mix::{Choices, Mix};
+use super::progress::run_with_progress;
+use super::report::{Report, SpecEcho};
+use super::stats::summarize;
+use super::target::{AllowedNet, Target};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Where to send: HOST:PORT of a node or sidecar. Repeat for several;
+    /// requests go round-robin. Only loopback or --allow-net addresses.
+    #[arg(long = "target", required = true)]
+    pub targets: Vec<String>,
+    /// A test network (CIDR, at least /16, inside a private range) that
+    /// targets may be in besides loopback, e.g. a test namespace's 10.200.0.0/24.
+    #[arg(long)]
+    pub allow_net: Vec<AllowedNet>,
+    /// Open loop: Poisson arrivals at this many requests per second.
+    #[arg(long, conflicts_with = "concurrency", required_unless_present = "concurrency")]
+    pub rate: Option<f64>,
+    /// Closed loop: this many streams, each sending again when its request ends.
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+    /// Stop sending after this long (e.g. 30s, 500ms, 2m).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Stop sending after this many requests.
+    #[arg(long, default_value_t = 100_000)]
+    pub requests: u64,
+    /// Per-request deadline, sent as grpc-timeout and enforced here; goodput
+    /// counts only requests finished OK within it.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub deadline: Duration,
+    /// Prompt lengths in words, weighted: `16:3,128:1`.
+    #[arg(long, default_value = "16")]
+    pub prompt_words: Choices,
+    /// max_tokens values, weighted: `32:1,128:1`.
+    #[arg(long, default_value = "32")]
+    pub max_tokens: Choices,
+    /// A JSON mix file instead of --prompt-words/--max-tokens:
+    /// {"prompt_words": [[16, 3], [128, 1]], "max_tokens": [[32, 1]]}.
+    #[arg(long, conflicts_with_all = ["prompt_words", "max_tokens"])]
+    pub mix: Option<PathBuf>,
+    /// The request's model (service); empty means the server's only model.
+    #[arg(long, default_value = "")]
+    pub model: String,
+    #[arg(long, default_value = "mesh-bench")]
+    pub tenant: String,
+    /// HTTP/2 connections per target.
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// Seed of the arrival times and the mix.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Print the report as JSON on stdout instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Also draw throughput, p99 TTFT and errors over time into this SVG.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl Args {
+    pub fn spec(&self) -> anyhow::Result<LoadSpec> {
+        let targets = self.targets.iter().map(|t| Target::parse(t, &self.allow_net)).collect::<Result<Vec<_>, _>>()?;
+        let arrival = match (self.rate, self.concurrency) {
+            (Some(rate), _) => Arrival::Open { rate },
+            (None, Some(concurrency)) => Arrival::Closed { concurrency },
+            (None, None) => anyhow::bail!("give --rate (open loop) or --concurrency (closed loop)"),
+        };
+        let mix = match &self.mix {
+            Some(path) => Mix::from_file(path)?,
+            None => Mix::new(self.prompt_words.clone(), self.max_tokens.clone())?,
+        };
+        let spec = LoadSpec {
+            targets,
+            arrival,
+            duration: self.duration,
+            max_requests: self.requests,
+            deadline: self.deadline,
+            mix,
+            model: self.model.clone(),
+            tenant: self.tenant.clone(),
+            connections: self.connections,
+            seed: self.seed,
+        };
+        spec.validate()?;
+        Ok(spec)
+    }
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let spec = args.spec()?;
+    let load = Load::connect(spec).await?;
+    let result = run_with_progress(&load, !args.quiet, "load").await?;
+    let summary = summarize(&result.records, result.elapsed, load.spec().deadline);
+    let report =
+        Report { title: "mesh-bench load".into(), spec: SpecEcho::of(load.spec()), summary, marks: Vec::new() };
+    if let Some(path) = &args.plot {
+        super::plot::write_svg(path, "mesh-bench load", &report.summary.timeline, &report.marks)?;
+    }
+    match args.json {
+        true => println!("{}", report.to_json()),
+        false => print!("{}", report.table()),
+    }
+    if let Some(path) = &args.plot {
+        eprintln!("plot: {}", path.display());
+    }
+    Ok(())
+}
+
+/// `250ms`, `10s`, `1.5s`, `2m`: a number and a unit.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: f64 = number.parse().map_err(|_| format!("{s:?} is not a duration like 500ms, 10s or 2m"))?;
+    let secs = match unit.trim() {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("{s:?}: the unit must be ms, s or m")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("10").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("5h").is_err());
+    }
+}

@@ -1,0 +1,77 @@
+//! The scenario runner: `mesh-bench scenario <name>` brings up what the
+//! scenario needs (nodes now; etcd and sidecars once they exist), runs load,
+//! injects the scenario's fault at a set time, and writes the report (JSON
+//! and an SVG plot) under `--out`.
+//!
+//! Scenarios orchestrate processes and report to a person, so they use
+//! `anyhow`; the load engine underneath has typed errors.
+//!
+//! Adding a scenario: a module with a `clap::Args` struct and an async `run`,
+//! a variant below, and a README line.
+
+pub mod baseline;
+pub mod fault;
+pub mod nodes;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use crate::load::stats::Second;
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Scenario {
+    /// Capacity: the highest offered open-loop rate whose p99 TTFT stays
+    /// within 2x the unloaded value with no errors.
+    Baseline(baseline::Args),
+    /// A fault under load: SIGKILL a node, SIGSTOP one, or flood one, at a set
+    /// time, and show what callers saw.
+    Fault(fault::Args),
+    /// The same load direct to the nodes and through the sidecars, to measure
+    /// what the mesh costs and buys. Needs the sidecar, which is not built yet.
+    DirectVsMesh,
+}
+
+pub async fn run(scenario: Scenario) -> anyhow::Result<()> {
+    let work = async {
+        match scenario {
+            Scenario::Baseline(args) => baseline::run(args).await.map(|_| ()),
+            Scenario::Fault(args) => fault::run(args).await.map(|_| ()),
+            Scenario::DirectVsMesh => anyhow::bail!(
+                "direct-vs-mesh needs the sidecar (DESIGN.md, `sidecar/`), which does not exist yet. When it does: \
+                 start a sidecar beside each node in scenario/nodes.rs, then run one LoadSpec against the nodes' \
+                 addresses and the same LoadSpec against a sidecar, and report both summaries side by side."
+            ),
+        }
+    };
+    // On Ctrl-C the scenario future is dropped, which kills the nodes it
+    // started (kill_on_drop) instead of leaving them running.
+    tokio::select! {
+        result = work => result,
+        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; the scenario's nodes were stopped"),
+    }
+}
+
+/// Where a scenario writes its files.
+#[derive(clap::Args, Debug, Clone)]
+pub struct OutArgs {
+    /// Directory for the report (`<scenario>.json`) and plot (`<scenario>.svg`).
+    #[arg(long, default_value = "target/mesh-bench")]
+    pub out: PathBuf,
+}
+
+impl OutArgs {
+    /// Creates the directory; returns where `<name>.json` and `<name>.svg` go.
+    pub fn paths(&self, name: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+        std::fs::create_dir_all(&self.out).with_context(|| format!("creating {}", self.out.display()))?;
+        Ok((self.out.join(format!("{name}.json")), self.out.join(format!("{name}.svg"))))
+    }
+}
+
+/// Appends `next` to `acc`, shifted to start at the end of `acc`, and
+/// returns the offset (s) it was placed at: consecutive runs as one picture.
+pub fn append_timeline(acc: &mut Vec<Second>, next: &[Second]) -> f64 {
+    let offset = acc.len() as u64;
+    acc.extend(next.iter().map(|s| Second { t: s.t + offset, ..s.clone() }));
+    offset as f64
+}
