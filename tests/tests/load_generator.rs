@@ -209,6 +209,49 @@ fn fault_scenario_kill_fails_only_the_victims_requests() {
     assert_eq!(counts(&summary["status_counts"]).values().sum::<u64>(), sent);
 }
 
+/// A stopped node never answers: its requests must still end at their
+/// deadline, counted as DEADLINE_EXCEEDED, and the run must end by itself.
+#[test]
+fn fault_scenario_stop_ends_the_victims_requests_at_their_deadline() {
+    let dir = scratch_dir("stop");
+    let started = std::time::Instant::now();
+    let out = mesh_bench(&[
+        "scenario",
+        "fault",
+        "--fault",
+        "stop",
+        "--nodes",
+        "2",
+        "--rate",
+        "20",
+        "--duration",
+        "2s",
+        "--at",
+        "500ms",
+        "--deadline",
+        "1s",
+        "--max-tokens",
+        "5",
+        "--quiet",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Load 2 s, the last deadline 1 s later, plus start-up: well under 10 s.
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("fault-stop.json")).unwrap()).unwrap();
+    assert_eq!(report["load"]["marks"][0]["label"], "SIGSTOP node 1");
+    let per_target = report["per_target"].as_array().unwrap();
+    let after = counts(&per_target[1]["sent_after_fault"]);
+    assert_eq!(after.keys().collect::<Vec<_>>(), vec!["DEADLINE_EXCEEDED"], "{after:?}");
+    assert!(after["DEADLINE_EXCEEDED"] >= 5, "{after:?}");
+    assert_eq!(counts(&per_target[0]["sent_after_fault"]).keys().collect::<Vec<_>>(), vec!["OK"]);
+    let summary = &report["load"]["summary"];
+    assert_eq!(summary["goodput"]["requests"], summary["status_counts"]["OK"]);
+    // Nothing outlived its deadline by more than scheduling noise.
+    assert!(summary["elapsed_s"].as_f64().unwrap() < 2.0 + 1.0 + 0.5, "{}", summary["elapsed_s"]);
+}
+
 #[test]
 fn baseline_scenario_finds_the_step_where_refusals_start() {
     let dir = scratch_dir("baseline");

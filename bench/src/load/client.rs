@@ -57,6 +57,11 @@ pub(crate) async fn send(
     let total = sent.elapsed();
     let (status, retry_after_ms) = match streamed {
         Err(_elapsed) => (Status::Grpc(Code::DeadlineExceeded), None),
+        // tonic's client applies `grpc-timeout` to the wait for response
+        // headers itself and reports its expiry as CANCELLED ("Timeout
+        // expired"); a request that ran out of time is DEADLINE_EXCEEDED here
+        // whichever timer noticed first.
+        Ok(Err(e)) if e.code() == Code::Cancelled && total >= deadline => (Status::Grpc(Code::DeadlineExceeded), None),
         Ok(Err(e)) => (Status::Grpc(e.code()), retry_after(&e)),
         Ok(Ok(())) if finish == FinishReason::Unspecified => (Status::Incomplete, None),
         Ok(Ok(())) => (Status::Grpc(Code::Ok), None),

@@ -97,6 +97,6 @@ fn panel(
         chart.draw_series(std::iter::once(PathElement::new(vec![(m.at_s, 0.0), (m.at_s, y_max)], style)))?;
         chart.draw_series(std::iter::once(Text::new(m.label.clone(), (m.at_s, y_max * 0.97), ("sans-serif", 12))))?;
     }
-    chart.configure_series_labels().position(SeriesLabelPosition::UpperLeft).border_style(BLACK).draw()?;
+    chart.configure_series_labels().position(SeriesLabelPosition::UpperRight).border_style(BLACK).draw()?;
     Ok(())
 }

@@ -1,11 +1,12 @@
 //! The report of a run: what was asked, what happened, and the marks (faults,
 //! load steps) to draw on the plot. Rendered as a table or JSON.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use serde::Serialize;
 
-use super::engine::{Arrival, LoadSpec};
+use super::engine::{Arrival, LoadSpec, MAX_REQUESTS};
 use super::stats::{Latency, Summary};
 
 /// The run's parameters, as the report shows them.
@@ -77,14 +78,17 @@ impl Report {
         };
         let mut t = String::new();
         let _ = writeln!(t, "{}", self.title);
+        let cap = match sp.max_requests < MAX_REQUESTS {
+            true => format!(" (at most {} requests)", sp.max_requests),
+            false => String::new(),
+        };
         let _ = writeln!(
             t,
-            "  load         {load} for {:.1} s (at most {} requests), deadline {:.1} s, prompt words {}, max_tokens {}",
-            sp.duration_s, sp.max_requests, sp.deadline_s, sp.prompt_words, sp.max_tokens
+            "  load         {load} for {:.1} s{cap}, deadline {:.1} s, prompt words {}, max_tokens {}",
+            sp.duration_s, sp.deadline_s, sp.prompt_words, sp.max_tokens
         );
         let _ = writeln!(t, "  targets      {}", sp.targets.join(", "));
-        let statuses: Vec<String> = s.status_counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
-        let _ = writeln!(t, "  requests     {} sent in {:.2} s: {}", s.sent, s.elapsed_s, statuses.join(", "));
+        let _ = writeln!(t, "  requests     {} sent in {:.2} s: {}", s.sent, s.elapsed_s, counts(&s.status_counts));
         let _ = writeln!(t, "  {:<12} {}", "TTFT", latency(&s.ttft));
         let _ = writeln!(t, "  {:<12} {}", "inter-token", latency(&s.inter_token));
         let _ = writeln!(t, "  {:<12} {}", "OK duration", latency(&s.ok_total_time));
@@ -99,6 +103,12 @@ impl Report {
         }
         t
     }
+}
+
+/// `OK 12, RESOURCE_EXHAUSTED 3`.
+pub fn counts(c: &BTreeMap<String, u64>) -> String {
+    let parts: Vec<String> = c.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    if parts.is_empty() { "none".into() } else { parts.join(", ") }
 }
 
 fn latency(l: &Latency) -> String {

@@ -21,7 +21,7 @@ use super::baseline::measure;
 use super::nodes::{NodeArgs, NodeSet};
 use crate::load::cli::parse_duration;
 use crate::load::progress::run_with_progress;
-use crate::load::report::SpecEcho;
+use crate::load::report::{SpecEcho, counts};
 use crate::load::{Arrival, Choices, Load, LoadSpec, MAX_REQUESTS, Mark, Mix, Report, RequestRecord, plot, summarize};
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,17 +101,19 @@ impl FaultReport {
         let mut t = self.load.table();
         for c in &self.per_target {
             t += &format!(
-                "  {}{}: before the fault {:?}; after {:?}\n",
+                "  {}{}: sent before the fault: {}; after: {}\n",
                 c.target,
                 if c.victim { " (victim)" } else { "" },
-                c.sent_before_fault,
-                c.sent_after_fault
+                counts(&c.sent_before_fault),
+                counts(&c.sent_after_fault)
             );
         }
         if let Some(f) = &self.flood {
             t += &format!(
-                "  flood: {} sent, {:?}, p99 TTFT {:.1} ms\n",
-                f.summary.sent, f.summary.status_counts, f.summary.ttft.p99_ms
+                "  flood        {} sent: {}; p99 TTFT {:.1} ms\n",
+                f.summary.sent,
+                counts(&f.summary.status_counts),
+                f.summary.ttft.p99_ms
             );
         }
         t + &format!("  report {}\n  plot   {}\n", self.json_path, self.svg_path)
