@@ -19,4 +19,6 @@ pub mod metadata {
     pub const LOAD_QUEUED: &str = "x-mesh-load-queued";
     /// On every `Generate` response: KV-cache tokens not yet committed to a request.
     pub const LOAD_KV_FREE: &str = "x-mesh-load-kv-free";
+    /// Requests wait in an inbound sidecar's queue (added to the node's own).
+    pub const SIDECAR_QUEUED: &str = "x-mesh-sidecar-queued";
 }

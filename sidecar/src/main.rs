@@ -1,0 +1,67 @@
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use sidecar::config::SidecarConfig;
+
+/// The mesh's sidecar: routes outbound calls, gates inbound ones.
+#[derive(Parser)]
+#[command(name = "mesh-sidecar", version)]
+struct Cli {
+    /// The TOML configuration file.
+    #[arg(long, env = "MESH_SIDECAR_CONFIG")]
+    config: PathBuf,
+    /// Overrides `listen.outbound`.
+    #[arg(long, env = "MESH_SIDECAR_OUTBOUND")]
+    outbound: Option<std::net::SocketAddr>,
+    /// Overrides `listen.inbound`.
+    #[arg(long, env = "MESH_SIDECAR_INBOUND")]
+    inbound: Option<std::net::SocketAddr>,
+    /// Overrides `etcd.endpoints` (comma-separated).
+    #[arg(long, env = "MESH_SIDECAR_ETCD", value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// Overrides `node.address`.
+    #[arg(long, env = "MESH_SIDECAR_NODE")]
+    node: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let cli = Cli::parse();
+    let cfg = match SidecarConfig::load(&cli.config).map(|c| apply(c, &cli)) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("bad configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match sidecar::server::run(cfg).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("sidecar failed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn apply(mut cfg: SidecarConfig, cli: &Cli) -> SidecarConfig {
+    if let Some(a) = cli.outbound {
+        cfg.listen.outbound = a;
+    }
+    if let Some(a) = cli.inbound {
+        cfg.listen.inbound = a;
+    }
+    if !cli.etcd.is_empty() {
+        cfg.etcd.endpoints = cli.etcd.clone();
+    }
+    if let (Some(addr), Some(node)) = (&cli.node, cfg.node.as_mut()) {
+        node.address = addr.clone();
+    }
+    cfg
+}

@@ -1,0 +1,202 @@
+//! The instances of every service, kept in step with the registry, and the
+//! choice of one for each request: power of two choices over the load
+//! score (or round robin, for comparison), skipping ejected instances.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use rand::seq::IndexedRandom;
+use registry::View;
+
+use super::endpoint::{Endpoint, Outcome};
+use crate::config::{Outlier, Policy};
+
+type Instances = BTreeMap<String, Vec<Arc<Endpoint>>>;
+
+pub struct Balancer {
+    policy: Policy,
+    outlier: Outlier,
+    services: RwLock<Arc<Instances>>,
+    rr: AtomicUsize,
+}
+
+impl Balancer {
+    pub fn new(policy: Policy, outlier: Outlier) -> Self {
+        Self { policy, outlier, services: RwLock::new(Arc::default()), rr: AtomicUsize::new(0) }
+    }
+
+    pub fn outlier(&self) -> &Outlier {
+        &self.outlier
+    }
+
+    fn snapshot(&self) -> Arc<Instances> {
+        self.services.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Rebuilds the table from a registry view, keeping the state of
+    /// instances that did not change.
+    pub fn update(&self, view: &View) {
+        let old = self.snapshot();
+        let mut next: Instances = BTreeMap::new();
+        for rec in view.instances.values() {
+            let peers = old.get(&rec.service);
+            let same = peers.and_then(|p| p.iter().find(|e| e.record == *rec));
+            let ep = match same {
+                Some(e) => e.clone(),
+                None => {
+                    // Seed a newcomer with its peers' median TTFT.
+                    let mut ttfts: Vec<Duration> = peers.into_iter().flatten().map(|e| e.ewma_ttft()).collect();
+                    ttfts.sort();
+                    match Endpoint::new(rec.clone(), ttfts.get(ttfts.len() / 2).copied()) {
+                        Ok(e) => Arc::new(e),
+                        Err(e) => {
+                            tracing::warn!(address = %rec.address, error = %e, "skipping instance with a bad address");
+                            continue;
+                        }
+                    }
+                }
+            };
+            next.entry(rec.service.clone()).or_default().push(ep);
+        }
+        *self.services.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+    }
+
+    /// Whether the service has any instance at all.
+    pub fn knows(&self, service: &str) -> bool {
+        self.snapshot().get(service).is_some_and(|v| !v.is_empty())
+    }
+
+    pub fn all(&self) -> Vec<Arc<Endpoint>> {
+        self.snapshot().values().flatten().cloned().collect()
+    }
+
+    /// Picks an instance of `service` not in `exclude`, taking it (a
+    /// probation trial counts). `None` when none is available.
+    pub fn pick(&self, service: &str, exclude: &HashSet<String>) -> Option<Arc<Endpoint>> {
+        let services = self.snapshot();
+        let now = Instant::now();
+        let candidates: Vec<&Arc<Endpoint>> = services
+            .get(service)?
+            .iter()
+            .filter(|e| !exclude.contains(&e.record.instance_id) && e.is_available(now))
+            .collect();
+        let order: Vec<&Arc<Endpoint>> = match self.policy {
+            Policy::RoundRobin => {
+                let start = self.rr.fetch_add(1, Ordering::Relaxed);
+                (0..candidates.len()).map(|i| candidates[(start + i) % candidates.len()]).collect()
+            }
+            Policy::LeastLoaded => {
+                let mut two: Vec<&Arc<Endpoint>> = candidates.choose_multiple(&mut rand::rng(), 2).copied().collect();
+                two.sort_by(|a, b| a.load().total_cmp(&b.load()));
+                // The rest, in case both lose a race for a probation trial.
+                let rest: Vec<&Arc<Endpoint>> =
+                    candidates.iter().filter(|c| !two.iter().any(|t| Arc::ptr_eq(t, c))).copied().collect();
+                two.extend(rest);
+                two
+            }
+        };
+        let chosen = order.into_iter().find(|e| e.try_admit(now))?;
+        tracing::debug!(instance = %chosen.record.instance_id, load = chosen.load(), "picked");
+        Some(chosen.clone())
+    }
+
+    /// Records an attempt's outcome and ejects the instance if it asks for
+    /// it and the service's ejection budget allows.
+    pub fn record(&self, ep: &Endpoint, outcome: Outcome, why: &str) {
+        let now = Instant::now();
+        if ep.record(outcome, &self.outlier, now) {
+            self.eject_if_allowed(
+                ep,
+                format!("{} consecutive failures; last: {why}", self.outlier.consecutive_failures),
+                now,
+            );
+        }
+    }
+
+    fn eject_if_allowed(&self, ep: &Endpoint, reason: String, now: Instant) {
+        let services = self.snapshot();
+        let Some(peers) = services.get(&ep.record.service) else { return };
+        let ejected = peers.iter().filter(|e| e.is_ejected()).count();
+        let allowed = (peers.len() * self.outlier.max_ejected_percent as usize / 100).min(peers.len() - 1);
+        if ejected < allowed {
+            ep.eject(reason, &self.outlier, now);
+        } else {
+            tracing::warn!(instance = %ep.record.instance_id, ejected, allowed, "not ejecting: ejection budget spent");
+        }
+    }
+
+    /// The success-rate check: an instance far below its peers' mean is
+    /// ejected. Run periodically.
+    pub fn check_success_rates(&self) {
+        let now = Instant::now();
+        for peers in self.snapshot().values() {
+            let rates: Vec<(&Arc<Endpoint>, f64)> =
+                peers.iter().filter_map(|e| e.success_rate(&self.outlier, now).map(|r| (e, r))).collect();
+            if rates.len() < 2 {
+                continue;
+            }
+            let mean = rates.iter().map(|(_, r)| r).sum::<f64>() / rates.len() as f64;
+            for (ep, rate) in rates {
+                if rate < mean - self.outlier.success_rate_margin && !ep.is_ejected() {
+                    let reason = format!("success rate {:.0}% against a mean of {:.0}%", rate * 100.0, mean * 100.0);
+                    self.eject_if_allowed(ep, reason, now);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use registry::InstanceRecord;
+
+    use super::*;
+
+    fn view(n: usize) -> View {
+        let instances = (0..n)
+            .map(|i| {
+                let r = InstanceRecord::new("chat", format!("i{i}"), format!("127.0.0.1:{}", 9000 + i));
+                (("chat".to_string(), r.instance_id.clone()), r)
+            })
+            .collect();
+        View { instances, etcd_reachable: true, synced_at: None }
+    }
+
+    #[tokio::test]
+    async fn least_loaded_avoids_the_busy_instance() {
+        let b = Balancer::new(Policy::LeastLoaded, Outlier::default());
+        b.update(&view(2));
+        let busy = b.pick("chat", &HashSet::new()).unwrap();
+        let _streams: Vec<_> = (0..10).map(|_| busy.start()).collect();
+        for _ in 0..20 {
+            let e = b.pick("chat", &HashSet::new()).unwrap();
+            assert_ne!(e.record.instance_id, busy.record.instance_id);
+        }
+    }
+
+    #[tokio::test]
+    async fn never_ejects_every_instance() {
+        let cfg = Outlier { consecutive_failures: 1, max_ejected_percent: 100, ..Default::default() };
+        let b = Balancer::new(Policy::RoundRobin, cfg);
+        b.update(&view(2));
+        for e in b.all() {
+            b.record(&e, Outcome::Failure, "boom");
+        }
+        assert_eq!(b.all().iter().filter(|e| e.is_ejected()).count(), 1);
+        assert!(b.pick("chat", &HashSet::new()).is_some());
+    }
+
+    #[tokio::test]
+    async fn updates_keep_state_of_unchanged_instances() {
+        let b = Balancer::new(Policy::RoundRobin, Outlier::default());
+        b.update(&view(2));
+        let e = b.pick("chat", &HashSet::new()).unwrap();
+        e.observe_ttft(Duration::from_secs(3));
+        b.update(&view(3));
+        let same = b.all().into_iter().find(|x| x.record == e.record).unwrap();
+        assert!(Arc::ptr_eq(&same, &e));
+        assert_eq!(b.all().len(), 3);
+    }
+}

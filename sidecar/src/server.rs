@@ -1,0 +1,183 @@
+//! Wiring: registry, balancer, the outbound and inbound servers, health,
+//! registration, and the drain on SIGTERM.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_proto::v1::generation_server::GenerationServer;
+use mesh_proto::v1::sidecar_admin_server::SidecarAdminServer;
+use registry::{EtcdRegistry, Registry};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Channel, Endpoint, Server};
+use tonic_health::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::{HealthCheckRequest, health_check_response};
+use tonic_health::server::HealthReporter;
+
+use crate::admin::Admin;
+use crate::config::{ServiceLimits, SidecarConfig};
+use crate::inbound::bulkhead::Bulkhead;
+use crate::inbound::tenants::Tenants;
+use crate::inbound::{Inbound, InboundService};
+use crate::outbound::balancer::Balancer;
+use crate::outbound::{Outbound, OutboundService, health};
+use crate::registration;
+
+const GENERATION: &str = "mesh.v1.Generation";
+
+pub async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
+    let registry = EtcdRegistry::start(cfg.etcd())?;
+    let balancer = Arc::new(Balancer::new(cfg.routing.policy, cfg.outlier.clone()));
+    let mut view = registry.watch();
+    let sync = balancer.clone();
+    tokio::spawn(async move {
+        loop {
+            sync.update(&view.borrow_and_update());
+            if view.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    health::spawn(balancer.clone());
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let outbound = Outbound::new(balancer.clone(), cfg.routing.clone());
+    let admin = Admin { balancer, view: registry.watch() };
+    let out_listener = TcpListener::bind(cfg.listen.outbound).await?;
+    tracing::info!("outbound listening on {}", out_listener.local_addr()?);
+    let out_server = tokio::spawn(serve_outbound(out_listener, outbound, admin, stop_rx.clone()));
+
+    let inbound = match &cfg.node {
+        Some(node) => Some(start_inbound(&cfg, node, &registry, stop_rx.clone()).await?),
+        None => None,
+    };
+
+    shutdown_signal().await;
+    tracing::info!("draining");
+    registry.shutdown().await.ok(); // our records vanish from every watcher at once
+    if let Some((inbound, reporter, bulkhead)) = &inbound {
+        inbound.drain();
+        set_health(reporter, ServingStatus::NotServing).await;
+        let drained = tokio::time::timeout(cfg.drain_grace, async {
+            while bulkhead.in_use() > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        if drained.await.is_err() {
+            tracing::warn!("drain grace expired with streams still open");
+        }
+    }
+    let _ = stop_tx.send(true);
+    let _ = out_server.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn serve_outbound(
+    listener: TcpListener,
+    outbound: Arc<Outbound>,
+    admin: Admin,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), tonic::transport::Error> {
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    set_health(&reporter, ServingStatus::Serving).await;
+    Server::builder()
+        .add_service(health_service)
+        .add_service(reflection())
+        .add_service(SidecarAdminServer::new(admin))
+        .add_service(GenerationServer::new(OutboundService(outbound)))
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener), async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await
+}
+
+/// Starts the inbound server in front of the node and registers it.
+async fn start_inbound(
+    cfg: &SidecarConfig,
+    node: &crate::config::NodeSection,
+    registry: &EtcdRegistry,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<(Arc<Inbound>, HealthReporter, Arc<Bulkhead>)> {
+    let channel = Endpoint::from_shared(format!("http://{}", node.address))?
+        .connect_timeout(Duration::from_secs(1))
+        .tcp_nodelay(true)
+        .connect_lazy();
+    let model = registration::node_model(channel.clone()).await;
+    let service = node.service.clone().unwrap_or_else(|| model.name.clone());
+    let limits = cfg.services.iter().find(|s| s.name == service).cloned().unwrap_or_else(|| ServiceLimits {
+        name: service.clone(),
+        max_concurrency: model.max_running.max(1) as usize,
+        max_queue: 2 * model.max_running.max(1) as usize,
+        max_queue_wait: Duration::from_secs(5),
+    });
+    let bulkhead = Bulkhead::new(limits);
+    let inbound = Inbound::new(service.clone(), channel.clone(), bulkhead.clone(), Tenants::new(cfg.tenants.clone()));
+    let listener = TcpListener::bind(cfg.listen.inbound).await?;
+    let bound: SocketAddr = listener.local_addr()?;
+    tracing::info!("inbound listening on {bound}");
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    set_health(&reporter, ServingStatus::Serving).await;
+    tokio::spawn(mirror_node_health(channel, reporter.clone(), stop.clone()));
+    let svc = InboundService(inbound.clone());
+    tokio::spawn(async move {
+        Server::builder()
+            .add_service(health_service)
+            .add_service(reflection())
+            .add_service(GenerationServer::new(svc))
+            .serve_with_incoming_shutdown(TcpIncoming::from(listener), async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    let advertise = cfg.listen.advertise.clone().unwrap_or_else(|| bound.to_string());
+    registry.register(registration::record(node, &model, &service, &advertise)).await?;
+    tracing::info!(%service, %advertise, "registered");
+    Ok((inbound, reporter, bulkhead))
+}
+
+/// The inbound side is healthy exactly when its node is.
+async fn mirror_node_health(node: Channel, reporter: HealthReporter, stop: watch::Receiver<bool>) {
+    let mut client = HealthClient::new(node);
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    while !*stop.borrow() {
+        tick.tick().await;
+        let req = HealthCheckRequest { service: GENERATION.into() };
+        let serving = matches!(
+            tokio::time::timeout(Duration::from_millis(400), client.check(req)).await,
+            Ok(Ok(r)) if r.get_ref().status() == health_check_response::ServingStatus::Serving
+        );
+        let status = if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
+        set_health(&reporter, status).await;
+    }
+}
+
+async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
+    reporter.set_service_status("", status).await;
+    reporter.set_service_status(GENERATION, status).await;
+}
+
+fn reflection()
+-> tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(mesh_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the embedded descriptor sets are valid")
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => tracing::error!("cannot listen for signals; stopping"),
+    }
+}
