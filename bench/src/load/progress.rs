@@ -37,12 +37,14 @@ pub async fn run_with_progress(load: &Load, show: bool, label: &str) -> Result<R
                 let rate = if dt > 0.0 { (tokens - last_tokens) as f64 / dt } else { 0.0 };
                 (last_tokens, last_at) = (tokens, Instant::now());
                 bar.set_position(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX).min(total_ms));
-                bar.set_message(format!(
-                    "sent {}  ok {}  failed {}  {:.0} tokens/s",
+                let (sent, ok, failed) = (
                     live.sent.load(Ordering::Relaxed),
                     live.ok.load(Ordering::Relaxed),
                     live.failed.load(Ordering::Relaxed),
-                    rate,
+                );
+                let in_flight = sent.saturating_sub(ok + failed);
+                bar.set_message(format!(
+                    "sent {sent}  in flight {in_flight}  ok {ok}  failed {failed}  {rate:.0} tokens/s"
                 ));
             }
         }
