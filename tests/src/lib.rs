@@ -15,6 +15,7 @@ use tokio::process::{Child, Command};
 use tonic::transport::Channel;
 
 pub mod etcd;
+pub mod mesh;
 pub mod proxy;
 
 /// A port that was free a moment ago (bound to 127.0.0.1:0, then released).
