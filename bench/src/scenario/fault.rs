@@ -6,9 +6,9 @@
 //! - `flood`: an extra open-loop load at `--flood-rate` on that node only,
 //!   as one hot tenant or service; the victim's other callers see its effect.
 //!
-//! There is no sidecar yet, so nothing routes around the fault: the report
-//! shows what callers of unprotected nodes see. Once the sidecar exists, the
-//! same scenario through it is the measure of what the mesh buys.
+//! The runner does not start sidecars yet, so nothing routes around the
+//! fault: the report shows what callers of unprotected nodes see. The same
+//! scenario through sidecars will be the measure of what the mesh buys.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

@@ -1,5 +1,5 @@
 //! The scenario runner: `mesh-bench scenario <name>` brings up what the
-//! scenario needs (nodes now; etcd and sidecars once they exist), runs load,
+//! scenario needs (nodes now; etcd and sidecars once it starts them), runs load,
 //! injects the scenario's fault at a set time, and writes the report (JSON
 //! and an SVG plot) under `--out`.
 //!
@@ -28,7 +28,8 @@ pub enum Scenario {
     /// time, and show what callers saw.
     Fault(fault::Args),
     /// The same load direct to the nodes and through the sidecars, to measure
-    /// what the mesh costs and buys. Needs the sidecar, which is not built yet.
+    /// what the mesh costs and buys. Needs the runner to start etcd and
+    /// sidecars, which it does not do yet.
     DirectVsMesh,
 }
 
@@ -38,9 +39,10 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<()> {
             Scenario::Baseline(args) => baseline::run(args).await.map(|_| ()),
             Scenario::Fault(args) => fault::run(args).await.map(|_| ()),
             Scenario::DirectVsMesh => anyhow::bail!(
-                "direct-vs-mesh needs the sidecar (DESIGN.md, `sidecar/`), which does not exist yet. When it does: \
-                 start a sidecar beside each node in scenario/nodes.rs, then run one LoadSpec against the nodes' \
-                 addresses and the same LoadSpec against a sidecar, and report both summaries side by side."
+                "direct-vs-mesh is not implemented: it needs the runner to start etcd and a `mesh-sidecar` beside each \
+                 node (scenario/nodes.rs starts nodes only). The place for it: start them there, run one LoadSpec \
+                 against the nodes' addresses and the same LoadSpec against a client sidecar, and report both \
+                 summaries side by side."
             ),
         }
     };
