@@ -6,7 +6,9 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use mesh_proto::v1::InstancesRequest;
 use mesh_proto::v1::generation_client::GenerationClient;
+use mesh_proto::v1::sidecar_admin_client::SidecarAdminClient;
 use mesh_proto::v1::{
     ChatMessage, ChatMessages, FinishReason, GenerateRequest, ListModelsRequest, SamplingParams,
     generate_request::Input,
@@ -44,10 +46,14 @@ enum Command {
     },
     /// List the models a server serves, with their limits.
     Models,
-    /// Services, instances and their records, read from etcd.
+    /// Services, instances and their records, read from etcd; with
+    /// `--sidecar`, that sidecar's live view (load, in-flight, ejections).
     Status {
         #[command(flatten)]
         etcd: EtcdArgs,
+        /// A sidecar's outbound address, e.g. http://127.0.0.1:7100.
+        #[arg(long)]
+        sidecar: Option<String>,
         /// Print JSON (one array of records) for scripts.
         #[arg(long)]
         json: bool,
@@ -112,7 +118,10 @@ async fn main() -> anyhow::Result<()> {
         GenerationClient::connect(cli.addr.clone()).await.with_context(|| format!("connecting to {}", cli.addr))
     };
     match cli.command {
-        Command::Status { ref etcd, json } => status(&etcd.config(), json).await?,
+        Command::Status { ref sidecar, json, .. } if sidecar.is_some() => {
+            sidecar_status(sidecar.as_deref().unwrap_or_default(), json).await?
+        }
+        Command::Status { ref etcd, json, .. } => status(&etcd.config(), json).await?,
         Command::Register { ref etcd, ref service, ref instance, ref address, weight } => {
             let mut rec = InstanceRecord::new(service, instance, address);
             rec.weight = weight;
@@ -196,5 +205,43 @@ async fn register(config: EtcdConfig, record: InstanceRecord) -> anyhow::Result<
         _ = tokio::signal::ctrl_c() => {}
     }
     registry.shutdown().await?;
+    Ok(())
+}
+
+async fn sidecar_status(addr: &str, json: bool) -> anyhow::Result<()> {
+    let mut admin =
+        SidecarAdminClient::connect(addr.to_string()).await.with_context(|| format!("connecting to {addr}"))?;
+    let view = admin.instances(InstancesRequest {}).await?.into_inner();
+    if json {
+        let rows: Vec<serde_json::Value> = view
+            .instances
+            .iter()
+            .map(|i| {
+                serde_json::json!({
+                    "service": i.service, "instance_id": i.instance_id, "address": i.address,
+                    "weight": i.weight, "in_flight": i.in_flight, "ewma_ttft_ms": i.ewma_ttft_ms,
+                    "reported_queued": i.reported_queued, "ejected": i.ejected,
+                    "ejected_reason": i.ejected_reason, "ejected_for_ms": i.ejected_for_ms,
+                })
+            })
+            .collect();
+        let out = serde_json::json!({ "etcd_reachable": view.etcd_reachable, "instances": rows });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    if !view.etcd_reachable {
+        println!("etcd unreachable: routing on the last view");
+    }
+    for i in &view.instances {
+        let state = match (i.ejected, i.ejected_reason.is_empty()) {
+            (true, _) => format!("EJECTED {} ms: {}", i.ejected_for_ms, i.ejected_reason),
+            (false, false) => i.ejected_reason.clone(),
+            (false, true) => "ok".into(),
+        };
+        println!(
+            "{:<12} {:<22} in_flight={:<3} queued={:<3} ttft={:>7.1}ms weight={} {state}",
+            i.service, i.instance_id, i.in_flight, i.reported_queued, i.ewma_ttft_ms, i.weight
+        );
+    }
     Ok(())
 }

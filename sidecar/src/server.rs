@@ -135,7 +135,7 @@ async fn start_inbound(
     });
     let advertise = cfg.listen.advertise.clone().unwrap_or_else(|| bound.to_string());
     registry.register(registration::record(node, &model, &service, &advertise)).await?;
-    tracing::info!(%service, %advertise, "registered");
+    tracing::info!(%service, %advertise, "node registered in the mesh");
     Ok((inbound, reporter, bulkhead))
 }
 

@@ -69,7 +69,7 @@ impl SidecarProcess {
                     inbound = a.trim().parse().ok();
                 }
                 let done = match node {
-                    Some(_) => line.contains("registered"),
+                    Some(_) => line.contains("node registered in the mesh"),
                     None => outbound.is_some(),
                 };
                 if done {

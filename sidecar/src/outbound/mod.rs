@@ -28,7 +28,9 @@ use endpoint::{Endpoint, InFlight, Outcome};
 
 pub struct Outbound {
     balancer: Arc<Balancer>,
-    budget: RetryBudget,
+    /// One retry budget per service, so one failing service cannot spend
+    /// the retries another needs.
+    budgets: std::sync::Mutex<std::collections::HashMap<String, Arc<RetryBudget>>>,
     routing: Routing,
 }
 
@@ -57,8 +59,14 @@ fn retryable(status: &Status) -> bool {
 
 impl Outbound {
     pub fn new(balancer: Arc<Balancer>, routing: Routing) -> Arc<Self> {
-        let budget = RetryBudget::new(routing.retry_ratio, routing.retry_floor_per_sec);
-        Arc::new(Self { balancer, budget, routing })
+        Arc::new(Self { balancer, budgets: Default::default(), routing })
+    }
+
+    /// The service's retry budget (services are only those in the registry).
+    fn budget(&self, service: &str) -> Arc<RetryBudget> {
+        let mut all = self.budgets.lock().unwrap_or_else(|p| p.into_inner());
+        let (ratio, floor) = (self.routing.retry_ratio, self.routing.retry_floor_per_sec);
+        all.entry(service.to_string()).or_insert_with(|| Arc::new(RetryBudget::new(ratio, floor))).clone()
     }
 
     /// Opens a stream on some instance and waits for its first message,
@@ -126,7 +134,7 @@ impl Outbound {
                 }
             };
             tracing::debug!(instance = %ep.record.instance_id, code = ?status.code(), "attempt failed");
-            if !self.budget.try_withdraw(Instant::now()) {
+            if !self.budget(service).try_withdraw(Instant::now()) {
                 return Err(Status::with_metadata(
                     status.code(),
                     format!("{} (retry budget spent, not retrying)", status.message()),
@@ -181,7 +189,7 @@ impl Outbound {
             self.balancer.record(&attempt.ep, outcome, status.message());
             let can_move = outcome == Outcome::Failure
                 && migrations < self.routing.max_migrations
-                && self.budget.try_withdraw(Instant::now());
+                && self.budget(&req.model).try_withdraw(Instant::now());
             if !can_move {
                 let _ = tx.send(Err(status)).await;
                 return;
@@ -246,7 +254,7 @@ impl Generation for OutboundService {
         if !self.0.balancer.knows(&req.model) {
             return Err(Status::not_found(format!("no instances of service {:?} are registered", req.model)));
         }
-        self.0.budget.deposit(now);
+        self.0.budget(&req.model).deposit(now);
         let (attempt, first) = self.0.open(&req, &[], deadline, &mut HashSet::new()).await?;
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(self.0.clone().relay(req, deadline, attempt, first, tx));

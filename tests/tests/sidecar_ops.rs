@@ -1,0 +1,89 @@
+//! Operating sidecars: a graceful stop deregisters and drains; meshctl
+//! shows a sidecar's live view of every instance.
+
+use std::time::{Duration, Instant};
+
+use mesh_proto::v1::{FinishReason, GenerateRequest};
+use mesh_tests::etcd::Etcd;
+use mesh_tests::mesh::{SidecarProcess, signal};
+use mesh_tests::{NodeProcess, bin_dir, generate, prompt_request};
+
+fn chat(max_tokens: u32) -> GenerateRequest {
+    GenerateRequest { model: "chat".into(), ..prompt_request("ops", max_tokens) }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_deregisters_at_once_finishes_streams_and_exits_zero() {
+    let etcd = Etcd::start().await;
+    let mut nodes = Vec::new();
+    let mut inbound = Vec::new();
+    for _ in 0..2 {
+        let n =
+            NodeProcess::start(&["--backend", "synthetic", "--model-name", "chat", "--synthetic-tokens-per-sec", "20"])
+                .await;
+        inbound.push(SidecarProcess::start(&etcd, Some(&n), "").await);
+        nodes.push(n);
+    }
+    let client = SidecarProcess::start(&etcd, None, "").await;
+    client.wait_for_instances("chat", 2).await;
+    let mut streams = Vec::new();
+    for _ in 0..6 {
+        let mut c = client.client().await;
+        streams.push(tokio::spawn(async move { generate(&mut c, chat(30)).await }));
+    }
+    while client.instances().await.iter().map(|i| i.in_flight).sum::<u32>() < 6 {
+        tokio::task::yield_now().await;
+    }
+
+    signal(&inbound[0].child, "TERM");
+    let stopped = Instant::now();
+    client.wait_for_instances("chat", 1).await;
+    let gone = stopped.elapsed();
+    eprintln!("SIGTERM to the instance leaving the client's view: {gone:?}");
+    assert!(gone < Duration::from_secs(1), "deregistration took {gone:?} (lease TTL is 2 s)");
+    // New work goes to the remaining instance.
+    assert_eq!(generate(&mut client.client().await, chat(3)).await.unwrap().token_ids.len(), 3);
+    for s in streams {
+        let out = s.await.unwrap().expect("in-flight streams finish during the drain");
+        assert_eq!((out.finish_reason, out.token_ids.len()), (FinishReason::Length as i32, 30));
+    }
+    let status = tokio::time::timeout(Duration::from_secs(10), inbound[0].child.wait()).await.unwrap().unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn meshctl_shows_load_and_ejections_of_a_sidecar() {
+    let etcd = Etcd::start().await;
+    let config = "[outlier]\nconsecutive_failures = 2\nhealth_interval = \"200ms\"\n";
+    let mut nodes = Vec::new();
+    let mut inbound = Vec::new();
+    for _ in 0..2 {
+        let n = NodeProcess::start(&["--backend", "synthetic", "--model-name", "chat"]).await;
+        inbound.push(SidecarProcess::start(&etcd, Some(&n), config).await);
+        nodes.push(n);
+    }
+    let client = SidecarProcess::start(&etcd, None, config).await;
+    client.wait_for_instances("chat", 2).await;
+    nodes[1].child.start_kill().unwrap();
+    let dead = inbound[1].inbound.unwrap().to_string();
+    let json = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let _ = generate(&mut client.client().await, chat(2)).await;
+            let out = tokio::process::Command::new(bin_dir().join("meshctl"))
+                .args(["status", "--json", "--sidecar", &format!("http://{}", client.outbound)])
+                .output()
+                .await
+                .unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let text = String::from_utf8(out.stdout).unwrap();
+            if text.contains("\"ejected\": true") {
+                return text;
+            }
+        }
+    })
+    .await
+    .expect("meshctl shows the ejection");
+    assert!(json.contains(&format!("\"instance_id\": \"{dead}\"")), "{json}");
+    assert!(json.contains("consecutive failures") || json.contains("health probe"), "{json}");
+    assert!(json.contains("\"etcd_reachable\": true"), "{json}");
+}
