@@ -87,3 +87,67 @@ async fn meshctl_shows_load_and_ejections_of_a_sidecar() {
     assert!(json.contains("consecutive failures") || json.contains("health probe"), "{json}");
     assert!(json.contains("\"etcd_reachable\": true"), "{json}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn caller_cancellation_reaches_the_node_at_once() {
+    let etcd = Etcd::start().await;
+    let node =
+        NodeProcess::start(&["--backend", "synthetic", "--model-name", "chat", "--synthetic-tokens-per-sec", "20"])
+            .await;
+    let _inbound = SidecarProcess::start(&etcd, Some(&node), "").await;
+    let client = SidecarProcess::start(&etcd, None, "").await;
+    client.wait_for_instances("chat", 1).await;
+    let mut stream = client.client().await.generate(chat(1000)).await.unwrap().into_inner();
+    stream.message().await.unwrap().expect("streaming");
+    drop(stream);
+    let dropped = Instant::now();
+    let mut direct = node.client().await;
+    let freed = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            let r = direct.list_models(mesh_proto::v1::ListModelsRequest {}).await.unwrap();
+            if r.metadata().get(mesh_proto::metadata::LOAD_RUNNING).unwrap() == "0" {
+                return dropped.elapsed();
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the node's slot is freed");
+    eprintln!("caller cancel to the node freeing the slot: {freed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tenant_over_its_rate_is_refused_with_retry_after() {
+    let etcd = Etcd::start().await;
+    let node =
+        NodeProcess::start(&["--backend", "synthetic", "--model-name", "chat", "--synthetic-tokens-per-sec", "500"])
+            .await;
+    let limits = "[tenants.default]\nrequests_per_sec = 2.0\ntokens_per_min = 100000.0\n";
+    let _inbound = SidecarProcess::start(&etcd, Some(&node), limits).await;
+    let client = SidecarProcess::start(&etcd, None, "").await;
+    client.wait_for_instances("chat", 1).await;
+    let mut c = client.client().await;
+    let req = || GenerateRequest { tenant: "acme".into(), ..chat(2) };
+    generate(&mut c, req()).await.unwrap();
+    generate(&mut c, req()).await.unwrap();
+    let err = generate(&mut c, req()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+    assert!(err.message().contains("tenant \"acme\" is over its requests_per_sec limit of 2"), "{}", err.message());
+    let after: u64 = err.metadata().get("retry-after-ms").unwrap().to_str().unwrap().parse().unwrap();
+    assert!((1..=500).contains(&after), "retry after {after} ms");
+    // Another tenant has its own bucket.
+    generate(&mut c, GenerateRequest { tenant: "other".into(), ..chat(2) }).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_configuration_is_refused_naming_the_key() {
+    let path = std::env::temp_dir().join(format!("bad-sidecar-{}.toml", std::process::id()));
+    let text = "[listen]\noutbound = \"127.0.0.1:0\"\ninbound = \"127.0.0.1:0\"\n[etcd]\nendpoints = []\n";
+    std::fs::write(&path, text).unwrap();
+    let out =
+        tokio::process::Command::new(bin_dir().join("mesh-sidecar")).arg("--config").arg(&path).output().await.unwrap();
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(out.status.code(), Some(2));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("etcd.endpoints: needs at least one endpoint"), "{log}");
+}
