@@ -133,7 +133,7 @@ max_queue_wait = "1s"
 
     // A offered ten times its capacity (160 requests/s) while B runs the same.
     let flood_end = Instant::now() + Duration::from_secs(4);
-    let mut flood_client = client.client().await;
+    let flood_client = client.client().await;
     let flood = tokio::spawn(async move {
         let mut sent = Vec::new();
         while Instant::now() < flood_end {
@@ -145,7 +145,6 @@ max_queue_wait = "1s"
         for s in sent {
             codes.push(s.await.unwrap().0);
         }
-        let _ = &mut flood_client;
         codes
     });
     tokio::time::sleep(Duration::from_millis(500)).await; // the flood is on (a load step at a set time)

@@ -153,6 +153,7 @@ mod tests {
     use registry::InstanceRecord;
 
     use super::*;
+    use crate::outbound::endpoint::Health;
 
     fn view(n: usize) -> View {
         let instances = (0..n)
@@ -186,6 +187,26 @@ mod tests {
         }
         assert_eq!(b.all().iter().filter(|e| e.is_ejected()).count(), 1);
         assert!(b.pick("chat", &HashSet::new()).is_some());
+    }
+
+    #[tokio::test]
+    async fn success_rate_far_below_the_peers_ejects() {
+        let cfg = Outlier { consecutive_failures: 1000, success_rate_min_requests: 10, ..Default::default() };
+        let b = Balancer::new(Policy::RoundRobin, cfg);
+        b.update(&view(3));
+        let all = b.all();
+        for (i, e) in all.iter().enumerate() {
+            for n in 0..20 {
+                // i0 and i1 always succeed; i2 fails half the time.
+                let outcome = if i == 2 && n % 2 == 0 { Outcome::Failure } else { Outcome::Success };
+                b.record(e, outcome, "");
+            }
+        }
+        b.check_success_rates();
+        let ejected: Vec<&str> = all.iter().filter(|e| e.is_ejected()).map(|e| e.record.instance_id.as_str()).collect();
+        assert_eq!(ejected, vec!["i2"]);
+        let Health::Ejected { reason, .. } = all[2].health() else { unreachable!() };
+        assert!(reason.contains("success rate 50%"), "{reason}");
     }
 
     #[tokio::test]
