@@ -50,12 +50,19 @@ pub async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
     tracing::info!("outbound listening on {}", out_listener.local_addr()?);
     let out_server = tokio::spawn(serve_outbound(out_listener, outbound, admin, stop_rx.clone()));
 
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
     let inbound = match &cfg.node {
-        Some(node) => Some(start_inbound(&cfg, node, &registry, stop_rx.clone()).await?),
+        // A node that never comes up must not make the sidecar deaf to SIGTERM.
+        Some(node) => tokio::select! {
+            started = start_inbound(&cfg, node, &registry, stop_rx.clone()) => Some(started?),
+            _ = &mut signal => None,
+        },
         None => None,
     };
-
-    shutdown_signal().await;
+    if inbound.is_some() || cfg.node.is_none() {
+        signal.await;
+    }
     tracing::info!("draining");
     registry.shutdown().await.ok(); // our records vanish from every watcher at once
     if let Some((inbound, reporter, bulkhead)) = &inbound {

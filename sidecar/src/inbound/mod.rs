@@ -109,8 +109,10 @@ impl Generation for InboundService {
                 req.model, this.service
             )));
         }
-        let charge = req.sampling.as_ref().map_or(0, |s| s.max_tokens).max(1);
-        let charge = if charge <= 1 { DEFAULT_CHARGE } else { charge };
+        let charge = match req.sampling.as_ref().map_or(0, |s| s.max_tokens) {
+            0 => DEFAULT_CHARGE,
+            n => n,
+        };
         if let Err(over) = this.tenants.charge(&req.tenant, charge, now) {
             return Err(retry_status(
                 Code::ResourceExhausted,
