@@ -54,7 +54,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         max_step_tokens: 256,
         context_length: model.config().context_length,
     };
-    let scheduler = Scheduler::start(limits, Box::new(GgufBackend::new(Arc::new(model))), codec.clone());
+    let metrics = node::metrics::NodeMetrics::new("bench");
+    let scheduler = Scheduler::start(limits, Box::new(GgufBackend::new(Arc::new(model))), codec.clone(), metrics);
     let prompt = codec.encode(PROMPT)?;
 
     let single = decode_rate(&scheduler, &prompt, 1, args.tokens).await?;
@@ -92,6 +93,7 @@ fn greedy(prompt: &[u32], max_tokens: usize) -> Request {
         seed: 0,
         stop: vec![],
         priority: 1,
+        span: tracing::Span::none(),
     }
 }
 

@@ -66,6 +66,13 @@ pub struct NodeConfig {
     #[arg(long, env = "MESH_NODE_SYNTHETIC_TOKENS_PER_SEC", default_value_t = 50.0, value_parser = positive_f64)]
     pub synthetic_tokens_per_sec: f64,
 
+    /// Serve Prometheus metrics on this address (`/metrics`); port 0 picks one (logged).
+    #[arg(long, env = "MESH_NODE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    #[command(flatten)]
+    pub trace: telemetry::TraceArgs,
+
     /// Run the model on CUDA device N (needs a build with `--features cuda`).
     #[arg(long, env = "MESH_NODE_CUDA_DEVICE")]
     pub cuda_device: Option<usize>,

@@ -1,4 +1,3 @@
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -6,12 +5,14 @@ use node::config::NodeConfig;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
     let cfg = NodeConfig::parse();
+    let _telemetry = match telemetry::init("mesh-node", &cfg.trace) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("mesh-node: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     match node::server::run(cfg).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

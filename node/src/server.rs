@@ -13,6 +13,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::config::{BackendKind, NodeConfig};
+use crate::metrics::NodeMetrics;
 use crate::scheduler::Scheduler;
 use crate::served::ServedModel;
 use crate::service::GenerationService;
@@ -47,7 +48,14 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let model = load_model(&cfg)?;
     let limits = cfg.limits(model.context_length);
     tracing::info!(?limits, backend = model.kind, "starting engine");
-    let scheduler = Scheduler::start(limits, model.backend, model.codec.clone());
+    let metrics = NodeMetrics::new(&model.name);
+    if let Some(addr) = cfg.metrics_listen {
+        let mut registry = telemetry::metrics::Registry::default();
+        metrics.register(&mut registry);
+        let bound = telemetry::metrics::serve(addr, registry).await?;
+        tracing::info!("metrics on http://{bound}/metrics");
+    }
+    let scheduler = Scheduler::start(limits, model.backend, model.codec.clone(), metrics);
     let service = GenerationService::new(
         model.name,
         model.kind,

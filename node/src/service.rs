@@ -35,12 +35,23 @@ impl GenerationService {
     }
 }
 
-#[tonic::async_trait]
-impl Generation for GenerationService {
-    type GenerateStream = UnboundedReceiverStream<Reply>;
-
-    async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
+impl GenerationService {
+    /// Validates and admits a call, inside the request's span (which
+    /// continues the caller's trace).
+    fn admit(&self, request: Request<GenerateRequest>) -> Result<Response<UnboundedReceiverStream<Reply>>, Status> {
         let limits = self.scheduler.limits();
+        let span = tracing::info_span!(
+            "node.generate",
+            otel.kind = "server",
+            model = %self.model_name,
+            tenant = %request.get_ref().tenant,
+            priority = request.get_ref().priority,
+            request_id = %request.get_ref().request_id,
+            trace_id = tracing::field::Empty,
+        );
+        telemetry::propagation::continue_trace(&span, request.metadata());
+        span.record("trace_id", telemetry::propagation::trace_id(&span));
+        let _entered = span.enter();
         let rules = Rules {
             model_name: &self.model_name,
             context_length: limits.context_length,
@@ -49,12 +60,32 @@ impl Generation for GenerationService {
         };
         let request = request.into_inner();
         let request_id = request.request_id.clone();
-        let req = validate::check(request, &rules, self.codec.as_ref())?;
+        let mut req = validate::check(request, &rules, self.codec.as_ref()).inspect_err(|s| {
+            telemetry::propagation::record_status(&span, s);
+        })?;
         tracing::debug!(request_id, prompt_tokens = req.prompt.len(), max_tokens = req.max_tokens, "generate");
-        let (rx, load) = self.scheduler.submit(req).map_err(|e| refusal(&e, self.scheduler.load()))?;
+        req.span = span.clone();
+        let (rx, load) = self.scheduler.submit(req).map_err(|e| {
+            let status = refusal(&e, self.scheduler.load());
+            telemetry::propagation::record_status(&span, &status);
+            status
+        })?;
         let mut response = Response::new(UnboundedReceiverStream::new(rx));
         put_load(response.metadata_mut(), load);
         Ok(response)
+    }
+}
+
+#[tonic::async_trait]
+impl Generation for GenerationService {
+    type GenerateStream = UnboundedReceiverStream<Reply>;
+
+    async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
+        let result = self.admit(request);
+        if let Err(status) = &result {
+            self.scheduler.metrics().count(status.code());
+        }
+        result
     }
 
     async fn list_models(&self, _: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {

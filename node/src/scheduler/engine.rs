@@ -64,6 +64,7 @@ impl Engine {
             if !self.running.is_empty() {
                 self.step();
             }
+            self.shared.export_load();
         }
     }
 
@@ -75,10 +76,12 @@ impl Engine {
             }
             Command::CancelAll => {
                 for (seq, started) in std::mem::take(&mut self.running) {
+                    self.shared.metrics.count(tonic::Code::Ok);
                     self.leave(seq, Some(started), |s| s.finish(FinishReason::Cancelled));
                 }
                 for queue in std::mem::take(&mut self.waiting) {
                     for seq in queue {
+                        self.shared.metrics.count(tonic::Code::Ok);
                         self.leave(seq, None, |s| s.finish(FinishReason::Cancelled));
                     }
                 }
@@ -92,6 +95,7 @@ impl Engine {
             std::mem::take(&mut self.running).into_iter().partition(|(s, _)| s.is_abandoned());
         self.running = kept;
         for (seq, started) in gone {
+            self.shared.metrics.count(tonic::Code::Cancelled);
             self.leave(seq, Some(started), drop);
         }
         for p in 0..PRIORITIES {
@@ -99,6 +103,7 @@ impl Engine {
                 std::mem::take(&mut self.waiting[p]).into_iter().partition(|s| s.is_abandoned());
             self.waiting[p] = kept;
             for seq in gone {
+                self.shared.metrics.count(tonic::Code::Cancelled);
                 self.leave(seq, None, drop);
             }
         }
@@ -144,6 +149,7 @@ impl Engine {
                 prompt_len: seq.original_prompt_len(),
             });
         }
+        self.shared.metrics.batch_size.observe(steps.len() as f64);
         let result = self.backend.step(&steps);
         drop(steps);
         let logits = match result {
@@ -151,6 +157,7 @@ impl Engine {
             Err(e) => {
                 tracing::error!(error = %e, "forward step failed; failing its sequences");
                 for (seq, started) in std::mem::take(&mut self.running) {
+                    self.shared.metrics.count(tonic::Code::Internal);
                     self.leave(seq, Some(started), |s| s.fail(Status::internal(format!("model step failed: {e}"))));
                 }
                 return;
@@ -165,7 +172,7 @@ impl Engine {
                 continue;
             }
             let outcome = match logits.as_ref().map(|l| l.get(row)) {
-                Some(Ok(r)) => seq.sample(&r, self.codec.as_ref(), limits.context_length),
+                Some(Ok(r)) => seq.sample(&r, self.codec.as_ref(), limits.context_length, &self.shared.metrics),
                 Some(Err(e)) => Err(e.to_string()),
                 None => Err("backend returned no logits".into()),
             };
@@ -180,8 +187,14 @@ impl Engine {
         for (i, outcome) in finished {
             let (seq, started) = self.running.swap_remove(i);
             match outcome {
-                Ok(reason) => self.leave(seq, Some(started), |s| s.finish(reason)),
-                Err(e) => self.leave(seq, Some(started), |s| s.fail(Status::internal(format!("sampling failed: {e}")))),
+                Ok(reason) => {
+                    self.shared.metrics.count(tonic::Code::Ok);
+                    self.leave(seq, Some(started), |s| s.finish(reason))
+                }
+                Err(e) => {
+                    self.shared.metrics.count(tonic::Code::Internal);
+                    self.leave(seq, Some(started), |s| s.fail(Status::internal(format!("sampling failed: {e}"))))
+                }
             }
         }
     }

@@ -15,6 +15,7 @@ use candle_transformers::generation::Sampling;
 use tokio::sync::{mpsc::UnboundedReceiver, watch};
 
 use crate::backend::Backend;
+use crate::metrics::NodeMetrics;
 use crate::text::TextCodec;
 use engine::{Command, Engine};
 pub use sequence::Reply;
@@ -49,6 +50,8 @@ pub struct Request {
     pub stop: Vec<String>,
     /// 0 (low) to 2 (high); higher runs first.
     pub priority: usize,
+    /// The request's span; the engine adds queue, prefill and decode spans under it.
+    pub span: tracing::Span,
 }
 
 /// The load a node reports to its callers, for least-loaded routing.
@@ -94,6 +97,7 @@ struct Accounting {
 
 struct Shared {
     limits: Limits,
+    metrics: NodeMetrics,
     accounting: Mutex<Accounting>,
     /// Admitted count, watched by the drain.
     admitted: watch::Sender<usize>,
@@ -135,6 +139,14 @@ impl Shared {
     fn mark_running(&self) {
         self.lock().running += 1;
     }
+
+    /// Publishes the load gauges.
+    fn export_load(&self) {
+        let load = self.load(&self.lock());
+        self.metrics.running.set(load.running as i64);
+        self.metrics.queued.set(load.queued as i64);
+        self.metrics.kv_tokens_free.set(load.kv_free as i64);
+    }
 }
 
 #[derive(Clone)]
@@ -146,10 +158,11 @@ pub struct Scheduler {
 
 impl Scheduler {
     /// Starts the engine thread over `backend`.
-    pub fn start(limits: Limits, backend: Box<dyn Backend>, codec: Arc<dyn TextCodec>) -> Self {
+    pub fn start(limits: Limits, backend: Box<dyn Backend>, codec: Arc<dyn TextCodec>, metrics: NodeMetrics) -> Self {
         let (tx, rx) = mpsc::channel();
         let shared = Arc::new(Shared {
             limits,
+            metrics,
             accounting: Mutex::new(Accounting {
                 admitted: 0,
                 running: 0,
@@ -182,6 +195,10 @@ impl Scheduler {
 
     pub fn limits(&self) -> &Limits {
         &self.shared.limits
+    }
+
+    pub fn metrics(&self) -> &NodeMetrics {
+        &self.shared.metrics
     }
 
     pub fn load(&self) -> Load {

@@ -10,6 +10,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tonic::Status;
 
 use super::{Request, stop::StopMatcher};
+use crate::metrics::NodeMetrics;
 use crate::text::{IncrementalDecoder, TextCodec};
 
 pub type Reply = Result<GenerateResponse, Status>;
@@ -35,6 +36,11 @@ pub struct Sequence {
     admitted_at: Instant,
     started_at: Option<Instant>,
     first_token_at: Option<Instant>,
+    last_token_at: Option<Instant>,
+    /// The request's span, and the span of its current phase under it
+    /// (queue, then prefill, then decode).
+    span: tracing::Span,
+    phase: tracing::Span,
 }
 
 impl Sequence {
@@ -57,6 +63,9 @@ impl Sequence {
             admitted_at: Instant::now(),
             started_at: None,
             first_token_at: None,
+            last_token_at: None,
+            phase: tracing::info_span!(parent: &req.span, "node.queue"),
+            span: req.span,
         }
     }
 
@@ -67,6 +76,7 @@ impl Sequence {
 
     pub fn start(&mut self) {
         self.started_at = Some(Instant::now());
+        self.phase = tracing::info_span!(parent: &self.span, "node.prefill", prompt_tokens = self.prompt_len);
     }
 
     /// Whether the sequence is past its prompt (feeds one token per step).
@@ -97,9 +107,24 @@ impl Sequence {
         logits: &Tensor,
         codec: &dyn TextCodec,
         context_length: usize,
+        metrics: &NodeMetrics,
     ) -> Result<Option<FinishReason>, String> {
         let token = self.sampler.sample(logits).map_err(|e| e.to_string())?;
-        self.first_token_at.get_or_insert_with(Instant::now);
+        let now = Instant::now();
+        match self.last_token_at.replace(now) {
+            Some(prev) => metrics.inter_token.observe(now.duration_since(prev).as_secs_f64()),
+            None => {
+                self.first_token_at = Some(now);
+                metrics.time_to_first_token.observe(now.duration_since(self.admitted_at).as_secs_f64());
+                self.phase = tracing::info_span!(
+                    parent: &self.span,
+                    "node.decode",
+                    completion_tokens = tracing::field::Empty,
+                    finish_reason = tracing::field::Empty
+                );
+            }
+        }
+        metrics.generated_tokens.inc();
         self.tokens.push(token);
         if codec.eos_ids().contains(&token) {
             return Ok(Some(FinishReason::Stop));
@@ -133,10 +158,13 @@ impl Sequence {
         // Empty after a stop-string match; otherwise text held back as a
         // possible stop-string start that never completed.
         let text = self.stop.flush();
+        self.phase.record("completion_tokens", usage.completion_tokens);
+        self.phase.record("finish_reason", reason.as_str_name());
         self.send(GenerateResponse { text, token_ids: Vec::new(), finish_reason: reason.into(), usage: Some(usage) });
     }
 
     pub fn fail(self, status: Status) {
+        telemetry::propagation::record_status(&self.span, &status);
         let _ = self.tx.send(Err(status));
     }
 

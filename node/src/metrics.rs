@@ -1,0 +1,66 @@
+//! The node's Prometheus metrics (prefix `mesh_node_`).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use telemetry::metrics::{Registry, code_name, count_histogram, latency_histogram};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub model: String,
+    /// gRPC status code name: OK, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...
+    pub code: String,
+}
+
+#[derive(Clone)]
+pub struct NodeMetrics {
+    /// The model label of `requests`.
+    pub model: String,
+    pub requests: Family<RequestLabels, Counter>,
+    pub time_to_first_token: Histogram,
+    pub inter_token: Histogram,
+    pub batch_size: Histogram,
+    pub generated_tokens: Counter,
+    pub running: Gauge,
+    pub queued: Gauge,
+    pub kv_tokens_free: Gauge,
+}
+
+impl NodeMetrics {
+    pub fn new(model: &str) -> Self {
+        Self {
+            model: model.to_string(),
+            requests: Family::default(),
+            time_to_first_token: latency_histogram(),
+            inter_token: latency_histogram(),
+            batch_size: count_histogram(),
+            generated_tokens: Counter::default(),
+            running: Gauge::default(),
+            queued: Gauge::default(),
+            kv_tokens_free: Gauge::default(),
+        }
+    }
+
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("mesh_node");
+        r.register("requests", "Generate calls by model and final status code", self.requests.clone());
+        r.register(
+            "time_to_first_token_seconds",
+            "From admission to the first sampled token",
+            self.time_to_first_token.clone(),
+        );
+        r.register("inter_token_seconds", "Between two tokens of one stream", self.inter_token.clone());
+        r.register("batch_size", "Sequences fed per forward step", self.batch_size.clone());
+        r.register("generated_tokens", "Tokens sampled", self.generated_tokens.clone());
+        r.register("running_sequences", "Sequences in the running batch", self.running.clone());
+        r.register("queued_requests", "Admitted requests waiting for a batch slot", self.queued.clone());
+        r.register("kv_tokens_free", "KV-cache tokens not committed to a request", self.kv_tokens_free.clone());
+    }
+
+    pub fn count(&self, code: tonic::Code) {
+        let labels = RequestLabels { model: self.model.clone(), code: code_name(code) };
+        self.requests.get_or_create(&labels).inc();
+    }
+}
