@@ -1,7 +1,7 @@
 //! The scenario runner: `mesh-bench scenario <name>` brings up what the
-//! scenario needs (nodes now; etcd and sidecars once it starts them), runs load,
-//! injects the scenario's fault at a set time, and writes the report (JSON
-//! and an SVG plot) under `--out`.
+//! scenario needs (nodes, or a whole mesh: etcd, a sidecar per node and a
+//! client sidecar), runs load, injects the scenario's fault at a set time,
+//! and writes the report (JSON and an SVG plot) under `--out`.
 //!
 //! Scenarios orchestrate processes and report to a person, so they use
 //! `anyhow`; the load engine underneath has typed errors.
@@ -10,8 +10,13 @@
 //! a variant below, and a README line.
 
 pub mod baseline;
+pub mod direct_vs_mesh;
 pub mod fault;
+pub mod measures;
+pub mod mesh;
 pub mod nodes;
+pub mod overload;
+pub mod process;
 
 use std::path::PathBuf;
 
@@ -27,10 +32,12 @@ pub enum Scenario {
     /// A fault under load: SIGKILL a node, SIGSTOP one, or flood one, at a set
     /// time, and show what callers saw.
     Fault(fault::Args),
-    /// The same load direct to the nodes and through the sidecars, to measure
-    /// what the mesh costs and buys. Needs the runner to start etcd and
-    /// sidecars, which it does not do yet.
-    DirectVsMesh,
+    /// The same load straight to the nodes and through two sidecars (client
+    /// sidecar -> node's sidecar -> node): the latency the mesh adds.
+    DirectVsMesh(direct_vs_mesh::Args),
+    /// Twice the mesh's capacity, open loop, through the mesh and straight to
+    /// the nodes: goodput, admitted TTFT, refusals and memory, against targets.
+    Overload(overload::Args),
 }
 
 pub async fn run(scenario: Scenario) -> anyhow::Result<()> {
@@ -38,19 +45,15 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<()> {
         match scenario {
             Scenario::Baseline(args) => baseline::run(args).await.map(|_| ()),
             Scenario::Fault(args) => fault::run(args).await.map(|_| ()),
-            Scenario::DirectVsMesh => anyhow::bail!(
-                "direct-vs-mesh is not implemented: it needs the runner to start etcd and a `mesh-sidecar` beside each \
-                 node (scenario/nodes.rs starts nodes only). The place for it: start them there, run one LoadSpec \
-                 against the nodes' addresses and the same LoadSpec against a client sidecar, and report both \
-                 summaries side by side."
-            ),
+            Scenario::DirectVsMesh(args) => direct_vs_mesh::run(args).await.map(|_| ()),
+            Scenario::Overload(args) => overload::run(args).await.map(|_| ()),
         }
     };
-    // On Ctrl-C the scenario future is dropped, which kills the nodes it
-    // started (kill_on_drop) instead of leaving them running.
+    // On Ctrl-C the scenario future is dropped, which kills the processes
+    // it started (kill_on_drop) instead of leaving them running.
     tokio::select! {
         result = work => result,
-        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; the scenario's nodes were stopped"),
+        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; the scenario's processes were stopped"),
     }
 }
 

@@ -2,17 +2,14 @@
 //! loopback ports, killed when the scenario ends (or fails, or is
 //! interrupted), and the signals a fault sends them.
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
+use super::process::{Memory, Spawned, workspace_bin};
 use crate::load::Target;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -64,20 +61,7 @@ impl NodeArgs {
     }
 
     fn bin(&self) -> anyhow::Result<PathBuf> {
-        if let Some(bin) = &self.node_bin {
-            return Ok(bin.clone());
-        }
-        let exe = std::env::current_exe().context("locating mesh-bench")?;
-        let dir = exe.parent().context("mesh-bench has no directory")?;
-        // Beside mesh-bench, or one up when running from target/<profile>/deps (tests).
-        let candidates = [dir.join("mesh-node"), dir.join("../mesh-node")];
-        match candidates.iter().find(|p| p.exists()) {
-            Some(p) => Ok(p.clone()),
-            None => bail!(
-                "mesh-node not found beside {}: build it (cargo build --release -p node) or give --node-bin",
-                dir.display()
-            ),
-        }
+        workspace_bin("mesh-node", self.node_bin.as_deref(), "cargo build --release -p node, or --node-bin")
     }
 
     fn args(&self) -> Vec<String> {
@@ -98,18 +82,14 @@ impl NodeArgs {
     }
 }
 
-/// A started node. Dropping it kills the process.
-pub struct RunningNode {
-    child: Child,
-    pid: u32,
-    pub addr: SocketAddr,
-    /// The last lines of its log, for error messages.
-    log_tail: Arc<Mutex<VecDeque<String>>>,
-}
-
-/// The nodes of a scenario.
+/// The nodes of a scenario. Dropping the set kills them.
 pub struct NodeSet {
     nodes: Vec<RunningNode>,
+}
+
+struct RunningNode {
+    process: Spawned,
+    addr: SocketAddr,
 }
 
 /// How long a node may take to listen (a real model loads its weights first).
@@ -120,7 +100,16 @@ impl NodeSet {
         let bin = args.bin()?;
         let mut nodes = Vec::with_capacity(count);
         for i in 0..count {
-            nodes.push(start_one(&bin, &args.args()).await.with_context(|| format!("starting node {i}"))?);
+            let mut cmd = Command::new(&bin);
+            cmd.args(args.args()).env("RUST_LOG", "info");
+            let (process, addr) = Spawned::start(format!("node {i}"), cmd, START_TIMEOUT, |line| {
+                match line.split("listening on ").nth(1) {
+                    Some(addr) => Ok(Some(addr.trim().parse::<SocketAddr>()?)),
+                    None => Ok(None),
+                }
+            })
+            .await?;
+            nodes.push(RunningNode { process, addr });
         }
         Ok(NodeSet { nodes })
     }
@@ -144,7 +133,7 @@ impl NodeSet {
     /// SIGKILL: the process dies without draining, as in a crash or OOM kill.
     pub fn kill(&mut self, i: usize) -> anyhow::Result<()> {
         let node = self.nodes.get_mut(i).with_context(|| format!("no node {i}"))?;
-        node.child.start_kill().with_context(|| format!("killing node {i}"))
+        node.process.kill()
     }
 
     /// SIGSTOP: the process freezes with its sockets open, as in a long GC
@@ -160,10 +149,12 @@ impl NodeSet {
 
     /// The log tail of node `i`, for reports on failures.
     pub fn log_tail(&self, i: usize) -> Vec<String> {
-        self.nodes
-            .get(i)
-            .map(|n| n.log_tail.lock().map(|t| t.iter().cloned().collect()).unwrap_or_default())
-            .unwrap_or_default()
+        self.nodes.get(i).map(|n| n.process.log_tail()).unwrap_or_default()
+    }
+
+    /// Each node's memory now (peak and current resident set).
+    pub fn memory(&self) -> Vec<Memory> {
+        self.nodes.iter().filter_map(|n| n.process.memory()).collect()
     }
 
     fn node(&self, i: usize) -> anyhow::Result<&RunningNode> {
@@ -173,60 +164,11 @@ impl NodeSet {
     /// Sends a signal with `kill(1)`: std has no portable way to send
     /// STOP/CONT, and one process spawn per fault costs nothing here.
     async fn signal(&self, i: usize, signal: &str) -> anyhow::Result<()> {
-        let pid = self.node(i)?.pid;
+        let pid = self.node(i)?.process.pid;
         let status = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().await?;
         if !status.success() {
             bail!("kill -{signal} {pid} (node {i}) failed: {status}");
         }
         Ok(())
     }
-}
-
-async fn start_one(bin: &std::path::Path, args: &[String]) -> anyhow::Result<RunningNode> {
-    let mut child = Command::new(bin)
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("spawning {}", bin.display()))?;
-    let pid = child.id().context("node exited at once")?;
-    let stderr = child.stderr.take().context("node stderr")?;
-    let mut lines = BufReader::new(stderr).lines();
-    let tail = Arc::new(Mutex::new(VecDeque::new()));
-    let remember = |tail: &Arc<Mutex<VecDeque<String>>>, line: &str| {
-        if let Ok(mut t) = tail.lock() {
-            if t.len() == 20 {
-                t.pop_front();
-            }
-            t.push_back(line.to_string());
-        }
-    };
-    let listening = tokio::time::timeout(START_TIMEOUT, async {
-        while let Some(line) = lines.next_line().await? {
-            remember(&tail, &line);
-            if let Some(addr) = line.split("listening on ").nth(1) {
-                return Ok::<_, anyhow::Error>(Some(addr.trim().parse::<SocketAddr>()?));
-            }
-        }
-        Ok(None)
-    })
-    .await;
-    let shown_tail = || tail.lock().map(|t| t.iter().cloned().collect::<Vec<_>>().join("\n")).unwrap_or_default();
-    let addr = match listening {
-        Ok(Ok(Some(addr))) => addr,
-        Ok(Ok(None)) => bail!("node exited before listening; its log:\n{}", shown_tail()),
-        Ok(Err(e)) => bail!("reading the node's log: {e}; its log:\n{}", shown_tail()),
-        Err(_) => bail!("node did not listen within {START_TIMEOUT:?}; its log:\n{}", shown_tail()),
-    };
-    // Keep draining the log so the node never blocks on a full pipe.
-    let keep = tail.clone();
-    tokio::spawn(async move {
-        while let Ok(Some(line)) = lines.next_line().await {
-            remember(&keep, &line);
-        }
-    });
-    Ok(RunningNode { child, pid, addr, log_tail: tail })
 }
