@@ -27,6 +27,9 @@ pub struct SidecarConfig {
     pub tenants: BTreeMap<String, TenantLimits>,
     #[serde(default = "default_grace", with = "humantime")]
     pub drain_grace: Duration,
+    /// Serve Prometheus metrics here (`/metrics`); port 0 picks one (logged).
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -8,6 +8,7 @@ pub mod admin;
 pub mod config;
 mod deadline;
 pub mod inbound;
+pub mod metrics;
 pub mod outbound;
 mod registration;
 pub mod server;

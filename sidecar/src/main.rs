@@ -1,4 +1,3 @@
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -24,16 +23,23 @@ struct Cli {
     /// Overrides `node.address`.
     #[arg(long, env = "MESH_SIDECAR_NODE")]
     node: Option<String>,
+    /// Overrides `metrics_listen` (Prometheus `/metrics`).
+    #[arg(long, env = "MESH_SIDECAR_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    trace: telemetry::TraceArgs,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
     let cli = Cli::parse();
+    let _telemetry = match telemetry::init("mesh-sidecar", &cli.trace) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("mesh-sidecar: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     let cfg = match SidecarConfig::load(&cli.config).map(|c| apply(c, &cli)) {
         Ok(c) => c,
         Err(e) => {
@@ -59,6 +65,9 @@ fn apply(mut cfg: SidecarConfig, cli: &Cli) -> SidecarConfig {
     }
     if !cli.etcd.is_empty() {
         cfg.etcd.endpoints = cli.etcd.clone();
+    }
+    if cli.metrics_listen.is_some() {
+        cfg.metrics_listen = cli.metrics_listen;
     }
     if let (Some(addr), Some(node)) = (&cli.node, cfg.node.as_mut()) {
         node.address = addr.clone();

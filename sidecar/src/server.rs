@@ -22,6 +22,7 @@ use crate::config::{ServiceLimits, SidecarConfig};
 use crate::inbound::bulkhead::Bulkhead;
 use crate::inbound::tenants::Tenants;
 use crate::inbound::{Inbound, InboundService};
+use crate::metrics::SidecarMetrics;
 use crate::outbound::balancer::Balancer;
 use crate::outbound::{Outbound, OutboundService, health};
 use crate::registration;
@@ -29,13 +30,23 @@ use crate::registration;
 const GENERATION: &str = "mesh.v1.Generation";
 
 pub async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
+    let metrics = SidecarMetrics::new();
+    if let Some(addr) = cfg.metrics_listen {
+        let mut registry = telemetry::metrics::Registry::default();
+        metrics.register(&mut registry);
+        let bound = telemetry::metrics::serve(addr, registry).await?;
+        tracing::info!("metrics on http://{bound}/metrics");
+    }
     let registry = EtcdRegistry::start(cfg.etcd())?;
-    let balancer = Arc::new(Balancer::new(cfg.routing.policy, cfg.outlier.clone()));
+    let balancer = Arc::new(Balancer::new(cfg.routing.policy, cfg.outlier.clone(), metrics.clone()));
     let mut view = registry.watch();
     let sync = balancer.clone();
+    let reachable = metrics.etcd_reachable.clone();
     tokio::spawn(async move {
         loop {
-            sync.update(&view.borrow_and_update());
+            let v = view.borrow_and_update().clone();
+            reachable.set(i64::from(v.etcd_reachable));
+            sync.update(&v);
             if view.changed().await.is_err() {
                 return;
             }
@@ -44,7 +55,7 @@ pub async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
     health::spawn(balancer.clone());
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let outbound = Outbound::new(balancer.clone(), cfg.routing.clone());
+    let outbound = Outbound::new(balancer.clone(), cfg.routing.clone(), metrics.clone());
     let admin = Admin { balancer, view: registry.watch() };
     let out_listener = TcpListener::bind(cfg.listen.outbound).await?;
     tracing::info!("outbound listening on {}", out_listener.local_addr()?);
@@ -55,7 +66,7 @@ pub async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
     let inbound = match &cfg.node {
         // A node that never comes up must not make the sidecar deaf to SIGTERM.
         Some(node) => tokio::select! {
-            started = start_inbound(&cfg, node, &registry, stop_rx.clone()) => Some(started?),
+            started = start_inbound(&cfg, node, &registry, metrics, stop_rx.clone()) => Some(started?),
             _ = &mut signal => None,
         },
         None => None,
@@ -107,6 +118,7 @@ async fn start_inbound(
     cfg: &SidecarConfig,
     node: &crate::config::NodeSection,
     registry: &EtcdRegistry,
+    metrics: SidecarMetrics,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<(Arc<Inbound>, HealthReporter, Arc<Bulkhead>)> {
     let channel = Endpoint::from_shared(format!("http://{}", node.address))?
@@ -122,7 +134,8 @@ async fn start_inbound(
         max_queue_wait: Duration::from_secs(5),
     });
     let bulkhead = Bulkhead::new(limits);
-    let inbound = Inbound::new(service.clone(), channel.clone(), bulkhead.clone(), Tenants::new(cfg.tenants.clone()));
+    let tenants = Tenants::new(cfg.tenants.clone());
+    let inbound = Inbound::new(service.clone(), channel.clone(), bulkhead.clone(), tenants, metrics);
     let listener = TcpListener::bind(cfg.listen.inbound).await?;
     let bound: SocketAddr = listener.local_addr()?;
     tracing::info!("inbound listening on {bound}");

@@ -21,6 +21,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
 use crate::deadline;
+use crate::metrics::{LimitLabels, SidecarMetrics};
 use bulkhead::{Bulkhead, Refusal};
 use tenants::Tenants;
 
@@ -33,17 +34,30 @@ pub struct Inbound {
     bulkhead: Arc<Bulkhead>,
     tenants: Tenants,
     draining: AtomicBool,
+    metrics: SidecarMetrics,
 }
 
 impl Inbound {
-    pub fn new(service: String, node: Channel, bulkhead: Arc<Bulkhead>, tenants: Tenants) -> Arc<Self> {
+    pub fn new(
+        service: String,
+        node: Channel,
+        bulkhead: Arc<Bulkhead>,
+        tenants: Tenants,
+        metrics: SidecarMetrics,
+    ) -> Arc<Self> {
         Arc::new(Self {
             service,
             node: GenerationClient::new(node),
             bulkhead,
             tenants,
             draining: AtomicBool::new(false),
+            metrics,
         })
+    }
+
+    fn export_queue(&self) {
+        let depth = self.bulkhead.queued() as i64;
+        self.metrics.queue_depth.get_or_create(&self.metrics.service(&self.service)).set(depth);
     }
 
     pub fn drain(&self) {
@@ -96,6 +110,37 @@ impl Generation for InboundService {
     type GenerateStream = ReceiverStream<Result<GenerateResponse, Status>>;
 
     async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
+        let span = tracing::info_span!(
+            "sidecar.inbound",
+            otel.kind = "server",
+            service = %self.0.service,
+            tenant = %request.get_ref().tenant,
+            priority = request.get_ref().priority,
+            trace_id = tracing::field::Empty,
+        );
+        telemetry::propagation::continue_trace(&span, request.metadata());
+        span.record("trace_id", telemetry::propagation::trace_id(&span));
+        let result = self.admit(request, span.clone()).await;
+        if let Err(status) = &result {
+            telemetry::propagation::record_status(&span, status);
+            self.0.metrics.count("inbound", &self.0.service, status.code());
+        }
+        result
+    }
+
+    async fn list_models(&self, request: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
+        self.0.node.clone().list_models(request.into_inner()).await
+    }
+}
+
+impl InboundService {
+    /// Admits a call (tenant limits, then the bulkhead) and streams it from
+    /// the node; `span` covers the whole stream.
+    async fn admit(
+        &self,
+        request: Request<GenerateRequest>,
+        span: tracing::Span,
+    ) -> Result<Response<ReceiverStream<Result<GenerateResponse, Status>>>, Status> {
         let this = &self.0;
         let now = Instant::now();
         if this.draining.load(Ordering::SeqCst) {
@@ -114,6 +159,7 @@ impl Generation for InboundService {
             n => n,
         };
         if let Err(over) = this.tenants.charge(&req.tenant, charge, now) {
+            this.metrics.rate_limited.get_or_create(&LimitLabels { limit: over.what.to_string() }).inc();
             return Err(retry_status(
                 Code::ResourceExhausted,
                 format!(
@@ -124,14 +170,25 @@ impl Generation for InboundService {
             ));
         }
         let refund = |used: u32| this.tenants.refund(&req.tenant, charge.saturating_sub(used));
-        let permit = match this.bulkhead.acquire(priority(req.priority), deadline).await {
-            Ok(p) => p,
+        let admit = tracing::info_span!(parent: &span, "sidecar.admit", queue_wait_ms = tracing::field::Empty, outcome = tracing::field::Empty);
+        this.export_queue();
+        let acquired = this.bulkhead.acquire(priority(req.priority), deadline).await;
+        this.export_queue();
+        admit.record("queue_wait_ms", now.elapsed().as_secs_f64() * 1e3);
+        let permit = match acquired {
+            Ok(p) => {
+                admit.record("outcome", "admitted");
+                p
+            }
             Err(r) => {
+                admit.record("outcome", format!("{r:?}"));
                 refund(0);
                 return Err(refusal_status(&this.service, r));
             }
         };
+        drop(admit);
         let mut upstream = Request::new(req.clone());
+        telemetry::propagation::inject(&span, upstream.metadata_mut());
         if let Some(d) = deadline {
             let left = d.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -154,14 +211,25 @@ impl Generation for InboundService {
         let inbound = this.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let _span = span;
             let mut used = 0;
+            let mut code = tonic::Code::Ok;
+            let mut last = None::<Instant>;
             loop {
                 let next = tokio::select! {
-                    _ = tx.closed() => break, // the caller left; dropping the stream cancels at the node
+                    _ = tx.closed() => {
+                        code = tonic::Code::Cancelled;
+                        break; // the caller left; dropping the stream cancels at the node
+                    }
                     m = stream.message() => m,
                 };
                 match next {
                     Ok(Some(msg)) => {
+                        let at = Instant::now();
+                        match last.replace(at) {
+                            None => inbound.metrics.ttft("inbound", at.duration_since(now).as_secs_f64()),
+                            Some(prev) => inbound.metrics.gap("inbound", at.duration_since(prev).as_secs_f64()),
+                        }
                         used += msg.token_ids.len() as u32;
                         if tx.send(Ok(msg)).await.is_err() {
                             break;
@@ -169,19 +237,17 @@ impl Generation for InboundService {
                     }
                     Ok(None) => break,
                     Err(status) => {
+                        code = status.code();
                         let _ = tx.send(Err(status)).await;
                         break;
                     }
                 }
             }
             inbound.tenants.refund(&req.tenant, charge.saturating_sub(used));
+            inbound.metrics.count("inbound", &inbound.service, code);
         });
         let mut response = Response::new(ReceiverStream::new(rx));
         *response.metadata_mut() = meta;
         Ok(response)
-    }
-
-    async fn list_models(&self, request: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
-        self.0.node.clone().list_models(request.into_inner()).await
     }
 }

@@ -12,19 +12,31 @@ use registry::View;
 
 use super::endpoint::{Endpoint, Outcome};
 use crate::config::{Outlier, Policy};
+use crate::metrics::SidecarMetrics;
 
 type Instances = BTreeMap<String, Vec<Arc<Endpoint>>>;
 
 pub struct Balancer {
     policy: Policy,
     outlier: Outlier,
+    metrics: SidecarMetrics,
     services: RwLock<Arc<Instances>>,
     rr: AtomicUsize,
 }
 
 impl Balancer {
-    pub fn new(policy: Policy, outlier: Outlier) -> Self {
-        Self { policy, outlier, services: RwLock::new(Arc::default()), rr: AtomicUsize::new(0) }
+    pub fn new(policy: Policy, outlier: Outlier, metrics: SidecarMetrics) -> Self {
+        Self { policy, outlier, metrics, services: RwLock::new(Arc::default()), rr: AtomicUsize::new(0) }
+    }
+
+    /// Publishes instances known and ejected, per service.
+    pub fn export_gauges(&self) {
+        for (service, peers) in self.snapshot().iter() {
+            let labels = self.metrics.service(service);
+            self.metrics.instances.get_or_create(&labels).set(peers.len() as i64);
+            let ejected = peers.iter().filter(|e| e.is_ejected()).count();
+            self.metrics.ejected_instances.get_or_create(&labels).set(ejected as i64);
+        }
     }
 
     pub fn outlier(&self) -> &Outlier {
@@ -61,6 +73,7 @@ impl Balancer {
             next.entry(rec.service.clone()).or_default().push(ep);
         }
         *self.services.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+        self.export_gauges();
     }
 
     /// Whether the service has any instance at all.
@@ -122,6 +135,7 @@ impl Balancer {
         let allowed = (peers.len() * self.outlier.max_ejected_percent as usize / 100).min(peers.len() - 1);
         if ejected < allowed {
             ep.eject(reason, &self.outlier, now);
+            self.metrics.ejections.get_or_create(&self.metrics.service(&ep.record.service)).inc();
         } else {
             tracing::warn!(instance = %ep.record.instance_id, ejected, allowed, "not ejecting: ejection budget spent");
         }
@@ -167,7 +181,7 @@ mod tests {
 
     #[tokio::test]
     async fn least_loaded_avoids_the_busy_instance() {
-        let b = Balancer::new(Policy::LeastLoaded, Outlier::default());
+        let b = Balancer::new(Policy::LeastLoaded, Outlier::default(), SidecarMetrics::new());
         b.update(&view(2));
         let busy = b.pick("chat", &HashSet::new()).unwrap();
         let _streams: Vec<_> = (0..10).map(|_| busy.start()).collect();
@@ -180,7 +194,7 @@ mod tests {
     #[tokio::test]
     async fn never_ejects_every_instance() {
         let cfg = Outlier { consecutive_failures: 1, max_ejected_percent: 100, ..Default::default() };
-        let b = Balancer::new(Policy::RoundRobin, cfg);
+        let b = Balancer::new(Policy::RoundRobin, cfg, SidecarMetrics::new());
         b.update(&view(2));
         for e in b.all() {
             b.record(&e, Outcome::Failure, "boom");
@@ -192,7 +206,7 @@ mod tests {
     #[tokio::test]
     async fn success_rate_far_below_the_peers_ejects() {
         let cfg = Outlier { consecutive_failures: 1000, success_rate_min_requests: 10, ..Default::default() };
-        let b = Balancer::new(Policy::RoundRobin, cfg);
+        let b = Balancer::new(Policy::RoundRobin, cfg, SidecarMetrics::new());
         b.update(&view(3));
         let all = b.all();
         for (i, e) in all.iter().enumerate() {
@@ -211,7 +225,7 @@ mod tests {
 
     #[tokio::test]
     async fn updates_keep_state_of_unchanged_instances() {
-        let b = Balancer::new(Policy::RoundRobin, Outlier::default());
+        let b = Balancer::new(Policy::RoundRobin, Outlier::default(), SidecarMetrics::new());
         b.update(&view(2));
         let e = b.pick("chat", &HashSet::new()).unwrap();
         e.observe_ttft(Duration::from_secs(3));

@@ -19,6 +19,7 @@ pub fn spawn(balancer: Arc<Balancer>) -> tokio::task::JoinHandle<()> {
         loop {
             tick.tick().await;
             balancer.check_success_rates();
+            balancer.export_gauges();
             let probes = balancer.all().into_iter().map(|ep| {
                 let balancer = balancer.clone();
                 async move {

@@ -22,6 +22,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::config::Routing;
 use crate::deadline;
+use crate::metrics::SidecarMetrics;
 use balancer::Balancer;
 use budget::RetryBudget;
 use endpoint::{Endpoint, InFlight, Outcome};
@@ -32,6 +33,7 @@ pub struct Outbound {
     /// the retries another needs.
     budgets: std::sync::Mutex<std::collections::HashMap<String, Arc<RetryBudget>>>,
     routing: Routing,
+    metrics: SidecarMetrics,
 }
 
 /// One open stream to one instance.
@@ -39,6 +41,8 @@ struct Attempt {
     ep: Arc<Endpoint>,
     stream: Streaming<GenerateResponse>,
     _in_flight: InFlight,
+    /// The attempt's client span (the instance's spans hang under it).
+    span: tracing::Span,
 }
 
 /// What a status says about the instance that returned it.
@@ -58,8 +62,8 @@ fn retryable(status: &Status) -> bool {
 }
 
 impl Outbound {
-    pub fn new(balancer: Arc<Balancer>, routing: Routing) -> Arc<Self> {
-        Arc::new(Self { balancer, budgets: Default::default(), routing })
+    pub fn new(balancer: Arc<Balancer>, routing: Routing, metrics: SidecarMetrics) -> Arc<Self> {
+        Arc::new(Self { balancer, budgets: Default::default(), routing, metrics })
     }
 
     /// The service's retry budget (services are only those in the registry).
@@ -79,6 +83,7 @@ impl Outbound {
         continuation: &[u32],
         deadline: Option<Instant>,
         exclude: &mut HashSet<String>,
+        route: &tracing::Span,
     ) -> Result<(Attempt, GenerateResponse), Status> {
         let service = req.model.as_str();
         let mut last: Option<Status> = None;
@@ -87,11 +92,21 @@ impl Outbound {
                 return Err(last.unwrap_or_else(|| no_instance(service)));
             };
             exclude.insert(ep.record.instance_id.clone());
+            let span = tracing::info_span!(
+                parent: route,
+                "sidecar.attempt",
+                otel.kind = "client",
+                instance = %ep.record.instance_id,
+                address = %ep.record.address,
+                attempt = exclude.len(),
+                continued_tokens = continuation.len(),
+            );
             let in_flight = ep.start();
             let started = Instant::now();
             let mut limit = self.routing.attempt_timeout;
             let mut request =
                 Request::new(GenerateRequest { continuation_token_ids: continuation.to_vec(), ..req.clone() });
+            telemetry::propagation::inject(&span, request.metadata_mut());
             if let Some(d) = deadline {
                 let left = d.saturating_duration_since(started);
                 if left.is_zero() {
@@ -115,7 +130,7 @@ impl Outbound {
             let status = match tokio::time::timeout(limit, attempt).await {
                 Ok(Ok((stream, first))) => {
                     ep.observe_ttft(started.elapsed());
-                    return Ok((Attempt { ep, stream, _in_flight: in_flight }, first));
+                    return Ok((Attempt { ep, stream, _in_flight: in_flight, span }, first));
                 }
                 Ok(Err(status)) => {
                     self.balancer.record(&ep, classify(&status), status.message());
@@ -134,6 +149,7 @@ impl Outbound {
                 }
             };
             tracing::debug!(instance = %ep.record.instance_id, code = ?status.code(), "attempt failed");
+            telemetry::propagation::record_status(&span, &status);
             if !self.budget(service).try_withdraw(Instant::now()) {
                 return Err(Status::with_metadata(
                     status.code(),
@@ -141,6 +157,7 @@ impl Outbound {
                     status.metadata().clone(),
                 ));
             }
+            self.metrics.retries.inc();
             last = Some(status);
         }
     }
@@ -151,19 +168,37 @@ impl Outbound {
         self: Arc<Self>,
         req: GenerateRequest,
         deadline: Option<Instant>,
-        mut attempt: Attempt,
-        first: GenerateResponse,
+        (mut attempt, first): (Attempt, GenerateResponse),
         tx: mpsc::Sender<Result<GenerateResponse, Status>>,
+        route: tracing::Span,
     ) {
+        let gauge = self.metrics.in_flight.get_or_create(&self.metrics.service(&req.model)).clone();
+        gauge.inc();
+        let code = self.relay_until_done(&req, deadline, &mut attempt, first, &tx, &route).await;
+        gauge.dec();
+        self.metrics.count("outbound", &req.model, code);
+    }
+
+    /// Relays until the stream ends; returns the final status code.
+    async fn relay_until_done(
+        &self,
+        req: &GenerateRequest,
+        deadline: Option<Instant>,
+        attempt: &mut Attempt,
+        first: GenerateResponse,
+        tx: &mpsc::Sender<Result<GenerateResponse, Status>>,
+        route: &tracing::Span,
+    ) -> Code {
         let mut sent: Vec<u32> = Vec::new();
         let mut migrations = 0;
         let mut pending = Some(first);
+        let mut last_token = Instant::now();
         loop {
             let next = match pending.take() {
                 Some(m) => Ok(Some(m)),
                 None => tokio::select! {
                     // The caller left: dropping the upstream stream cancels it there too.
-                    _ = tx.closed() => return,
+                    _ = tx.closed() => return Code::Cancelled,
                     r = tokio::time::timeout(self.routing.idle_timeout, attempt.stream.message()) => r.unwrap_or_else(|_| {
                         Err(Status::unavailable(format!("no token for {:?}", self.routing.idle_timeout)))
                     }),
@@ -171,14 +206,19 @@ impl Outbound {
             };
             let status = match next {
                 Ok(Some(msg)) => {
+                    if !sent.is_empty() && !msg.token_ids.is_empty() {
+                        self.metrics.gap("outbound", last_token.elapsed().as_secs_f64());
+                    }
+                    last_token = Instant::now();
                     sent.extend_from_slice(&msg.token_ids);
                     let done = msg.finish_reason != 0;
                     if tx.send(Ok(msg)).await.is_err() {
-                        return;
+                        return Code::Cancelled;
                     }
                     if done {
                         self.balancer.record(&attempt.ep, Outcome::Success, "");
-                        return;
+                        route.record("migrations", migrations);
+                        return Code::Ok;
                     }
                     continue;
                 }
@@ -187,16 +227,20 @@ impl Outbound {
             };
             let outcome = classify(&status);
             self.balancer.record(&attempt.ep, outcome, status.message());
+            telemetry::propagation::record_status(&attempt.span, &status);
             let can_move = outcome == Outcome::Failure
                 && migrations < self.routing.max_migrations
                 && self.budget(&req.model).try_withdraw(Instant::now());
             if !can_move {
+                telemetry::propagation::record_status(route, &status);
+                let code = status.code();
                 let _ = tx.send(Err(status)).await;
-                return;
+                return code;
             }
             migrations += 1;
+            self.metrics.migrations.inc();
             let mut exclude = HashSet::from([attempt.ep.record.instance_id.clone()]);
-            match self.open(&req, &sent, deadline, &mut exclude).await {
+            match self.open(req, &sent, deadline, &mut exclude, route).await {
                 Ok((next, first)) => {
                     tracing::info!(
                         from = %attempt.ep.record.instance_id,
@@ -204,7 +248,7 @@ impl Outbound {
                         tokens = sent.len(),
                         "stream moved to another instance"
                     );
-                    attempt = next;
+                    *attempt = next;
                     pending = Some(first);
                 }
                 Err(e) => {
@@ -214,8 +258,10 @@ impl Outbound {
                         status.message(),
                         e.message()
                     );
-                    let _ = tx.send(Err(Status::unavailable(msg))).await;
-                    return;
+                    let status = Status::unavailable(msg);
+                    telemetry::propagation::record_status(route, &status);
+                    let _ = tx.send(Err(status)).await;
+                    return Code::Unavailable;
                 }
             }
         }
@@ -245,19 +291,43 @@ impl Generation for OutboundService {
     type GenerateStream = ReceiverStream<Result<GenerateResponse, Status>>;
 
     async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
+        let this = &self.0;
         let now = Instant::now();
         let deadline = deadline::from_metadata(request.metadata(), now);
+        let route = tracing::info_span!(
+            "sidecar.route",
+            otel.kind = "server",
+            service = %request.get_ref().model,
+            tenant = %request.get_ref().tenant,
+            priority = request.get_ref().priority,
+            migrations = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        telemetry::propagation::continue_trace(&route, request.metadata());
+        route.record("trace_id", telemetry::propagation::trace_id(&route));
         let req = request.into_inner();
-        if req.model.is_empty() {
-            return Err(Status::invalid_argument("model is required: it names the service to route to"));
+        let opened = async {
+            if req.model.is_empty() {
+                return Err(Status::invalid_argument("model is required: it names the service to route to"));
+            }
+            if !this.balancer.knows(&req.model) {
+                return Err(Status::not_found(format!("no instances of service {:?} are registered", req.model)));
+            }
+            this.budget(&req.model).deposit(now);
+            this.open(&req, &[], deadline, &mut HashSet::new(), &route).await
         }
-        if !self.0.balancer.knows(&req.model) {
-            return Err(Status::not_found(format!("no instances of service {:?} are registered", req.model)));
-        }
-        self.0.budget(&req.model).deposit(now);
-        let (attempt, first) = self.0.open(&req, &[], deadline, &mut HashSet::new()).await?;
+        .await;
+        let opened = match opened {
+            Ok(o) => o,
+            Err(status) => {
+                telemetry::propagation::record_status(&route, &status);
+                this.metrics.count("outbound", &req.model, status.code());
+                return Err(status);
+            }
+        };
+        this.metrics.ttft("outbound", now.elapsed().as_secs_f64());
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(self.0.clone().relay(req, deadline, attempt, first, tx));
+        tokio::spawn(this.clone().relay(req, deadline, opened, tx, route));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 

@@ -1,0 +1,113 @@
+//! The sidecar's Prometheus metrics (prefix `mesh_sidecar_`, and
+//! `mesh_registry_` for its view of etcd).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use telemetry::metrics::{Registry, code_name, latency_histogram};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `outbound` (from local clients) or `inbound` (to the local node).
+    pub direction: String,
+    pub service: String,
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    /// `requests_per_sec` or `tokens_per_min`.
+    pub limit: String,
+}
+
+#[derive(Clone)]
+pub struct SidecarMetrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub time_to_first_token: Family<DirectionLabels, Histogram, fn() -> Histogram>,
+    pub inter_token: Family<DirectionLabels, Histogram, fn() -> Histogram>,
+    pub in_flight: Family<ServiceLabels, Gauge>,
+    pub queue_depth: Family<ServiceLabels, Gauge>,
+    pub ejections: Family<ServiceLabels, Counter>,
+    pub ejected_instances: Family<ServiceLabels, Gauge>,
+    pub rate_limited: Family<LimitLabels, Counter>,
+    pub retries: Counter,
+    pub migrations: Counter,
+    pub etcd_reachable: Gauge,
+    pub instances: Family<ServiceLabels, Gauge>,
+}
+
+impl Default for SidecarMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SidecarMetrics {
+    pub fn new() -> Self {
+        Self {
+            requests: Family::default(),
+            time_to_first_token: Family::new_with_constructor(latency_histogram),
+            inter_token: Family::new_with_constructor(latency_histogram),
+            in_flight: Family::default(),
+            queue_depth: Family::default(),
+            ejections: Family::default(),
+            ejected_instances: Family::default(),
+            rate_limited: Family::default(),
+            retries: Counter::default(),
+            migrations: Counter::default(),
+            etcd_reachable: Gauge::default(),
+            instances: Family::default(),
+        }
+    }
+
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("mesh_sidecar");
+        r.register("requests", "Generate calls by direction, service and final status code", self.requests.clone());
+        r.register(
+            "time_to_first_token_seconds",
+            "From the call to its first token, as this sidecar saw it",
+            self.time_to_first_token.clone(),
+        );
+        r.register("inter_token_seconds", "Between two tokens of one stream", self.inter_token.clone());
+        r.register("in_flight_streams", "Outbound streams open, by service", self.in_flight.clone());
+        r.register("queue_depth", "Inbound requests waiting in the bulkhead, by service", self.queue_depth.clone());
+        r.register("ejections", "Instances ejected, by service", self.ejections.clone());
+        r.register("ejected_instances", "Instances ejected now, by service", self.ejected_instances.clone());
+        r.register("rate_limited", "Requests refused by a tenant limit", self.rate_limited.clone());
+        r.register("retries", "Attempts after the first, before a first token", self.retries.clone());
+        r.register("migrations", "Streams moved to another instance mid-way", self.migrations.clone());
+        let reg = registry.sub_registry_with_prefix("mesh_registry");
+        reg.register("etcd_reachable", "1 when the last contact with etcd succeeded", self.etcd_reachable.clone());
+        reg.register("instances", "Instances known, by service", self.instances.clone());
+    }
+
+    pub fn count(&self, direction: &str, service: &str, code: tonic::Code) {
+        let labels =
+            RequestLabels { direction: direction.to_string(), service: service.to_string(), code: code_name(code) };
+        self.requests.get_or_create(&labels).inc();
+    }
+
+    pub fn ttft(&self, direction: &str, seconds: f64) {
+        self.time_to_first_token.get_or_create(&DirectionLabels { direction: direction.to_string() }).observe(seconds);
+    }
+
+    pub fn gap(&self, direction: &str, seconds: f64) {
+        self.inter_token.get_or_create(&DirectionLabels { direction: direction.to_string() }).observe(seconds);
+    }
+
+    pub fn service(&self, service: &str) -> ServiceLabels {
+        ServiceLabels { service: service.to_string() }
+    }
+}
