@@ -16,6 +16,7 @@ use tonic::transport::Channel;
 
 pub mod etcd;
 pub mod mesh;
+pub mod otlp;
 pub mod proxy;
 
 /// A port that was free a moment ago (bound to 127.0.0.1:0, then released).

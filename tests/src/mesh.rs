@@ -40,6 +40,16 @@ impl SidecarProcess {
     /// `[etcd]`, which are filled in) and waits until it is listening (and
     /// registered, when it fronts a node).
     pub async fn start(etcd: &Etcd, node: Option<&NodeProcess>, config: &str) -> SidecarProcess {
+        Self::start_with_args(etcd, node, config, &[]).await
+    }
+
+    /// Like `start`, with extra command-line flags (e.g. `--otlp-endpoint`).
+    pub async fn start_with_args(
+        etcd: &Etcd,
+        node: Option<&NodeProcess>,
+        config: &str,
+        args: &[&str],
+    ) -> SidecarProcess {
         let path = std::env::temp_dir().join(format!("mesh-sidecar-{}-{}.toml", std::process::id(), free_port()));
         let node_section = match node {
             Some(n) => format!("[node]\naddress = \"{}\"\n", n.addr),
@@ -53,6 +63,7 @@ impl SidecarProcess {
         let mut child = Command::new(bin_dir().join("mesh-sidecar"))
             .arg("--config")
             .arg(&path)
+            .args(args)
             .env("RUST_LOG", "info")
             .stderr(Stdio::piped())
             .kill_on_drop(true)

@@ -1,0 +1,104 @@
+//! An OTLP trace collector inside the test: a tonic server for the
+//! OpenTelemetry `TraceService` that keeps every span it is sent.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use tokio::net::TcpListener;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Request, Response, Status};
+
+/// One received span, flattened.
+#[derive(Debug, Clone)]
+pub struct CollectedSpan {
+    /// The exporting process's `service.name`.
+    pub service: String,
+    pub name: String,
+    pub trace_id: String,
+    pub span_id: String,
+    /// Empty for a root span.
+    pub parent_span_id: String,
+    pub attributes: HashMap<String, String>,
+    /// OTLP status code: 0 unset, 1 ok, 2 error.
+    pub status_code: i32,
+}
+
+#[derive(Clone, Default)]
+struct Sink(Arc<Mutex<Vec<CollectedSpan>>>);
+
+#[tonic::async_trait]
+impl TraceService for Sink {
+    async fn export(
+        &self,
+        request: Request<ExportTraceServiceRequest>,
+    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
+        let mut all = self.0.lock().unwrap();
+        for rs in request.into_inner().resource_spans {
+            let attrs = rs.resource.map(|r| flatten(&r.attributes)).unwrap_or_default();
+            let service = attrs.get("service.name").cloned().unwrap_or_default();
+            for ss in rs.scope_spans {
+                for s in ss.spans {
+                    all.push(CollectedSpan {
+                        service: service.clone(),
+                        name: s.name,
+                        trace_id: hex(&s.trace_id),
+                        span_id: hex(&s.span_id),
+                        parent_span_id: hex(&s.parent_span_id),
+                        attributes: flatten(&s.attributes),
+                        status_code: s.status.map_or(0, |st| st.code),
+                    });
+                }
+            }
+        }
+        Ok(Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+fn flatten(kvs: &[opentelemetry_proto::tonic::common::v1::KeyValue]) -> HashMap<String, String> {
+    kvs.iter()
+        .map(|kv| {
+            let v = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                Some(Value::StringValue(s)) => s.clone(),
+                Some(Value::IntValue(i)) => i.to_string(),
+                Some(Value::DoubleValue(d)) => d.to_string(),
+                Some(Value::BoolValue(b)) => b.to_string(),
+                _ => String::new(),
+            };
+            (kv.key.clone(), v)
+        })
+        .collect()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub struct Collector {
+    pub addr: SocketAddr,
+    sink: Sink,
+}
+
+impl Collector {
+    pub async fn start() -> Collector {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding collector");
+        let addr = listener.local_addr().expect("collector address");
+        let sink = Sink::default();
+        let service = TraceServiceServer::new(sink.clone());
+        tokio::spawn(Server::builder().add_service(service).serve_with_incoming(TcpIncoming::from(listener)));
+        Collector { addr, sink }
+    }
+
+    /// `http://ADDR`, for `--otlp-endpoint`.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn spans(&self) -> Vec<CollectedSpan> {
+        self.sink.0.lock().unwrap().clone()
+    }
+}
