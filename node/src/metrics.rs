@@ -26,6 +26,8 @@ pub struct NodeMetrics {
     pub running: Gauge,
     pub queued: Gauge,
     pub kv_tokens_free: Gauge,
+    pub max_running: Gauge,
+    pub max_queued: Gauge,
 }
 
 impl NodeMetrics {
@@ -40,6 +42,8 @@ impl NodeMetrics {
             running: Gauge::default(),
             queued: Gauge::default(),
             kv_tokens_free: Gauge::default(),
+            max_running: Gauge::default(),
+            max_queued: Gauge::default(),
         }
     }
 
@@ -57,6 +61,8 @@ impl NodeMetrics {
         r.register("running_sequences", "Sequences in the running batch", self.running.clone());
         r.register("queued_requests", "Admitted requests waiting for a batch slot", self.queued.clone());
         r.register("kv_tokens_free", "KV-cache tokens not committed to a request", self.kv_tokens_free.clone());
+        r.register("max_running", "Configured limit of sequences in the batch", self.max_running.clone());
+        r.register("max_queued", "Configured limit of waiting requests", self.max_queued.clone());
     }
 
     pub fn count(&self, code: tonic::Code) {

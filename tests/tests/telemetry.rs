@@ -109,13 +109,27 @@ async fn failures_mark_spans_with_the_grpc_code() {
     assert_eq!(span.attributes["rpc.grpc.status_code"], "3");
 }
 
-/// `GET /metrics`, parsed into `name{labels}` -> value.
-async fn scrape(addr: &str) -> HashMap<String, f64> {
+async fn metrics_text(addr: &str) -> String {
     let mut conn = tokio::net::TcpStream::connect(addr).await.expect("metrics endpoint");
     conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
     let mut text = String::new();
     conn.read_to_string(&mut text).await.unwrap();
-    let body = text.split("\r\n\r\n").nth(1).expect("HTTP body");
+    text.split_once("\r\n\r\n").expect("HTTP body").1.to_string()
+}
+
+/// Metric families a process declares (`# TYPE name kind`).
+async fn families(addr: &str) -> Vec<String> {
+    let text = metrics_text(addr).await;
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .map(String::from)
+        .collect()
+}
+
+/// `GET /metrics`, parsed into `name{labels}` -> value.
+async fn scrape(addr: &str) -> HashMap<String, f64> {
+    let body = metrics_text(addr).await;
     body.lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
         .filter_map(|l| l.rsplit_once(' ').and_then(|(k, v)| v.parse().ok().map(|v| (k.to_string(), v))))
@@ -170,4 +184,65 @@ async fn counters_and_histograms_move_by_the_right_amounts() {
     assert_eq!(after.2["mesh_registry_etcd_reachable"], 1.0);
     assert_eq!(after.2[r#"mesh_registry_instances{service="chat"}"#], 1.0);
     assert_eq!(after.2[r#"mesh_sidecar_ejected_instances{service="chat"}"#], 0.0);
+}
+
+/// Metric names registered in a process's metrics module (the single place
+/// where names are defined): `prefix_name`.
+fn registered(path: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path)).unwrap();
+    let mut prefix = String::new();
+    let mut names = Vec::new();
+    let mut pending = false; // a register( call whose name is on the next line
+    for line in text.lines() {
+        let literal = line.split('"').nth(1);
+        if line.contains("sub_registry_with_prefix(") {
+            prefix = literal.unwrap_or_default().to_string();
+        } else if line.trim_start().starts_with("r.register(") || line.trim_start().starts_with("reg.register(") {
+            match literal {
+                Some(name) => names.push(format!("{prefix}_{name}")),
+                None => pending = true,
+            }
+        } else if pending && let Some(name) = literal {
+            names.push(format!("{prefix}_{name}"));
+            pending = false;
+        }
+    }
+    names
+}
+
+/// Alerts and dashboards that name a metric nobody exports never fire and
+/// stay empty: every `mesh_*` name in deploy/observability must be one the
+/// node or the sidecar registers, and the ones a live process shows must
+/// match what the modules register.
+#[tokio::test(flavor = "multi_thread")]
+async fn deploy_files_name_only_exported_metrics() {
+    let mut known = registered("../node/src/metrics.rs");
+    known.extend(registered("../sidecar/src/metrics.rs"));
+    assert!(known.len() >= 20, "{known:?}");
+    // The parse is right: a live node shows its families under these names.
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let _node = NodeProcess::start(&["--backend", "synthetic", "--metrics-listen", &addr]).await;
+    for live in families(&addr).await {
+        assert!(known.contains(&live), "{live} is exported but not found in the metrics module");
+    }
+
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/observability");
+    let mut checked = 0;
+    for file in ["alerts.yml", "grafana-dashboard.json"] {
+        let text = std::fs::read_to_string(dir.join(file)).unwrap();
+        if file.ends_with(".json") {
+            serde_json::from_str::<serde_json::Value>(&text).expect("dashboard is valid JSON");
+        }
+        for word in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if !word.starts_with("mesh_") {
+                continue;
+            }
+            let base =
+                ["_total", "_bucket", "_count", "_sum"].iter().find_map(|s| word.strip_suffix(s)).unwrap_or(word);
+            assert!(known.iter().any(|k| k == base), "{file} names {word}, which no process exports");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 15, "only {checked} metric references found");
 }

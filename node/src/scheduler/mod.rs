@@ -160,6 +160,8 @@ impl Scheduler {
     /// Starts the engine thread over `backend`.
     pub fn start(limits: Limits, backend: Box<dyn Backend>, codec: Arc<dyn TextCodec>, metrics: NodeMetrics) -> Self {
         let (tx, rx) = mpsc::channel();
+        metrics.max_running.set(limits.max_running as i64);
+        metrics.max_queued.set(limits.max_queued as i64);
         let shared = Arc::new(Shared {
             limits,
             metrics,
