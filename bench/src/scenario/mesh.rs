@@ -147,7 +147,7 @@ impl Sidecar {
         let mut cmd = Command::new(bin);
         cmd.arg("--config").arg(&path).env("RUST_LOG", "info");
         let (mut outbound, mut inbound) = (None, None);
-        let started = Spawned::start(name, cmd, START_TIMEOUT, |line| {
+        let started = Spawned::start(name.clone(), cmd, START_TIMEOUT, |line| {
             if let Some(a) = line.split("outbound listening on ").nth(1) {
                 outbound = Some(a.trim().parse::<SocketAddr>()?);
             }
@@ -162,7 +162,7 @@ impl Sidecar {
             Ok((process, ())) => process,
             Err(e) => {
                 let _ = std::fs::remove_file(&path);
-                return Err(e.context(format!("its config:\n{config}")));
+                return Err(anyhow::anyhow!("starting {name}: {e:#}\nits config:\n{config}"));
             }
         };
         let outbound = outbound.context("the sidecar never logged its outbound address")?;
@@ -248,11 +248,13 @@ async fn service_name(nodes: &NodeSet) -> anyhow::Result<String> {
     Ok(models.first().context("node 0 lists no model")?.name.clone())
 }
 
-/// Shared head of every sidecar config. A short lease so a dead sidecar
-/// leaves the mesh quickly; drain grace is moot (processes are killed).
+/// Shared head of every sidecar config. Plaintext, which the sidecar
+/// requires be said explicitly: every hop is loopback. A short lease so a
+/// dead sidecar leaves the mesh quickly; drain grace is moot (processes are
+/// killed).
 fn head(etcd: &str) -> String {
     format!(
-        "drain_grace = \"1s\"\n[listen]\noutbound = \"127.0.0.1:0\"\ninbound = \"127.0.0.1:0\"\n\
+        "drain_grace = \"1s\"\nplaintext = true\n[listen]\noutbound = \"127.0.0.1:0\"\ninbound = \"127.0.0.1:0\"\n\
          [etcd]\nendpoints = [\"{etcd}\"]\nlease_ttl = \"2s\"\n"
     )
 }
@@ -282,7 +284,7 @@ mod tests {
     fn node_sidecar_config_names_the_bulkhead() {
         let b = Bulkhead { max_concurrency: 32, max_queue: 1, max_queue_wait: Duration::from_millis(250) };
         let c = node_sidecar_config("http://127.0.0.1:2379", "127.0.0.1:9".parse().unwrap(), "synthetic", Some(&b));
-        assert!(c.contains("endpoints = [\"http://127.0.0.1:2379\"]"), "{c}");
+        assert!(c.contains("endpoints = [\"http://127.0.0.1:2379\"]") && c.contains("plaintext = true"), "{c}");
         assert!(c.contains("[node]\naddress = \"127.0.0.1:9\""), "{c}");
         assert!(c.contains("name = \"synthetic\"\nmax_concurrency = 32\nmax_queue = 1\nmax_queue_wait = \"250ms\""));
         let plain = node_sidecar_config("http://e", "127.0.0.1:9".parse().unwrap(), "s", None);
