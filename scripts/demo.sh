@@ -47,6 +47,7 @@ node_addr=$(wait_log "$work/node.log" 'listening on \([0-9.:]*\)' $!)
 echo "node (SmolLM2-135M) at $node_addr"
 
 cat >"$work/node-sidecar.toml" <<TOML
+plaintext = true  # one host, loopback only
 [listen]
 outbound = "127.0.0.1:0"
 inbound = "127.0.0.1:0"
@@ -61,6 +62,7 @@ wait_log "$work/node-sidecar.log" '\(node registered\) in the mesh' $! >/dev/nul
 echo "node sidecar registered the node in etcd"
 
 cat >"$work/client-sidecar.toml" <<TOML
+plaintext = true
 [listen]
 outbound = "127.0.0.1:0"
 inbound = "127.0.0.1:0"

@@ -43,9 +43,31 @@ enum Command {
         temperature: f32,
         #[arg(long)]
         seed: Option<u64>,
+        /// API key, sent as `authorization: Bearer KEY`.
+        #[arg(long, env = "MESH_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
     },
     /// List the models a server serves, with their limits.
     Models,
+    /// Print the SHA-256 of an API key, for a sidecar's `[[api_keys]]`.
+    HashKey { key: String },
+    /// Create a development CA (`ca.pem`, `ca.key`) in DIR.
+    CertsCa {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Issue a host certificate (`NAME.pem`, `NAME.key`) signed by the CA in --ca-dir.
+    CertsIssue {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// IP addresses or DNS names the host is reached by (repeat or comma-separate).
+        #[arg(long, value_delimiter = ',', required = true)]
+        san: Vec<String>,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Services, instances and their records, read from etcd; with
     /// `--sidecar`, that sidecar's live view (load, in-flight, ejections).
     Status {
@@ -111,6 +133,13 @@ impl EtcdArgs {
     }
 }
 
+mod certs;
+
+/// Hex SHA-256, the form sidecar configs store API keys in.
+fn hash_key(key: &str) -> String {
+    ring::digest::digest(&ring::digest::SHA256, key.as_bytes()).as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -118,6 +147,15 @@ async fn main() -> anyhow::Result<()> {
         GenerationClient::connect(cli.addr.clone()).await.with_context(|| format!("connecting to {}", cli.addr))
     };
     match cli.command {
+        Command::HashKey { ref key } => println!("{}", hash_key(key)),
+        Command::CertsCa { ref out } => {
+            certs::create_ca(out)?;
+            println!("wrote {0}/ca.pem and {0}/ca.key", out.display());
+        }
+        Command::CertsIssue { ref ca_dir, ref name, ref san, ref out } => {
+            certs::issue(ca_dir, name, san, out)?;
+            println!("wrote {0}/{name}.pem and {0}/{name}.key", out.display());
+        }
         Command::Status { ref sidecar, json, .. } if sidecar.is_some() => {
             sidecar_status(sidecar.as_deref().unwrap_or_default(), json).await?
         }
@@ -136,7 +174,7 @@ async fn main() -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Generate { ref text, raw, ref model, max_tokens, temperature, seed } => {
+        Command::Generate { ref text, raw, ref model, max_tokens, temperature, seed, ref api_key } => {
             let mut client = connect().await?;
             let (text, model) = (text.clone(), model.clone());
             let input = match raw {
@@ -152,7 +190,11 @@ async fn main() -> anyhow::Result<()> {
                 ..Default::default()
             };
             let started = Instant::now();
-            let mut stream = client.generate(req).await?.into_inner();
+            let mut request = tonic::Request::new(req);
+            if let Some(key) = api_key {
+                request.metadata_mut().insert("authorization", format!("Bearer {key}").parse()?);
+            }
+            let mut stream = client.generate(request).await?.into_inner();
             let mut stdout = std::io::stdout();
             while let Some(msg) = stream.message().await? {
                 write!(stdout, "{}", msg.text)?;

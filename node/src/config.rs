@@ -73,6 +73,16 @@ pub struct NodeConfig {
     #[command(flatten)]
     pub trace: telemetry::TraceArgs,
 
+    /// Serve over TLS with this certificate (PEM); needs --tls-key.
+    #[arg(long, env = "MESH_NODE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long, env = "MESH_NODE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM): only the mesh's
+    /// sidecars may call.
+    #[arg(long, env = "MESH_NODE_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
     /// Run the model on CUDA device N (needs a build with `--features cuda`).
     #[arg(long, env = "MESH_NODE_CUDA_DEVICE")]
     pub cuda_device: Option<usize>,

@@ -7,8 +7,8 @@ use candle_core::Device;
 use mesh_proto::v1::generation_server::GenerationServer;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
-use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
@@ -78,7 +78,12 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
 
     let (stop_tx, stop_rx) = oneshot::channel();
     tokio::spawn(drain_on_signal(scheduler, health, cfg.drain_grace, stop_tx));
-    Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = tls_config(&cfg)? {
+        builder = builder.tls_config(tls)?;
+    }
+    notify(sd_notify::NotifyState::Ready);
+    builder
         .add_service(health_service)
         .add_service(reflection)
         .add_service(GenerationServer::new(service))
@@ -88,6 +93,24 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         .await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// TLS for the node's listener, from --tls-cert/--tls-key (and mutual with --tls-client-ca).
+fn tls_config(cfg: &NodeConfig) -> anyhow::Result<Option<ServerTlsConfig>> {
+    let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) else { return Ok(None) };
+    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()));
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
+    if let Some(ca) = &cfg.tls_client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    Ok(Some(tls))
+}
+
+/// Tells systemd (`Type=notify`) about readiness and stopping; a no-op outside systemd.
+fn notify(state: sd_notify::NotifyState<'_>) {
+    if let Err(e) = sd_notify::notify(&[state]) {
+        tracing::debug!(error = %e, "sd_notify");
+    }
 }
 
 async fn set_health(health: &HealthReporter, status: ServingStatus) {
@@ -102,6 +125,7 @@ async fn drain_on_signal(scheduler: Scheduler, health: HealthReporter, grace: Du
         tracing::error!(error = %e, "cannot listen for signals; draining now");
     }
     let load = scheduler.load();
+    notify(sd_notify::NotifyState::Stopping);
     tracing::info!(running = load.running, queued = load.queued, ?grace, "draining");
     set_health(&health, ServingStatus::NotServing).await;
     scheduler.drain();

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -30,6 +30,39 @@ pub struct SidecarConfig {
     /// Serve Prometheus metrics here (`/metrics`); port 0 picks one (logged).
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
+    /// Mutual TLS between hosts. Required unless `plaintext = true`.
+    pub tls: Option<TlsSection>,
+    /// Run without TLS; must be said explicitly.
+    #[serde(default)]
+    pub plaintext: bool,
+    /// API keys of the tenants allowed to call in through this sidecar; when
+    /// empty, calls are not authenticated.
+    #[serde(default)]
+    pub api_keys: Vec<ApiKey>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// The mesh CA (PEM): peers' certificates must chain to it.
+    pub ca: PathBuf,
+    /// This host's certificate and key (PEM), for serving and for dialing.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Serve the client-facing (outbound) listener over TLS too.
+    #[serde(default)]
+    pub outbound: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKey {
+    pub tenant: String,
+    /// SHA-256 of the key, hex (`meshctl hash-key KEY`); keys are never stored.
+    pub sha256: String,
+    /// Services this tenant may call; empty means all.
+    #[serde(default)]
+    pub services: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -248,6 +281,18 @@ impl SidecarConfig {
         {
             return Err(invalid("node.weight", "must be at least 1"));
         }
+        match (&self.tls, self.plaintext) {
+            (None, false) => {
+                return Err(invalid("tls", "missing: configure [tls] (ca, cert, key), or set plaintext = true"));
+            }
+            (Some(_), true) => return Err(invalid("plaintext", "cannot be true while [tls] is configured")),
+            _ => {}
+        }
+        for (i, k) in self.api_keys.iter().enumerate() {
+            if k.sha256.len() != 64 || !k.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(invalid(format!("api_keys[{i}].sha256"), "must be 64 hex digits (meshctl hash-key KEY)"));
+            }
+        }
         Ok(())
     }
 
@@ -288,6 +333,7 @@ mod tests {
     use super::*;
 
     const MINIMAL: &str = r#"
+        plaintext = true
         [listen]
         outbound = "127.0.0.1:7100"
         inbound = "127.0.0.1:7101"
@@ -315,6 +361,16 @@ mod tests {
         let zero = format!("{MINIMAL}\n[outlier]\nconsecutive_failures = 0\n");
         let err = toml::from_str::<SidecarConfig>(&zero).unwrap().validate().unwrap_err().to_string();
         assert!(err.starts_with("outlier.consecutive_failures"), "{err}");
+    }
+
+    #[test]
+    fn tls_or_explicit_plaintext_is_required() {
+        let no_tls = MINIMAL.replace("plaintext = true", "");
+        let err = toml::from_str::<SidecarConfig>(&no_tls).unwrap().validate().unwrap_err().to_string();
+        assert!(err.starts_with("tls: missing"), "{err}");
+        let bad_key = format!("{MINIMAL}\n[[api_keys]]\ntenant = \"a\"\nsha256 = \"abc\"\n");
+        let err = toml::from_str::<SidecarConfig>(&bad_key).unwrap().validate().unwrap_err().to_string();
+        assert!(err.starts_with("api_keys[0].sha256"), "{err}");
     }
 
     #[test]

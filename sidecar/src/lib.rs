@@ -5,6 +5,7 @@
 //! etcd under a lease.
 
 pub mod admin;
+mod auth;
 pub mod config;
 mod deadline;
 pub mod inbound;
@@ -12,3 +13,4 @@ pub mod metrics;
 pub mod outbound;
 mod registration;
 pub mod server;
+pub mod tls;

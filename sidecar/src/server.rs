@@ -11,13 +11,14 @@ use registry::{EtcdRegistry, Registry};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Channel, Endpoint, Server};
+use tonic::transport::{Channel, Endpoint, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::{HealthCheckRequest, health_check_response};
 use tonic_health::server::HealthReporter;
 
 use crate::admin::Admin;
+use crate::auth::ApiKeys;
 use crate::config::{ServiceLimits, SidecarConfig};
 use crate::inbound::bulkhead::Bulkhead;
 use crate::inbound::tenants::Tenants;
@@ -26,6 +27,7 @@ use crate::metrics::SidecarMetrics;
 use crate::outbound::balancer::Balancer;
 use crate::outbound::{Outbound, OutboundService, health};
 use crate::registration;
+use crate::tls::TlsMaterial;
 
 const GENERATION: &str = "mesh.v1.Generation";
 
@@ -37,8 +39,14 @@ pub async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
         let bound = telemetry::metrics::serve(addr, registry).await?;
         tracing::info!("metrics on http://{bound}/metrics");
     }
+    let tls = cfg.tls.as_ref().map(TlsMaterial::load).transpose()?;
     let registry = EtcdRegistry::start(cfg.etcd())?;
-    let balancer = Arc::new(Balancer::new(cfg.routing.policy, cfg.outlier.clone(), metrics.clone()));
+    let balancer = Arc::new(Balancer::new(
+        cfg.routing.policy,
+        cfg.outlier.clone(),
+        metrics.clone(),
+        tls.as_ref().map(|t| t.client()),
+    ));
     let mut view = registry.watch();
     let sync = balancer.clone();
     let reachable = metrics.etcd_reachable.clone();
@@ -55,25 +63,29 @@ pub async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
     health::spawn(balancer.clone());
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let outbound = Outbound::new(balancer.clone(), cfg.routing.clone(), metrics.clone());
+    let outbound = Outbound::new(balancer.clone(), cfg.routing.clone(), metrics.clone(), ApiKeys::new(&cfg.api_keys));
     let admin = Admin { balancer, view: registry.watch() };
     let out_listener = TcpListener::bind(cfg.listen.outbound).await?;
     tracing::info!("outbound listening on {}", out_listener.local_addr()?);
-    let out_server = tokio::spawn(serve_outbound(out_listener, outbound, admin, stop_rx.clone()));
+    let out_tls = tls.as_ref().filter(|t| t.outbound).map(|t| t.server());
+    let out_server = tokio::spawn(serve_outbound(out_listener, out_tls, outbound, admin, stop_rx.clone()));
 
     let signal = shutdown_signal();
     tokio::pin!(signal);
     let inbound = match &cfg.node {
         // A node that never comes up must not make the sidecar deaf to SIGTERM.
         Some(node) => tokio::select! {
-            started = start_inbound(&cfg, node, &registry, metrics, stop_rx.clone()) => Some(started?),
+            started = start_inbound(&cfg, node, tls.as_ref(), &registry, metrics, stop_rx.clone()) => Some(started?),
             _ = &mut signal => None,
         },
         None => None,
     };
     if inbound.is_some() || cfg.node.is_none() {
+        // Listening (and registered, with a node): tell systemd we are up.
+        notify(sd_notify::NotifyState::Ready);
         signal.await;
     }
+    notify(sd_notify::NotifyState::Stopping);
     tracing::info!("draining");
     registry.shutdown().await.ok(); // our records vanish from every watcher at once
     if let Some((inbound, reporter, bulkhead)) = &inbound {
@@ -96,13 +108,18 @@ pub async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
 
 async fn serve_outbound(
     listener: TcpListener,
+    tls: Option<ServerTlsConfig>,
     outbound: Arc<Outbound>,
     admin: Admin,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), tonic::transport::Error> {
     let (reporter, health_service) = tonic_health::server::health_reporter();
     set_health(&reporter, ServingStatus::Serving).await;
-    Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
         .add_service(health_service)
         .add_service(reflection())
         .add_service(SidecarAdminServer::new(admin))
@@ -117,14 +134,19 @@ async fn serve_outbound(
 async fn start_inbound(
     cfg: &SidecarConfig,
     node: &crate::config::NodeSection,
+    tls: Option<&TlsMaterial>,
     registry: &EtcdRegistry,
     metrics: SidecarMetrics,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<(Arc<Inbound>, HealthReporter, Arc<Bulkhead>)> {
-    let channel = Endpoint::from_shared(format!("http://{}", node.address))?
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{}", node.address))?
         .connect_timeout(Duration::from_secs(1))
-        .tcp_nodelay(true)
-        .connect_lazy();
+        .tcp_nodelay(true);
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls.client())?;
+    }
+    let channel = endpoint.connect_lazy();
     let model = registration::node_model(channel.clone()).await;
     let service = node.service.clone().unwrap_or_else(|| model.name.clone());
     let limits = cfg.services.iter().find(|s| s.name == service).cloned().unwrap_or_else(|| ServiceLimits {
@@ -143,8 +165,12 @@ async fn start_inbound(
     set_health(&reporter, ServingStatus::Serving).await;
     tokio::spawn(mirror_node_health(channel, reporter.clone(), stop.clone()));
     let svc = InboundService(inbound.clone());
+    let mut builder = Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls.mutual_server())?;
+    }
     tokio::spawn(async move {
-        Server::builder()
+        builder
             .add_service(health_service)
             .add_service(reflection())
             .add_service(GenerationServer::new(svc))
@@ -187,6 +213,14 @@ fn reflection()
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .expect("the embedded descriptor sets are valid")
+}
+
+/// Tells systemd (`Type=notify`) about readiness and stopping; a no-op
+/// outside systemd.
+fn notify(state: sd_notify::NotifyState<'_>) {
+    if let Err(e) = sd_notify::notify(&[state]) {
+        tracing::debug!(error = %e, "sd_notify");
+    }
 }
 
 async fn shutdown_signal() {

@@ -56,8 +56,9 @@ impl SidecarProcess {
             None => String::new(),
         };
         let full = format!(
-            "drain_grace = \"5s\"\n[listen]\noutbound = \"127.0.0.1:0\"\ninbound = \"127.0.0.1:0\"\n[etcd]\nendpoints = [\"{}\"]\nlease_ttl = \"2s\"\n{node_section}{config}",
-            etcd.url()
+            "drain_grace = \"5s\"\n{tls}[listen]\noutbound = \"127.0.0.1:0\"\ninbound = \"127.0.0.1:0\"\n[etcd]\nendpoints = [\"{}\"]\nlease_ttl = \"2s\"\n{node_section}{config}",
+            etcd.url(),
+            tls = if config.contains("[tls]") { "" } else { "plaintext = true\n" },
         );
         std::fs::write(&path, full).expect("writing sidecar config");
         let mut child = Command::new(bin_dir().join("mesh-sidecar"))

@@ -161,7 +161,39 @@ async fn counters_and_histograms_move_by_the_right_amounts() {
     }
     let bad = GenerateRequest { sampling: Some(SamplingParams { top_p: Some(2.0), ..Default::default() }), ..chat(5) };
     assert!(generate(&mut client, bad).await.is_err());
-    let after = (scrape(&node_metrics).await, scrape(&b_metrics).await, scrape(&a_metrics).await);
+    // A stream's status is counted just after its last message goes out:
+    // wait (bounded) for each process to have counted all four calls.
+    let settled = |addr: String, key: &'static str, want: f64, base: HashMap<String, f64>| async move {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let now = scrape(&addr).await;
+                if delta(&base, &now, key) >= want {
+                    return now;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{key} never reached +{want} on {addr}"))
+    };
+    let after = (
+        settled(node_metrics.clone(), r#"mesh_node_requests_total{model="chat",code="OK"}"#, 3.0, before.0.clone())
+            .await,
+        settled(
+            b_metrics.clone(),
+            r#"mesh_sidecar_requests_total{direction="inbound",service="chat",code="OK"}"#,
+            3.0,
+            before.1.clone(),
+        )
+        .await,
+        settled(
+            a_metrics.clone(),
+            r#"mesh_sidecar_requests_total{direction="outbound",service="chat",code="OK"}"#,
+            3.0,
+            before.2.clone(),
+        )
+        .await,
+    );
 
     let node_d = |k: &str| delta(&before.0, &after.0, k);
     assert_eq!(node_d(r#"mesh_node_requests_total{model="chat",code="OK"}"#), 3.0);

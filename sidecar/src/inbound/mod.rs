@@ -231,8 +231,13 @@ impl InboundService {
                             Some(prev) => inbound.metrics.gap("inbound", at.duration_since(prev).as_secs_f64()),
                         }
                         used += msg.token_ids.len() as u32;
+                        let done = msg.finish_reason != 0;
                         if tx.send(Ok(msg)).await.is_err() {
+                            code = tonic::Code::Cancelled;
                             break;
+                        }
+                        if done {
+                            break; // the last message is out: the call succeeded
                         }
                     }
                     Ok(None) => break,

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use rand::seq::IndexedRandom;
 use registry::View;
+use tonic::transport::ClientTlsConfig;
 
 use super::endpoint::{Endpoint, Outcome};
 use crate::config::{Outlier, Policy};
@@ -20,13 +21,15 @@ pub struct Balancer {
     policy: Policy,
     outlier: Outlier,
     metrics: SidecarMetrics,
+    /// How to dial instances (mutual TLS), unless the mesh runs in plaintext.
+    tls: Option<ClientTlsConfig>,
     services: RwLock<Arc<Instances>>,
     rr: AtomicUsize,
 }
 
 impl Balancer {
-    pub fn new(policy: Policy, outlier: Outlier, metrics: SidecarMetrics) -> Self {
-        Self { policy, outlier, metrics, services: RwLock::new(Arc::default()), rr: AtomicUsize::new(0) }
+    pub fn new(policy: Policy, outlier: Outlier, metrics: SidecarMetrics, tls: Option<ClientTlsConfig>) -> Self {
+        Self { policy, outlier, metrics, tls, services: RwLock::new(Arc::default()), rr: AtomicUsize::new(0) }
     }
 
     /// Publishes instances known and ejected, per service.
@@ -61,7 +64,7 @@ impl Balancer {
                     // Seed a newcomer with its peers' median TTFT.
                     let mut ttfts: Vec<Duration> = peers.into_iter().flatten().map(|e| e.ewma_ttft()).collect();
                     ttfts.sort();
-                    match Endpoint::new(rec.clone(), ttfts.get(ttfts.len() / 2).copied()) {
+                    match Endpoint::new(rec.clone(), ttfts.get(ttfts.len() / 2).copied(), self.tls.as_ref()) {
                         Ok(e) => Arc::new(e),
                         Err(e) => {
                             tracing::warn!(address = %rec.address, error = %e, "skipping instance with a bad address");
@@ -181,7 +184,7 @@ mod tests {
 
     #[tokio::test]
     async fn least_loaded_avoids_the_busy_instance() {
-        let b = Balancer::new(Policy::LeastLoaded, Outlier::default(), SidecarMetrics::new());
+        let b = Balancer::new(Policy::LeastLoaded, Outlier::default(), SidecarMetrics::new(), None);
         b.update(&view(2));
         let busy = b.pick("chat", &HashSet::new()).unwrap();
         let _streams: Vec<_> = (0..10).map(|_| busy.start()).collect();
@@ -194,7 +197,7 @@ mod tests {
     #[tokio::test]
     async fn never_ejects_every_instance() {
         let cfg = Outlier { consecutive_failures: 1, max_ejected_percent: 100, ..Default::default() };
-        let b = Balancer::new(Policy::RoundRobin, cfg, SidecarMetrics::new());
+        let b = Balancer::new(Policy::RoundRobin, cfg, SidecarMetrics::new(), None);
         b.update(&view(2));
         for e in b.all() {
             b.record(&e, Outcome::Failure, "boom");
@@ -206,7 +209,7 @@ mod tests {
     #[tokio::test]
     async fn success_rate_far_below_the_peers_ejects() {
         let cfg = Outlier { consecutive_failures: 1000, success_rate_min_requests: 10, ..Default::default() };
-        let b = Balancer::new(Policy::RoundRobin, cfg, SidecarMetrics::new());
+        let b = Balancer::new(Policy::RoundRobin, cfg, SidecarMetrics::new(), None);
         b.update(&view(3));
         let all = b.all();
         for (i, e) in all.iter().enumerate() {
@@ -225,7 +228,7 @@ mod tests {
 
     #[tokio::test]
     async fn updates_keep_state_of_unchanged_instances() {
-        let b = Balancer::new(Policy::RoundRobin, Outlier::default(), SidecarMetrics::new());
+        let b = Balancer::new(Policy::RoundRobin, Outlier::default(), SidecarMetrics::new(), None);
         b.update(&view(2));
         let e = b.pick("chat", &HashSet::new()).unwrap();
         e.observe_ttft(Duration::from_secs(3));

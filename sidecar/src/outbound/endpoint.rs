@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use mesh_proto::v1::generation_client::GenerationClient;
 use registry::InstanceRecord;
-use tonic::transport::{Channel, Endpoint as TonicEndpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint as TonicEndpoint};
 
 use crate::config::Outlier;
 
@@ -68,13 +68,21 @@ pub enum Outcome {
 
 impl Endpoint {
     /// A lazily connected endpoint for `record`, seeded with `ttft_guess`.
-    pub fn new(record: InstanceRecord, ttft_guess: Option<Duration>) -> Result<Self, tonic::transport::Error> {
-        let channel = TonicEndpoint::from_shared(format!("http://{}", record.address))?
+    pub fn new(
+        record: InstanceRecord,
+        ttft_guess: Option<Duration>,
+        tls: Option<&ClientTlsConfig>,
+    ) -> Result<Self, tonic::transport::Error> {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut endpoint = TonicEndpoint::from_shared(format!("{scheme}://{}", record.address))?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .connect_lazy();
+            .keep_alive_timeout(Duration::from_secs(5));
+        if let Some(tls) = tls {
+            endpoint = endpoint.tls_config(tls.clone())?;
+        }
+        let channel = endpoint.connect_lazy();
         let now = Instant::now();
         Ok(Self {
             client: GenerationClient::new(channel.clone()),
@@ -263,7 +271,7 @@ mod tests {
     use super::*;
 
     fn endpoint() -> Endpoint {
-        Endpoint::new(InstanceRecord::new("chat", "a", "127.0.0.1:1"), None).unwrap()
+        Endpoint::new(InstanceRecord::new("chat", "a", "127.0.0.1:1"), None, None).unwrap()
     }
 
     #[tokio::test]

@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
+use crate::auth::ApiKeys;
 use crate::config::Routing;
 use crate::deadline;
 use crate::metrics::SidecarMetrics;
@@ -34,6 +35,7 @@ pub struct Outbound {
     budgets: std::sync::Mutex<std::collections::HashMap<String, Arc<RetryBudget>>>,
     routing: Routing,
     metrics: SidecarMetrics,
+    keys: ApiKeys,
 }
 
 /// One open stream to one instance.
@@ -62,8 +64,8 @@ fn retryable(status: &Status) -> bool {
 }
 
 impl Outbound {
-    pub fn new(balancer: Arc<Balancer>, routing: Routing, metrics: SidecarMetrics) -> Arc<Self> {
-        Arc::new(Self { balancer, budgets: Default::default(), routing, metrics })
+    pub fn new(balancer: Arc<Balancer>, routing: Routing, metrics: SidecarMetrics, keys: ApiKeys) -> Arc<Self> {
+        Arc::new(Self { balancer, budgets: Default::default(), routing, metrics, keys })
     }
 
     /// The service's retry budget (services are only those in the registry).
@@ -305,8 +307,13 @@ impl Generation for OutboundService {
         );
         telemetry::propagation::continue_trace(&route, request.metadata());
         route.record("trace_id", telemetry::propagation::trace_id(&route));
-        let req = request.into_inner();
+        let tenant = this.keys.check(request.metadata(), &request.get_ref().model);
+        let mut req = request.into_inner();
         let opened = async {
+            // A key's tenant replaces whatever tenant the caller claims.
+            if let Some(tenant) = tenant? {
+                req.tenant = tenant;
+            }
             if req.model.is_empty() {
                 return Err(Status::invalid_argument("model is required: it names the service to route to"));
             }
