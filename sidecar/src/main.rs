@@ -23,6 +23,9 @@ struct Cli {
     /// Overrides `node.address`.
     #[arg(long, env = "MESH_SIDECAR_NODE")]
     node: Option<String>,
+    /// Overrides `listen.advertise`: the address other hosts dial for inbound.
+    #[arg(long, env = "MESH_SIDECAR_ADVERTISE")]
+    advertise: Option<String>,
     /// Overrides `metrics_listen` (Prometheus `/metrics`).
     #[arg(long, env = "MESH_SIDECAR_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
@@ -65,6 +68,9 @@ fn apply(mut cfg: SidecarConfig, cli: &Cli) -> SidecarConfig {
     }
     if !cli.etcd.is_empty() {
         cfg.etcd.endpoints = cli.etcd.clone();
+    }
+    if cli.advertise.is_some() {
+        cfg.listen.advertise = cli.advertise.clone();
     }
     if cli.metrics_listen.is_some() {
         cfg.metrics_listen = cli.metrics_listen;
