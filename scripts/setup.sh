@@ -10,6 +10,7 @@ command -v etcd >/dev/null || need+=(etcd-server)
 command -v python3 >/dev/null || need+=(python3 python3-pip)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v ip >/dev/null || need+=(iproute2)
+command -v curl >/dev/null || need+=(curl)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

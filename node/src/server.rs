@@ -87,7 +87,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         .add_service(health_service)
         .add_service(reflection)
         .add_service(GenerationServer::new(service))
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), async {
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)) /* small frames (a token, a refusal) must not wait for a delayed ACK */, async {
             let _ = stop_rx.await;
         })
         .await?;

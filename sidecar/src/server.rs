@@ -124,7 +124,7 @@ async fn serve_outbound(
         .add_service(reflection())
         .add_service(SidecarAdminServer::new(admin))
         .add_service(GenerationServer::new(OutboundService(outbound)))
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), async move {
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)) /* small frames (a token, a refusal) must not wait for a delayed ACK */, async move {
             let _ = stop.wait_for(|s| *s).await;
         })
         .await
@@ -174,7 +174,7 @@ async fn start_inbound(
             .add_service(health_service)
             .add_service(reflection())
             .add_service(GenerationServer::new(svc))
-            .serve_with_incoming_shutdown(TcpIncoming::from(listener), async move {
+            .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), async move {
                 let _ = stop.wait_for(|s| *s).await;
             })
             .await

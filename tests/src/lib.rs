@@ -16,6 +16,7 @@ use tonic::transport::Channel;
 
 pub mod etcd;
 pub mod mesh;
+pub mod netns;
 pub mod otlp;
 pub mod proxy;
 

@@ -1,0 +1,269 @@
+//! Hosts in network namespaces (an etcd host, two GPU hosts, a client
+//! host) run exactly the command lines of deploy/systemd with the configs of
+//! deploy/config (paths moved into a per-host directory), with mutual TLS.
+//! A client streams completions through its sidecar; one GPU host's link is
+//! cut and restored.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mesh_tests::netns::Lab;
+use mesh_tests::{bin_dir, free_port, model_path};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Child;
+
+const HOSTS: [(&str, &str); 4] =
+    [("etcd", "10.77.0.1/24"), ("gpu1", "10.77.0.11/24"), ("gpu2", "10.77.0.12/24"), ("client", "10.77.0.21/24")];
+const API_KEY: &str = "dev-key-change-me";
+
+fn deploy() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+/// A host's `/etc/mesh`, with the example configs and its certificates.
+struct HostDir(PathBuf);
+
+impl HostDir {
+    fn localize(&self, text: &str) -> String {
+        text.replace("/etc/mesh", self.0.to_str().unwrap())
+            .replace("/var/lib/mesh/models/SmolLM2-135M-Instruct.Q4_1.gguf", model_path().to_str().unwrap())
+            .replace("/var/lib/mesh/etcd", self.0.join("etcd-data").to_str().unwrap())
+            .replace("/usr/local/bin/", &format!("{}/", bin_dir().display()))
+    }
+}
+
+/// `ExecStart` and environment of `unit` (instance `instance`), as systemd
+/// would run it on the host whose `/etc/mesh` is `dir`.
+fn unit_command(unit: &str, instance: &str, dir: &HostDir) -> (Vec<String>, HashMap<String, String>) {
+    let text = std::fs::read_to_string(deploy().join("systemd").join(unit)).unwrap().replace("%i", instance);
+    let text = dir.localize(&text);
+    let mut exec = Vec::new();
+    let mut env = HashMap::new();
+    for line in text.lines() {
+        if let Some(cmd) = line.strip_prefix("ExecStart=") {
+            exec = cmd.split_whitespace().map(String::from).collect();
+        }
+        if let Some(file) = line.strip_prefix("EnvironmentFile=") {
+            let (optional, file) = match file.strip_prefix('-') {
+                Some(f) => (true, f),
+                None => (false, file),
+            };
+            match std::fs::read_to_string(file) {
+                Ok(vars) => {
+                    for l in vars.lines().filter(|l| !l.trim_start().starts_with('#')) {
+                        if let Some((k, v)) = l.split_once('=') {
+                            env.insert(k.trim().to_string(), v.trim().to_string());
+                        }
+                    }
+                }
+                Err(e) => assert!(optional, "{file}: {e}"),
+            }
+        }
+    }
+    assert!(!exec.is_empty(), "{unit} has no ExecStart");
+    (exec, env)
+}
+
+/// Starts a unit's command on a host and waits for `ready` in its log.
+async fn start(lab: &Lab, host: &str, unit: &str, instance: &str, dir: &HostDir, ready: &str) -> Child {
+    let (exec, env) = unit_command(unit, instance, dir);
+    let mut cmd = lab.command(host, &exec[0]);
+    cmd.args(&exec[1..])
+        .envs(env)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("{unit} on {host}: {e}"));
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let found = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains(ready) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(found, Ok(true), "{unit} on {host} never logged {ready:?}");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    child
+}
+
+async fn run(lab: &Lab, host: &str, program: &str, args: &[&str]) -> std::process::Output {
+    lab.command(host, program).args(args).output().await.unwrap()
+}
+
+/// One streamed completion from the client host; true when it succeeded.
+async fn complete(lab: &Lab, key: &str) -> std::process::Output {
+    let meshctl = bin_dir().join("meshctl");
+    run(
+        lab,
+        "client",
+        meshctl.to_str().unwrap(),
+        &[
+            "--addr",
+            "http://127.0.0.1:7100",
+            "generate",
+            "--model",
+            "chat",
+            "--max-tokens",
+            "12",
+            "--api-key",
+            key,
+            "--raw",
+            "The mesh",
+        ],
+    )
+    .await
+}
+
+async fn instances_seen(lab: &Lab) -> String {
+    let meshctl = bin_dir().join("meshctl");
+    let out =
+        run(lab, "client", meshctl.to_str().unwrap(), &["status", "--json", "--sidecar", "http://127.0.0.1:7100"])
+            .await;
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+async fn node_requests(lab: &Lab, host: &str) -> f64 {
+    let out = run(lab, host, "curl", &["-s", "http://127.0.0.1:9101/metrics"]).await;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.starts_with("mesh_node_requests_total{") && l.contains("code=\"OK\""))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_gpu_hosts_behind_mutual_tls_survive_a_cut_link() {
+    let root = std::env::temp_dir().join(format!("mesh-hosts-{}-{}", std::process::id(), free_port()));
+    let pki = root.join("pki");
+    let meshctl = bin_dir().join("meshctl");
+    let ok = std::process::Command::new(&meshctl).args(["certs-ca", "--out", pki.to_str().unwrap()]).status().unwrap();
+    assert!(ok.success());
+    let mut dirs = HashMap::new();
+    for (host, addr) in HOSTS {
+        let dir = HostDir(root.join(host));
+        std::fs::create_dir_all(dir.0.join("tls")).unwrap();
+        for entry in std::fs::read_dir(deploy().join("config")).unwrap() {
+            let path = entry.unwrap().path();
+            let mut text = dir.localize(&std::fs::read_to_string(&path).unwrap());
+            if host == "gpu2" {
+                text = text.replace("10.77.0.11", "10.77.0.12"); // this host's own address
+            }
+            std::fs::write(dir.0.join(path.file_name().unwrap()), text).unwrap();
+        }
+        let ip = addr.split('/').next().unwrap();
+        let issued = std::process::Command::new(&meshctl)
+            .args(["certs-issue", "--ca-dir", pki.to_str().unwrap(), "--name", "host", "--san"])
+            .arg(format!("{ip},127.0.0.1"))
+            .args(["--out", dir.0.join("tls").to_str().unwrap()])
+            .status()
+            .unwrap();
+        assert!(issued.success());
+        std::fs::copy(pki.join("ca.pem"), dir.0.join("tls/ca.pem")).unwrap();
+        dirs.insert(host, dir);
+    }
+
+    let lab = Lab::new(&HOSTS);
+    let _etcd = start(&lab, "etcd", "mesh-etcd.service", "", &dirs["etcd"], "ready to serve client requests").await;
+    let mut procs: Vec<Child> = Vec::new();
+    for gpu in ["gpu1", "gpu2"] {
+        procs.push(start(&lab, gpu, "mesh-node@.service", "chat", &dirs[gpu], "listening on").await);
+        procs.push(start(&lab, gpu, "mesh-sidecar@.service", "chat", &dirs[gpu], "node registered in the mesh").await);
+    }
+    procs
+        .push(start(&lab, "client", "mesh-sidecar@.service", "client", &dirs["client"], "outbound listening on").await);
+    let both = tokio::time::timeout(Duration::from_secs(20), async {
+        while instances_seen(&lab).await.matches("\"instance_id\"").count() < 2 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    assert!(both.is_ok(), "client never saw both GPU hosts: {}", instances_seen(&lab).await);
+
+    // Edge checks: a bad key, and a caller without a client certificate.
+    let bad = complete(&lab, "wrong-key").await;
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("unknown API key"), "{bad:?}");
+    let ca = dirs["client"].0.join("tls/ca.pem");
+    let no_cert = run(
+        &lab,
+        "client",
+        "curl",
+        &["-s", "--http2-prior-knowledge", "--cacert", ca.to_str().unwrap(), "https://10.77.0.11:7101/"],
+    )
+    .await;
+    // 35: handshake failed; 55/56: the server's alert arrived after the
+    // TLS 1.3 handshake (curl's view of a rejected client certificate).
+    assert!(matches!(no_cert.status.code(), Some(35 | 55 | 56)), "TLS without a client certificate: {no_cert:?}");
+    let tls = dirs["client"].0.join("tls");
+    let (cert, key) = (tls.join("host.pem"), tls.join("host.key"));
+    let with_cert = run(
+        &lab,
+        "client",
+        "curl",
+        &[
+            "-s",
+            "-o",
+            "/dev/null",
+            "--http2-prior-knowledge",
+            "--cacert",
+            ca.to_str().unwrap(),
+            "--cert",
+            cert.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+            "https://10.77.0.11:7101/",
+        ],
+    )
+    .await;
+    assert_eq!(with_cert.status.code(), Some(0), "the same call with the mesh certificate: {with_cert:?}");
+
+    // Steady traffic from three callers for the whole test.
+    let results: Arc<Mutex<Vec<(Instant, bool, String)>>> = Arc::default();
+    let stop = Instant::now() + Duration::from_secs(26);
+    let lab = Arc::new(lab);
+    let mut callers = Vec::new();
+    for _ in 0..3 {
+        let (lab, results) = (lab.clone(), results.clone());
+        callers.push(tokio::spawn(async move {
+            while Instant::now() < stop {
+                let out = complete(&lab, API_KEY).await;
+                let err = String::from_utf8_lossy(&out.stderr).into_owned();
+                results.lock().unwrap().push((Instant::now(), out.status.success(), err));
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await; // both hosts serving (a fault at a set time)
+    let gpu2_before_cut = node_requests(&lab, "gpu2").await;
+    assert!(gpu2_before_cut > 0.0, "gpu2 took no traffic before the cut");
+    lab.cut("gpu2");
+    let cut_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(10)).await; // traffic runs on gpu1 alone
+    lab.restore("gpu2");
+    let restored_at = Instant::now();
+    let gpu2_at_restore = node_requests(&lab, "gpu2").await;
+    for c in callers {
+        c.await.unwrap();
+    }
+    let gpu2_after = node_requests(&lab, "gpu2").await;
+
+    let results = results.lock().unwrap();
+    let during = results.iter().filter(|(t, _, _)| *t > cut_at && *t < restored_at).count();
+    let failed: Vec<&(Instant, bool, String)> = results.iter().filter(|r| !r.1).collect();
+    eprintln!(
+        "{} completions ({during} while gpu2 was cut), {} failed; gpu2 served {gpu2_before_cut} before the cut, {} after the restore",
+        results.len(),
+        failed.len(),
+        gpu2_after - gpu2_at_restore
+    );
+    assert!(failed.is_empty(), "requests failed: {:?}", failed.iter().map(|f| &f.2).collect::<Vec<_>>());
+    assert!(during >= 3, "traffic stalled while gpu2 was cut ({during} completions)");
+    assert!(gpu2_after > gpu2_at_restore, "traffic did not spread back to gpu2 after the restore");
+    drop(procs);
+    let _ = std::fs::remove_dir_all(&root);
+}
