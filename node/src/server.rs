@@ -56,14 +56,14 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         tracing::info!("metrics on http://{bound}/metrics");
     }
     let scheduler = Scheduler::start(limits, model.backend, model.codec.clone(), metrics);
-    let service = GenerationService::new(
-        model.name,
-        model.kind,
-        model.vocab_size,
-        cfg.default_max_tokens as usize,
-        model.codec,
-        scheduler.clone(),
-    );
+    let service = GenerationService {
+        model_name: model.name,
+        kind: model.kind,
+        vocab_size: model.vocab_size,
+        default_max_tokens: cfg.default_max_tokens as usize,
+        codec: model.codec,
+        scheduler: scheduler.clone(),
+    };
 
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::Serving).await;

@@ -14,25 +14,14 @@ use crate::text::TextCodec;
 use crate::validate::{self, Rules};
 
 pub struct GenerationService {
-    model_name: String,
-    kind: &'static str,
-    vocab_size: usize,
-    default_max_tokens: usize,
-    codec: Arc<dyn TextCodec>,
-    scheduler: Scheduler,
-}
-
-impl GenerationService {
-    pub fn new(
-        model_name: String,
-        kind: &'static str,
-        vocab_size: usize,
-        default_max_tokens: usize,
-        codec: Arc<dyn TextCodec>,
-        scheduler: Scheduler,
-    ) -> Self {
-        Self { model_name, kind, vocab_size, default_max_tokens, codec, scheduler }
-    }
+    pub model_name: String,
+    /// "gguf" or "synthetic".
+    pub kind: &'static str,
+    pub vocab_size: usize,
+    /// max_tokens for requests that leave it 0.
+    pub default_max_tokens: usize,
+    pub codec: Arc<dyn TextCodec>,
+    pub scheduler: Scheduler,
 }
 
 impl GenerationService {
