@@ -126,6 +126,10 @@ pub struct Routing {
     pub retry_ratio: f64,
     /// ...plus this many per second, so low traffic can still retry.
     pub retry_floor_per_sec: f64,
+    /// Outbound streams this sidecar keeps open per service at most, so a
+    /// flood on one service cannot take the memory and connections the
+    /// others need.
+    pub max_streams_per_service: usize,
 }
 
 impl Default for Routing {
@@ -137,6 +141,7 @@ impl Default for Routing {
             max_migrations: 2,
             retry_ratio: 0.2,
             retry_floor_per_sec: 5.0,
+            max_streams_per_service: 1024,
         }
     }
 }
@@ -252,6 +257,9 @@ impl SidecarConfig {
         let r = &self.routing;
         if r.attempt_timeout.is_zero() || r.idle_timeout.is_zero() {
             return Err(invalid("routing.attempt_timeout / routing.idle_timeout", "must be above zero"));
+        }
+        if r.max_streams_per_service == 0 {
+            return Err(invalid("routing.max_streams_per_service", "must be at least 1"));
         }
         if !(0.0..=1.0).contains(&r.retry_ratio) || r.retry_floor_per_sec < 0.0 {
             return Err(invalid("routing.retry_ratio", "must be in [0, 1] (and retry_floor_per_sec >= 0)"));

@@ -163,3 +163,40 @@ max_queue_wait = "1s"
     assert!(noisy.iter().all(|(c, _)| *c == Code::Ok), "b saw errors during a's flood");
     assert!(p99(&noisy) <= p99(&quiet).mul_f64(1.5), "b's p99 TTFT grew past 1.5x");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn outbound_streams_are_capped_per_service() {
+    let etcd = Etcd::start().await;
+    let node_a = node("a", "20", &[]).await;
+    let node_b = node("b", "200", &[]).await;
+    let _sa = SidecarProcess::start(&etcd, Some(&node_a), "").await;
+    let _sb = SidecarProcess::start(&etcd, Some(&node_b), "").await;
+    let client = SidecarProcess::start(&etcd, None, "[routing]\nmax_streams_per_service = 2\n").await;
+    client.wait_for_instances("a", 1).await;
+    client.wait_for_instances("b", 1).await;
+    let mut c = client.client().await;
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut s = c.generate(request("a", 500)).await.unwrap().into_inner();
+        s.message().await.unwrap().expect("streaming");
+        open.push(s);
+    }
+    let err = c.generate(request("a", 5)).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(err.message().contains("already has 2 streams open to service \"a\""), "{}", err.message());
+    assert!(err.metadata().get("retry-after-ms").is_some());
+    // Another service is untouched by a's cap.
+    assert_eq!(one(&mut c, request("b", 5)).await.0, Code::Ok);
+    // A finished stream frees its slot.
+    drop(open.pop());
+    let freed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if one(&mut c, request("a", 2)).await.0 == Code::Ok {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(freed.is_ok(), "the slot was never freed");
+}

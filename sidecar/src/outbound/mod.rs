@@ -33,6 +33,8 @@ pub struct Outbound {
     /// One retry budget per service, so one failing service cannot spend
     /// the retries another needs.
     budgets: std::sync::Mutex<std::collections::HashMap<String, Arc<RetryBudget>>>,
+    /// Per service, the outbound streams it may still open.
+    streams: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
     routing: Routing,
     metrics: SidecarMetrics,
     keys: ApiKeys,
@@ -65,7 +67,25 @@ fn retryable(status: &Status) -> bool {
 
 impl Outbound {
     pub fn new(balancer: Arc<Balancer>, routing: Routing, metrics: SidecarMetrics, keys: ApiKeys) -> Arc<Self> {
-        Arc::new(Self { balancer, budgets: Default::default(), routing, metrics, keys })
+        Arc::new(Self { balancer, budgets: Default::default(), streams: Default::default(), routing, metrics, keys })
+    }
+
+    /// A stream slot of the service's outbound bulkhead, or a refusal.
+    fn stream_slot(&self, service: &str) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        let limit = self.routing.max_streams_per_service;
+        let sem = {
+            let mut all = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+            all.entry(service.to_string()).or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(limit))).clone()
+        };
+        sem.try_acquire_owned().map_err(|_| {
+            let mut meta = tonic::metadata::MetadataMap::new();
+            meta.insert(md::RETRY_AFTER_MS, 200u64.into());
+            Status::with_metadata(
+                Code::ResourceExhausted,
+                format!("this sidecar already has {limit} streams open to service {service:?}; retry after 200 ms"),
+                meta,
+            )
+        })
     }
 
     /// The service's retry budget (services are only those in the registry).
@@ -320,11 +340,12 @@ impl Generation for OutboundService {
             if !this.balancer.knows(&req.model) {
                 return Err(Status::not_found(format!("no instances of service {:?} are registered", req.model)));
             }
+            let slot = this.stream_slot(&req.model)?;
             this.budget(&req.model).deposit(now);
-            this.open(&req, &[], deadline, &mut HashSet::new(), &route).await
+            this.open(&req, &[], deadline, &mut HashSet::new(), &route).await.map(|opened| (opened, slot))
         }
         .await;
-        let opened = match opened {
+        let (opened, slot) = match opened {
             Ok(o) => o,
             Err(status) => {
                 telemetry::propagation::record_status(&route, &status);
@@ -334,7 +355,11 @@ impl Generation for OutboundService {
         };
         this.metrics.ttft("outbound", now.elapsed().as_secs_f64());
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(this.clone().relay(req, deadline, opened, tx, route));
+        let relay = this.clone().relay(req, deadline, opened, tx, route);
+        tokio::spawn(async move {
+            relay.await;
+            drop(slot);
+        });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
