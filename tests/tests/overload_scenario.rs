@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use bench::load::{Choices, RequestRecord, Status};
 use bench::scenario::mesh::MeshArgs;
 use bench::scenario::nodes::NodeArgs;
-use bench::scenario::{OutArgs, overload};
+use bench::scenario::{OutArgs, Workload, overload};
 use tonic::Code;
 
 fn scratch_dir(name: &str) -> std::path::PathBuf {
@@ -43,10 +43,7 @@ fn short_args(out: std::path::PathBuf) -> overload::Args {
         max_concurrency: None,
         max_queue: 0,
         max_queue_wait: Duration::from_secs(1),
-        prompt_words: Choices::one(8),
-        max_tokens: Choices::one(32),
-        seed: 7,
-        quiet: true,
+        workload: Workload { prompt_words: Choices::one(8), max_tokens: Choices::one(32), seed: 7, quiet: true },
     }
 }
 

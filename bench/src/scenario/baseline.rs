@@ -21,11 +21,11 @@ use anyhow::bail;
 use serde::Serialize;
 
 use super::nodes::{NodeArgs, NodeSet};
-use super::{OutArgs, append_timeline};
+use super::{OutArgs, Workload, append_timeline};
 use crate::load::cli::parse_duration;
 use crate::load::progress::run_with_progress;
 use crate::load::report::SpecEcho;
-use crate::load::{Arrival, Choices, Load, LoadSpec, MAX_REQUESTS, Mark, Mix, Report, Summary, plot, summarize};
+use crate::load::{Arrival, Load, LoadSpec, MAX_REQUESTS, Mark, Report, Summary, plot, summarize};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
@@ -55,17 +55,10 @@ pub struct Args {
     /// A step fails when its p99 TTFT exceeds this times the unloaded p99.
     #[arg(long, default_value_t = 2.0)]
     pub ttft_factor: f64,
-    #[arg(long, default_value = "16")]
-    pub prompt_words: Choices,
-    #[arg(long, default_value = "32")]
-    pub max_tokens: Choices,
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub deadline: Duration,
-    #[arg(long, default_value_t = 1)]
-    pub seed: u64,
-    /// No progress bars.
-    #[arg(long)]
-    pub quiet: bool,
+    #[command(flatten)]
+    pub workload: Workload,
 }
 
 /// One load step and its verdict.
@@ -131,7 +124,7 @@ pub async fn run(args: Args) -> anyhow::Result<BaselineReport> {
     let count = args.nodes.nodes.unwrap_or(1);
     let nodes = NodeSet::start(&args.nodes, count).await?;
     let targets = nodes.targets()?;
-    let mix = Mix::new(args.prompt_words.clone(), args.max_tokens.clone())?;
+    let mix = args.workload.mix()?;
     let spec = |rate: f64, duration: Duration| LoadSpec {
         targets: targets.clone(),
         arrival: Arrival::Open { rate },
@@ -142,10 +135,10 @@ pub async fn run(args: Args) -> anyhow::Result<BaselineReport> {
         model: String::new(),
         tenant: "mesh-bench-baseline".into(),
         connections: 4,
-        seed: args.seed,
+        seed: args.workload.seed,
     };
 
-    let probe = measure(spec(args.probe_rate, args.probe_duration), "probe", args.quiet).await?;
+    let probe = measure(spec(args.probe_rate, args.probe_duration), "probe", args.workload.quiet).await?;
     if probe.summary.errors() > 0 || probe.summary.ttft.count == 0 {
         bail!(
             "the unloaded probe at {} req/s already failed ({:?}): the nodes cannot serve even low load",
@@ -162,7 +155,7 @@ pub async fn run(args: Args) -> anyhow::Result<BaselineReport> {
         RateSearch::new(args.start_rate * count as f64, args.step_factor, args.max_steps, args.refine_steps);
     let mut steps = Vec::new();
     while let Some(rate) = search.next_rate() {
-        let report = measure(spec(rate, args.step_duration), &format!("{rate:.1}/s"), args.quiet).await?;
+        let report = measure(spec(rate, args.step_duration), &format!("{rate:.1}/s"), args.workload.quiet).await?;
         let (pass, verdict) = judge(&report.summary, threshold, args.ttft_factor);
         search.record(rate, pass);
         let at = append_timeline(&mut timeline, &report.summary.timeline);

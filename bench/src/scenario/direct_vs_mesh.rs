@@ -17,12 +17,10 @@ use serde::Serialize;
 use super::measures::{Run, run_load};
 use super::mesh::{Mesh, MeshArgs};
 use super::nodes::{NodeArgs, NodeSet};
-use super::{OutArgs, append_timeline};
+use super::{OutArgs, Workload, append_timeline};
 use crate::load::cli::parse_duration;
 use crate::load::stats::Latency;
-use crate::load::{
-    Arrival, Choices, LoadSpec, MAX_REQUESTS, Mark, Mix, RequestRecord, Summary, Target, plot, summarize,
-};
+use crate::load::{Arrival, LoadSpec, MAX_REQUESTS, Mark, RequestRecord, Summary, Target, plot, summarize};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
@@ -46,15 +44,8 @@ pub struct Args {
     pub rounds: usize,
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub deadline: Duration,
-    #[arg(long, default_value = "16")]
-    pub prompt_words: Choices,
-    #[arg(long, default_value = "32")]
-    pub max_tokens: Choices,
-    #[arg(long, default_value_t = 1)]
-    pub seed: u64,
-    /// No progress bars.
-    #[arg(long)]
-    pub quiet: bool,
+    #[command(flatten)]
+    pub workload: Workload,
 }
 
 /// Mesh minus direct, in milliseconds.
@@ -82,7 +73,7 @@ pub struct DirectVsMeshReport {
 pub async fn run(args: Args) -> anyhow::Result<DirectVsMeshReport> {
     let count = args.nodes.nodes.unwrap_or(1);
     let mesh = Mesh::start(&args.mesh, NodeSet::start(&args.nodes, count).await?, None).await?;
-    let mix = Mix::new(args.prompt_words.clone(), args.max_tokens.clone())?;
+    let mix = args.workload.mix()?;
     let arrival = match args.concurrency {
         Some(c) => Arrival::Closed { concurrency: c },
         None => Arrival::Open { rate: args.rate },
@@ -98,7 +89,7 @@ pub async fn run(args: Args) -> anyhow::Result<DirectVsMeshReport> {
         tenant: "mesh-bench-direct-vs-mesh".into(),
         connections: 4,
         // The same schedule on both sides of a round, a new one per round.
-        seed: args.seed.wrapping_add(round as u64),
+        seed: args.workload.seed.wrapping_add(round as u64),
     };
     let (direct_targets, mesh_target) = (mesh.nodes.targets()?, vec![mesh.target()?]);
     let mut pooled: [Pool; 2] = Default::default();
@@ -107,7 +98,7 @@ pub async fn run(args: Args) -> anyhow::Result<DirectVsMeshReport> {
         let sides = [(direct_targets.clone(), "", "direct"), (mesh_target.clone(), mesh.service.as_str(), "mesh")];
         for (side, (targets, model, name)) in sides.into_iter().enumerate() {
             let label = format!("{name} {}", round + 1);
-            let run = run_load(spec(targets, model, round), &label, args.quiet).await?;
+            let run = run_load(spec(targets, model, round), &label, args.workload.quiet).await?;
             let at = append_timeline(&mut timeline, &run.report.summary.timeline);
             marks.push(Mark { at_s: at, label });
             pooled[side].add(run);

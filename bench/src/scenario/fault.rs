@@ -16,13 +16,13 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use serde::Serialize;
 
-use super::OutArgs;
 use super::baseline::measure;
 use super::nodes::{NodeArgs, NodeSet};
+use super::{OutArgs, Workload};
 use crate::load::cli::parse_duration;
 use crate::load::progress::run_with_progress;
 use crate::load::report::{SpecEcho, counts};
-use crate::load::{Arrival, Choices, Load, LoadSpec, MAX_REQUESTS, Mark, Mix, Report, RequestRecord, plot, summarize};
+use crate::load::{Arrival, Load, LoadSpec, MAX_REQUESTS, Mark, Report, RequestRecord, plot, summarize};
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FaultKind {
@@ -61,15 +61,8 @@ pub struct Args {
     pub duration: Duration,
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub deadline: Duration,
-    #[arg(long, default_value = "16")]
-    pub prompt_words: Choices,
-    #[arg(long, default_value = "32")]
-    pub max_tokens: Choices,
-    #[arg(long, default_value_t = 1)]
-    pub seed: u64,
-    /// No progress bar.
-    #[arg(long)]
-    pub quiet: bool,
+    #[command(flatten)]
+    pub workload: Workload,
 }
 
 /// Status counts of one target's main-load requests, split at the fault.
@@ -130,7 +123,7 @@ pub async fn run(args: Args) -> anyhow::Result<FaultReport> {
         bail!("--at {:?} is not within --duration {:?}", args.at, args.duration);
     }
     let mut nodes = NodeSet::start(&args.nodes, count).await?;
-    let mix = Mix::new(args.prompt_words.clone(), args.max_tokens.clone())?;
+    let mix = args.workload.mix()?;
     let spec = LoadSpec {
         targets: nodes.targets()?,
         arrival: Arrival::Open { rate: args.rate },
@@ -141,12 +134,12 @@ pub async fn run(args: Args) -> anyhow::Result<FaultReport> {
         model: String::new(),
         tenant: "mesh-bench-fault".into(),
         connections: 4,
-        seed: args.seed,
+        seed: args.workload.seed,
     };
     let load = Load::connect(spec).await?;
     let t0 = Instant::now();
     let (result, injected) =
-        tokio::join!(run_with_progress(&load, !args.quiet, "fault"), inject(&mut nodes, &args, victim, t0));
+        tokio::join!(run_with_progress(&load, !args.workload.quiet, "fault"), inject(&mut nodes, &args, victim, t0));
     let (result, injected) = (result?, injected?);
     drop(nodes);
 
@@ -219,11 +212,11 @@ async fn inject(nodes: &mut NodeSet, args: &Args, victim: usize, t0: Instant) ->
                 duration: args.flood_for,
                 max_requests: MAX_REQUESTS,
                 deadline: args.deadline,
-                mix: Mix::new(args.prompt_words.clone(), args.max_tokens.clone())?,
+                mix: args.workload.mix()?,
                 model: String::new(),
                 tenant: "mesh-bench-flood".into(),
                 connections: 4,
-                seed: args.seed.wrapping_add(1),
+                seed: args.workload.seed.wrapping_add(1),
             };
             flood = Some(measure(spec, "flood", true).await?);
             events.push((began + args.flood_for, "flood ends".into()));

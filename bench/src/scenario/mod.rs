@@ -23,6 +23,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 
 use crate::load::stats::Second;
+use crate::load::{Choices, Mix};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Scenario {
@@ -54,6 +55,28 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<()> {
     tokio::select! {
         result = work => result,
         _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; the scenario's processes were stopped"),
+    }
+}
+
+/// What every request of a scenario asks for, and whether to show progress.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Workload {
+    /// Prompt lengths in words (weighted choices, e.g. `16:3,128:1`).
+    #[arg(long, default_value = "16")]
+    pub prompt_words: Choices,
+    /// max_tokens per request (weighted choices).
+    #[arg(long, default_value = "32")]
+    pub max_tokens: Choices,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// No progress bars.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl Workload {
+    pub fn mix(&self) -> anyhow::Result<Mix> {
+        Ok(Mix::new(self.prompt_words.clone(), self.max_tokens.clone())?)
     }
 }
 

@@ -40,10 +40,10 @@ use super::measures::{Check, Percentiles, Refusals, Run, WindowGoodput, admitted
 use super::mesh::{Bulkhead, Mesh, MeshArgs};
 use super::nodes::{NodeArgs, NodeSet};
 use super::process::Memory;
-use super::{OutArgs, append_timeline};
+use super::{OutArgs, Workload, append_timeline};
 use crate::load::cli::parse_duration;
 use crate::load::report::counts;
-use crate::load::{Arrival, Choices, LoadSpec, MAX_REQUESTS, Mark, Mix, Report, RequestRecord, Target, plot};
+use crate::load::{Arrival, Choices, LoadSpec, MAX_REQUESTS, Mark, Report, RequestRecord, Target, plot};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
@@ -87,15 +87,8 @@ pub struct Args {
     /// Node sidecars' bulkhead: longest wait for a slot before a refusal.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub max_queue_wait: Duration,
-    #[arg(long, default_value = "16")]
-    pub prompt_words: Choices,
-    #[arg(long, default_value = "32")]
-    pub max_tokens: Choices,
-    #[arg(long, default_value_t = 1)]
-    pub seed: u64,
-    /// No progress bars.
-    #[arg(long)]
-    pub quiet: bool,
+    #[command(flatten)]
+    pub workload: Workload,
 }
 
 /// Targets, as the issue states them.
@@ -170,7 +163,7 @@ pub async fn run(args: Args) -> anyhow::Result<Overload> {
         max_queue: args.max_queue,
         max_queue_wait: args.max_queue_wait,
     };
-    let mix = Mix::new(args.prompt_words.clone(), args.max_tokens.clone())?;
+    let mix = args.workload.mix()?;
     let spec = |targets: Vec<Target>, model: &str, arrival: Arrival, duration: Duration| LoadSpec {
         targets,
         arrival,
@@ -181,7 +174,7 @@ pub async fn run(args: Args) -> anyhow::Result<Overload> {
         model: model.to_string(),
         tenant: "mesh-bench-overload".into(),
         connections: 4,
-        seed: args.seed,
+        seed: args.workload.seed,
     };
     let probe = Arrival::Open { rate: args.probe_rate };
     let mut timeline = Vec::new();
@@ -195,13 +188,13 @@ pub async fn run(args: Args) -> anyhow::Result<Overload> {
     let mesh = Mesh::start(&args.mesh, NodeSet::start(&args.nodes, count).await?, Some(&bulkhead)).await?;
     let (target, service) = (vec![mesh.target()?], mesh.service.clone());
     let mesh_probe =
-        run_load(spec(target.clone(), &service, probe, args.probe_duration), "mesh probe", args.quiet).await?;
+        run_load(spec(target.clone(), &service, probe, args.probe_duration), "mesh probe", args.workload.quiet).await?;
     phase(&mesh_probe, "mesh probe");
     let mesh_probe_memory = mesh.memory();
     let capacity = match args.capacity {
         Some(c) => Capacity {
             requests_per_s: c,
-            tokens_per_s: c * mean_max_tokens(&args.max_tokens),
+            tokens_per_s: c * mean_max_tokens(&args.workload.max_tokens),
             how: "given with --capacity".into(),
             run: None,
             window: None,
@@ -209,8 +202,12 @@ pub async fn run(args: Args) -> anyhow::Result<Overload> {
         None => {
             let streams = count * bulkhead.max_concurrency as usize;
             let closed = Arrival::Closed { concurrency: streams };
-            let run = run_load(spec(target.clone(), &service, closed, args.capacity_duration), "capacity", args.quiet)
-                .await?;
+            let run = run_load(
+                spec(target.clone(), &service, closed, args.capacity_duration),
+                "capacity",
+                args.workload.quiet,
+            )
+            .await?;
             phase(&run, "capacity");
             let w = super::measures::window_goodput(
                 &run.result.records,
@@ -235,7 +232,8 @@ pub async fn run(args: Args) -> anyhow::Result<Overload> {
     };
     let offered = capacity.requests_per_s * args.load_factor;
     let overload = Arrival::Open { rate: offered };
-    let mesh_load = run_load(spec(target, &service, overload, args.duration), "mesh overload", args.quiet).await?;
+    let mesh_load =
+        run_load(spec(target, &service, overload, args.duration), "mesh overload", args.workload.quiet).await?;
     phase(&mesh_load, &format!("mesh {:.1}/s", offered));
     let mesh_load_memory = mesh.memory();
     drop(mesh);
@@ -244,10 +242,11 @@ pub async fn run(args: Args) -> anyhow::Result<Overload> {
     let nodes = NodeSet::start(&args.nodes, count).await?;
     let targets = nodes.targets()?;
     let direct_probe =
-        run_load(spec(targets.clone(), "", probe, args.probe_duration), "direct probe", args.quiet).await?;
+        run_load(spec(targets.clone(), "", probe, args.probe_duration), "direct probe", args.workload.quiet).await?;
     phase(&direct_probe, "direct probe");
     let direct_probe_memory = nodes.memory();
-    let direct_load = run_load(spec(targets, "", overload, args.duration), "direct overload", args.quiet).await?;
+    let direct_load =
+        run_load(spec(targets, "", overload, args.duration), "direct overload", args.workload.quiet).await?;
     phase(&direct_load, &format!("direct {:.1}/s", offered));
     let direct_load_memory = nodes.memory();
     drop(nodes);
@@ -301,7 +300,7 @@ fn path_report(
     let ttft_multiple = if unloaded > 0.0 { admitted.p99_ms / unloaded } else { f64::INFINITY };
     let refused = refusals(records, Duration::from_secs_f64(REFUSAL_P99_TARGET_MS / 1000.0));
     let scheduled = crate::load::arrival_offsets(
-        args.seed,
+        args.workload.seed,
         capacity.requests_per_s * args.load_factor,
         args.duration,
         MAX_REQUESTS,
