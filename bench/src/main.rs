@@ -13,9 +13,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Decode speed and batching gain of the node's engine, against candle's
-    /// upstream quantized_llama on the same file.
+    /// Decode speed, batching gain, prefill and TTFT of the node's engine on
+    /// every matmul kernel this CPU supports, against candle's upstream
+    /// quantized_llama on the same file.
     Node(node_bench::Args),
+    /// Single-stream decode rate of candle's quantized_llama as this binary
+    /// was built (one JSON line; the yardstick of `node --upstream-bin`).
+    Upstream(node_bench::upstream::Args),
     /// Drive Generate load (closed or open loop) against a node or sidecar
     /// on loopback or an allowed test network; print a summary, JSON or a plot.
     Load(bench::load::cli::Args),
@@ -28,6 +32,7 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Node(args) => node_bench::run(args).await,
+        Command::Upstream(args) => node_bench::upstream::run(args),
         Command::Load(args) => bench::load::cli::run(args).await,
         Command::Scenario(scenario) => bench::scenario::run(scenario).await,
     }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+use crate::model::qgemm::Kernel;
 use crate::scheduler::Limits;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -82,6 +83,11 @@ pub struct NodeConfig {
     /// sidecars may call.
     #[arg(long, env = "MESH_NODE_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
+
+    /// Matmul kernel for the CPU; defaults to the fastest this CPU supports
+    /// (avx512, then avx2, then scalar). Forcing one the CPU lacks is an error.
+    #[arg(long, env = "MESH_NODE_KERNEL", value_enum)]
+    pub kernel: Option<Kernel>,
 
     /// Run the model on CUDA device N (needs a build with `--features cuda`).
     #[arg(long, env = "MESH_NODE_CUDA_DEVICE")]

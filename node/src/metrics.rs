@@ -14,6 +14,12 @@ pub struct RequestLabels {
     pub code: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ComputeLabels {
+    /// The CPU matmul kernel (avx512, avx2, scalar), "device" or "none".
+    pub kernel: String,
+}
+
 #[derive(Clone)]
 pub struct NodeMetrics {
     /// The model label of `requests`.
@@ -28,10 +34,15 @@ pub struct NodeMetrics {
     pub kv_tokens_free: Gauge,
     pub max_running: Gauge,
     pub max_queued: Gauge,
+    /// 1 for the kernel in use.
+    pub kernel_info: Family<ComputeLabels, Gauge>,
 }
 
 impl NodeMetrics {
-    pub fn new(model: &str) -> Self {
+    /// `compute` names what runs the linear layers (see `ServedModel::compute`).
+    pub fn new(model: &str, compute: &str) -> Self {
+        let info = Family::<ComputeLabels, Gauge>::default();
+        info.get_or_create(&ComputeLabels { kernel: compute.to_string() }).set(1);
         Self {
             model: model.to_string(),
             requests: Family::default(),
@@ -44,6 +55,7 @@ impl NodeMetrics {
             kv_tokens_free: Gauge::default(),
             max_running: Gauge::default(),
             max_queued: Gauge::default(),
+            kernel_info: info,
         }
     }
 
@@ -63,6 +75,7 @@ impl NodeMetrics {
         r.register("kv_tokens_free", "KV-cache tokens not committed to a request", self.kv_tokens_free.clone());
         r.register("max_running", "Configured limit of sequences in the batch", self.max_running.clone());
         r.register("max_queued", "Configured limit of waiting requests", self.max_queued.clone());
+        r.register("kernel_info", "What runs the linear layers: label kernel, value 1", self.kernel_info.clone());
     }
 
     pub fn count(&self, code: tonic::Code) {

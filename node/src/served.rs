@@ -6,6 +6,7 @@ use std::sync::Arc;
 use candle_core::Device;
 
 use crate::backend::{Backend, GgufBackend, SyntheticBackend};
+use crate::model::qgemm::Kernel;
 use crate::model::{LlamaModel, metadata_string};
 use crate::text::{GgufText, TextCodec, WordCodec, synthetic_words};
 
@@ -17,12 +18,16 @@ pub struct ServedModel {
     pub backend: Box<dyn Backend>,
     pub context_length: usize,
     pub vocab_size: usize,
+    /// What computes the linear layers: a CPU kernel's name, "device" on an
+    /// accelerator, "none" for the synthetic backend.
+    pub compute: &'static str,
 }
 
 impl ServedModel {
     /// Loads a llama GGUF; `name` defaults to the file's stem.
-    pub fn gguf(path: &Path, name: Option<String>, device: &Device) -> anyhow::Result<Self> {
-        let (model, content) = LlamaModel::load(path, device)?;
+    pub fn gguf(path: &Path, name: Option<String>, device: &Device, kernel: Kernel) -> anyhow::Result<Self> {
+        let (model, content) = LlamaModel::load(path, device, kernel)?;
+        let compute = if device.is_cpu() { kernel.name() } else { "device" };
         let codec = GgufText::from_metadata(&content.metadata)?;
         let name =
             name.unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
@@ -32,6 +37,7 @@ impl ServedModel {
             title = metadata_string(&content.metadata, "general.name").unwrap_or("?"),
             layers = cfg.n_layer,
             context = cfg.context_length,
+            compute,
             "model loaded"
         );
         Ok(Self {
@@ -41,6 +47,7 @@ impl ServedModel {
             backend: Box::new(GgufBackend::new(Arc::new(model))),
             context_length: cfg.context_length,
             vocab_size: cfg.vocab_size,
+            compute,
         })
     }
 
@@ -53,6 +60,7 @@ impl ServedModel {
             backend: Box::new(SyntheticBackend::new(tokens_per_sec)),
             context_length,
             vocab_size: synthetic_words::VOCAB,
+            compute: "none",
         }
     }
 }

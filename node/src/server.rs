@@ -14,6 +14,7 @@ use tonic_health::server::HealthReporter;
 
 use crate::config::{BackendKind, NodeConfig};
 use crate::metrics::NodeMetrics;
+use crate::model::qgemm::Kernel;
 use crate::scheduler::Scheduler;
 use crate::served::ServedModel;
 use crate::service::GenerationService;
@@ -33,7 +34,10 @@ pub fn load_model(cfg: &NodeConfig) -> anyhow::Result<ServedModel> {
         BackendKind::Gguf => {
             let path =
                 cfg.model.as_deref().ok_or_else(|| anyhow::anyhow!("--model is required for the gguf backend"))?;
-            ServedModel::gguf(path, cfg.model_name.clone(), &device(cfg)?)?
+            let kernel = Kernel::choose(cfg.kernel).map_err(anyhow::Error::msg)?;
+            let available: Vec<&str> = Kernel::available().iter().map(|k| k.name()).collect();
+            tracing::info!(kernel = kernel.name(), available = %available.join(","), "matmul kernel chosen");
+            ServedModel::gguf(path, cfg.model_name.clone(), &device(cfg)?, kernel)?
         }
         BackendKind::Synthetic => ServedModel::synthetic(
             cfg.model_name.clone().unwrap_or_else(|| "synthetic".into()),
@@ -48,7 +52,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let model = load_model(&cfg)?;
     let limits = cfg.limits(model.context_length);
     tracing::info!(?limits, backend = model.kind, "starting engine");
-    let metrics = NodeMetrics::new(&model.name);
+    let metrics = NodeMetrics::new(&model.name, model.compute);
     if let Some(addr) = cfg.metrics_listen {
         let mut registry = telemetry::metrics::Registry::default();
         metrics.register(&mut registry);

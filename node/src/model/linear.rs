@@ -4,7 +4,7 @@
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Result, Tensor};
 
-use super::qgemm::QMatrix;
+use super::qgemm::{Kernel, QMatrix};
 
 pub enum Linear {
     Cpu(QMatrix),
@@ -47,13 +47,13 @@ impl Linear {
         }))
     }
 
-    /// `x` is `[n, in]`; returns `[n, out]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `x` is `[n, in]`; returns `[n, out]`. `kernel` multiplies on the CPU.
+    pub fn forward(&self, x: &Tensor, kernel: Kernel) -> Result<Tensor> {
         match self {
             Self::Device(m) => m.forward(x),
             Self::Cpu(m) => {
                 let n = x.dim(0)?;
-                let out = m.matmul(&x.flatten_all()?.to_vec1::<f32>()?, n);
+                let out = m.matmul(kernel, &x.flatten_all()?.to_vec1::<f32>()?, n);
                 Tensor::from_vec(out, (n, m.rows()), x.device())
             }
         }

@@ -17,6 +17,7 @@ pub use config::LlamaConfig;
 pub(crate) use config::string as metadata_string;
 pub use kv_cache::KvCache;
 use linear::Linear;
+use qgemm::Kernel;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -56,12 +57,14 @@ pub struct LlamaModel {
     norm: Tensor,
     lm_head: Linear,
     device: Device,
+    kernel: Kernel,
 }
 
 impl LlamaModel {
     /// Reads the GGUF at `path`; returns the model and the file's metadata
-    /// (the tokenizer and chat template live there too).
-    pub fn load(path: &Path, device: &Device) -> Result<(Self, gguf_file::Content), ModelError> {
+    /// (the tokenizer and chat template live there too). On the CPU,
+    /// `kernel` does the linear layers (see `Kernel::choose`).
+    pub fn load(path: &Path, device: &Device, kernel: Kernel) -> Result<(Self, gguf_file::Content), ModelError> {
         let mut file = File::open(path)?;
         let content = gguf_file::Content::read(&mut file)?;
         let cfg = LlamaConfig::from_metadata(&content.metadata)?;
@@ -94,6 +97,7 @@ impl LlamaModel {
             norm,
             lm_head,
             device: device.clone(),
+            kernel,
             cfg,
         };
         Ok((model, content))
@@ -101,6 +105,11 @@ impl LlamaModel {
 
     pub fn config(&self) -> &LlamaConfig {
         &self.cfg
+    }
+
+    /// The kernel of the linear layers on the CPU.
+    pub fn kernel(&self) -> Kernel {
+        self.kernel
     }
 
     /// Multiply-accumulates of the linear layers per token (lm_head included).
@@ -146,16 +155,16 @@ impl LlamaModel {
         let eps = cfg.rms_eps;
         for (l, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let mut qkv = layer.qkv.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
+            let mut qkv = layer.qkv.forward(&h, self.kernel)?.flatten_all()?.to_vec1::<f32>()?;
             let attn = StepAttention { cfg, rope: &self.rope, qkv: &mut qkv, positions: &positions, owners: &owners }
                 .run(l, caches);
             let attn = Tensor::from_vec(attn, (n, cfg.n_embd), &self.device)?;
-            x = (x + layer.wo.forward(&attn)?)?;
+            x = (x + layer.wo.forward(&attn, self.kernel)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
-            let gate_up = layer.gate_up.forward(&h)?;
+            let gate_up = layer.gate_up.forward(&h, self.kernel)?;
             let ffn = gate_up.dim(D::Minus1)? / 2;
             let act = (gate_up.narrow(1, 0, ffn)?.silu()? * gate_up.narrow(1, ffn, ffn)?)?;
-            x = (x + layer.down.forward(&act)?)?;
+            x = (x + layer.down.forward(&act, self.kernel)?)?;
         }
         if logit_rows.is_empty() {
             return Ok(None);
@@ -163,6 +172,6 @@ impl LlamaModel {
         let rows = Tensor::from_vec(logit_rows.clone(), logit_rows.len(), &self.device)?;
         let x = x.index_select(&rows, 0)?;
         let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
-        Ok(Some(self.lm_head.forward(&x)?.to_dtype(DType::F32)?))
+        Ok(Some(self.lm_head.forward(&x, self.kernel)?.to_dtype(DType::F32)?))
     }
 }

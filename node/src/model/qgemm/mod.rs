@@ -1,19 +1,26 @@
 //! Quantized matrix multiplication for the CPU: 4- and 8-bit weights times
-//! 8-bit activations, integer dot products per 32-element block.
+//! 8-bit activations, integer dot products per 32-element block, with a
+//! kernel per CPU family chosen at run time (`Kernel`).
 //!
 //! Why not candle's `QMatMul`: its CPU kernels compute one activation row at
 //! a time, so a batch of 32 costs 32 single rows, and its Q4_1 path has no
 //! SIMD. Here a tile of weight rows is unpacked once and multiplied with
-//! several activation rows (VNNI `vpdpbusd`, 64 multiply-adds per
-//! instruction), and Q4_1 weights stay packed, so a decode step reads about
+//! several activation rows (AVX-512 VNNI `vpdpbusd`, or AVX2
+//! `vpmaddubsw`), and Q4_1 weights stay packed, so a decode step reads about
 //! a quarter of the bytes f32 weights would.
 //!
 //! Every (activation row, weight row) pair is computed by the same sequence
 //! of operations whatever the batch size or tile shape, so a sequence's
 //! logits are bit-identical alone and inside any batch.
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
 mod avx512;
+mod kernel;
 mod scalar;
+
+pub use kernel::Kernel;
 
 use half::f16;
 use rayon::prelude::*;
@@ -160,17 +167,27 @@ impl QMatrix {
     }
 
     /// `x` is `[n, cols]` row-major; returns `[n, rows]`.
-    pub fn matmul(&self, x: &[f32], n: usize) -> Vec<f32> {
+    pub fn matmul(&self, kernel: Kernel, x: &[f32], n: usize) -> Vec<f32> {
         let acts = QActs::quantize(x, n, self.padded_cols());
         match self {
-            Self::Q4 { rows, steps, data } => run(data, *rows, *steps, &acts),
-            Self::Q8 { rows, steps, data } => run(data, *rows, *steps, &acts),
+            Self::Q4 { rows, steps, data } => run(kernel, data, *rows, *steps, &acts),
+            Self::Q8 { rows, steps, data } => run(kernel, data, *rows, *steps, &acts),
         }
     }
 }
 
+/// The loads each SIMD kernel needs of a weight step.
+#[cfg(target_arch = "x86_64")]
+pub trait SimdLoad: avx512::Load + avx2::Load {}
+#[cfg(target_arch = "x86_64")]
+impl<T: avx512::Load + avx2::Load> SimdLoad for T {}
+#[cfg(not(target_arch = "x86_64"))]
+pub trait SimdLoad {}
+#[cfg(not(target_arch = "x86_64"))]
+impl<T> SimdLoad for T {}
+
 /// One weight step type the kernels understand.
-pub trait WeightStep: Sync + Copy + avx512::Load {
+pub trait WeightStep: Sync + Copy + SimdLoad {
     /// The 64 unsigned weight bytes in lane order (scalar path).
     fn bytes(&self) -> [u8; 64];
     fn dm(&self) -> [f32; 4];
@@ -260,26 +277,30 @@ fn quantize_with(x: &[f32; BLOCK], d: f32) -> [i8; BLOCK] {
     q
 }
 
-/// Weight rows per parallel task (a multiple of the kernel's 4-row tile):
+/// Weight rows per parallel task (a multiple of the kernels' 4-row tile):
 /// small enough for an even split, large enough to outweigh scheduling.
 const ROWS_PER_TASK: usize = 64;
 
-fn run<W: WeightStep>(w: &[W], rows: usize, steps: usize, x: &QActs) -> Vec<f32> {
+/// Activation rows multiplied with a task's weight rows at a time (a
+/// multiple of every kernel's tile height): a prefill chunk's rows stay in
+/// L2 while each 4-row weight tile passes over them.
+const X_ROWS_PER_PASS: usize = 24;
+
+fn run<W: WeightStep>(kernel: Kernel, w: &[W], rows: usize, steps: usize, x: &QActs) -> Vec<f32> {
     assert_eq!(steps, x.steps, "activation width does not match the weights");
     let n = x.rows;
-    let use_avx512 = avx512::available();
     let per_task = ROWS_PER_TASK;
     let parts: Vec<Vec<f32>> = (0..rows.div_ceil(per_task))
         .into_par_iter()
         .map(|t| {
             let (r0, r1) = (t * per_task, ((t + 1) * per_task).min(rows));
-            // [n, r1 - r0]
-            let mut out = vec![0f32; n * (r1 - r0)];
+            let width = r1 - r0;
+            // [n, width]
+            let mut out = vec![0f32; n * width];
             let wt = &w[r0 * steps..r1 * steps];
-            if use_avx512 {
-                avx512::block(wt, r1 - r0, steps, &x.data, n, &mut out);
-            } else {
-                scalar::block(wt, r1 - r0, steps, &x.data, n, &mut out);
+            for i0 in (0..n).step_by(X_ROWS_PER_PASS) {
+                let i1 = (i0 + X_ROWS_PER_PASS).min(n);
+                kernel.block(wt, width, steps, &x.data[i0 * steps..i1 * steps], i1 - i0, &mut out[i0 * width..]);
             }
             out
         })

@@ -1,0 +1,105 @@
+//! Measurements through the real engine (scheduler + batched forward).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_transformers::generation::Sampling;
+use node::scheduler::{Request, Scheduler};
+use node::text::TextCodec;
+
+use super::PROMPT;
+
+fn greedy(prompt: &[u32], max_tokens: usize) -> Request {
+    Request {
+        prompt: prompt.to_vec(),
+        continued: 0,
+        max_tokens,
+        sampling: Sampling::ArgMax,
+        seed: 0,
+        stop: vec![],
+        priority: 1,
+        span: tracing::Span::none(),
+    }
+}
+
+/// Aggregate decode tokens/s of `streams` concurrent greedy streams, counted
+/// from the moment every stream has its first token.
+pub async fn decode_rate(scheduler: &Scheduler, prompt: &[u32], streams: usize, tokens: usize) -> anyhow::Result<f64> {
+    let mut rxs = Vec::new();
+    for _ in 0..streams {
+        rxs.push(scheduler.submit(greedy(prompt, tokens)).map_err(|e| anyhow::anyhow!("{e}"))?.0);
+    }
+    let tasks: Vec<_> = rxs
+        .into_iter()
+        .map(|mut rx| {
+            tokio::spawn(async move {
+                let mut times = Vec::new();
+                while let Some(msg) = rx.recv().await {
+                    if !msg?.token_ids.is_empty() {
+                        times.push(Instant::now());
+                    }
+                }
+                Ok::<_, tonic::Status>(times)
+            })
+        })
+        .collect();
+    let mut stamps: Vec<Vec<Instant>> = Vec::with_capacity(streams);
+    for t in tasks {
+        stamps.push(t.await??);
+    }
+    let start = stamps.iter().filter_map(|s| s.first()).max().copied().unwrap_or_else(Instant::now);
+    let end = stamps.iter().filter_map(|s| s.last()).max().copied().unwrap_or(start);
+    let counted: usize = stamps.iter().map(|s| s.iter().filter(|t| **t > start).count()).sum();
+    Ok(counted as f64 / end.duration_since(start).as_secs_f64().max(1e-9))
+}
+
+/// A 128-token prompt made of the benchmark prompt's tokens.
+pub fn long_prompt(codec: &Arc<dyn TextCodec>) -> anyhow::Result<Vec<u32>> {
+    let base = codec.encode(PROMPT)?;
+    Ok((0..128).map(|i| base[i % base.len()]).collect())
+}
+
+/// Milliseconds to the first token of `prompt`, `samples` times one after
+/// another; sorted.
+async fn ttfts(scheduler: &Scheduler, prompt: &[u32], samples: usize) -> anyhow::Result<Vec<f64>> {
+    let mut ttft = Vec::new();
+    for _ in 0..samples {
+        let start = Instant::now();
+        let (mut rx, _) = scheduler.submit(greedy(prompt, 1)).map_err(|e| anyhow::anyhow!("{e}"))?;
+        rx.recv().await;
+        ttft.push(start.elapsed().as_secs_f64() * 1e3);
+        while rx.recv().await.is_some() {}
+    }
+    ttft.sort_by(f64::total_cmp);
+    Ok(ttft)
+}
+
+/// Prompt tokens/s of a 128-token prompt prefilled alone (median of `samples`).
+pub async fn prefill_rate(scheduler: &Scheduler, codec: &Arc<dyn TextCodec>, samples: usize) -> anyhow::Result<f64> {
+    let ttft = ttfts(scheduler, &long_prompt(codec)?, samples.max(1)).await?;
+    Ok(128.0 / (percentile(&ttft, 0.5) / 1e3))
+}
+
+/// Time to first token of 128-token prompts, one at a time, while 31
+/// streams keep decoding. Returns (p50, p99) in milliseconds.
+pub async fn ttft_under_load(
+    scheduler: &Scheduler,
+    codec: &Arc<dyn TextCodec>,
+    samples: usize,
+) -> anyhow::Result<(f64, f64)> {
+    let background = codec.encode(PROMPT)?;
+    let mut keep = Vec::new();
+    for _ in 0..31 {
+        let (mut rx, _) = scheduler.submit(greedy(&background, 4000)).map_err(|e| anyhow::anyhow!("{e}"))?;
+        rx.recv().await; // decoding has started
+        keep.push(rx);
+    }
+    let ttft = ttfts(scheduler, &long_prompt(codec)?, samples).await?;
+    drop(keep);
+    Ok((percentile(&ttft, 0.5), percentile(&ttft, 0.99)))
+}
+
+/// Nearest-rank percentile of sorted values.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
+}

@@ -1,0 +1,122 @@
+//! The node benchmark: single-stream and batched decode through the real
+//! engine (scheduler + batched forward), prefill alone, TTFT under load, for
+//! every matmul kernel this CPU supports, against the upstream single-stream
+//! figure, all in one run so the ratios compare like with like.
+
+mod measure;
+pub mod upstream;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use candle_core::Device;
+use node::backend::GgufBackend;
+use node::model::LlamaModel;
+use node::model::qgemm::Kernel;
+use node::scheduler::{Limits, Scheduler};
+use node::text::{GgufText, TextCodec};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// GGUF model file.
+    #[arg(long, default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    model: PathBuf,
+    /// Tokens each stream decodes.
+    #[arg(long, default_value_t = 64)]
+    tokens: usize,
+    /// 128-token prompts timed while 31 streams decode (0 skips the TTFT run).
+    #[arg(long, default_value_t = 20)]
+    ttft_samples: usize,
+    /// Skip the upstream run (for profiling the node alone; no ratios then).
+    #[arg(long)]
+    skip_upstream: bool,
+    /// A `mesh-bench` built with `-C target-cpu=native` whose `upstream`
+    /// figure is the yardstick (scripts/bench-node.sh passes one).
+    #[arg(long)]
+    upstream_bin: Option<PathBuf>,
+    /// Batched runs to measure besides the single stream.
+    #[arg(long, value_delimiter = ',', default_value = "8,32")]
+    batches: Vec<usize>,
+    /// Kernels to measure; defaults to every one this CPU supports.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    kernels: Vec<Kernel>,
+}
+
+const PROMPT: &str = "The history of the printing press begins in the fifteenth century, when";
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let upstream = upstream_rate(&args)?;
+    let kernels = if args.kernels.is_empty() { Kernel::available() } else { args.kernels.clone() };
+    let default = Kernel::choose(None).map_err(anyhow::Error::msg)?;
+    println!("kernels: {} (the node picks {default} on this CPU)", names(&kernels));
+    let peak = upstream::peak_gemm_macs()?;
+    for kernel in kernels {
+        let forced = Kernel::choose(Some(kernel)).map_err(anyhow::Error::msg)?;
+        println!("\n== kernel {forced} ==");
+        bench_kernel(&args, forced, upstream, peak).await?;
+    }
+    Ok(())
+}
+
+fn names(kernels: &[Kernel]) -> String {
+    kernels.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ")
+}
+
+/// The yardstick: the fastest upstream build at hand (this binary's, and
+/// `--upstream-bin`'s when given).
+fn upstream_rate(args: &Args) -> anyhow::Result<f64> {
+    if args.skip_upstream {
+        return Ok(f64::NAN);
+    }
+    let here = upstream::tokens_per_sec(&args.model, args.tokens)?;
+    println!("upstream quantized_llama, 1 stream, this build ({}): {here:.1} tokens/s", upstream::built_for());
+    let Some(bin) = &args.upstream_bin else {
+        return Ok(here);
+    };
+    let (native, built_for) = upstream::from_binary(bin, &args.model, args.tokens)?;
+    println!("upstream quantized_llama, 1 stream, {} ({built_for}): {native:.1} tokens/s", bin.display());
+    let best = here.max(native);
+    println!("yardstick: {best:.1} tokens/s");
+    Ok(best)
+}
+
+async fn bench_kernel(args: &Args, kernel: Kernel, upstream: f64, peak: f64) -> anyhow::Result<()> {
+    let (model, content) = LlamaModel::load(&args.model, &Device::Cpu, kernel)?;
+    let codec: Arc<dyn TextCodec> = Arc::new(GgufText::from_metadata(&content.metadata)?);
+    let macs_per_token = model.macs_per_token() as f64;
+    let limits = Limits {
+        max_running: 32,
+        max_queued: 64,
+        max_kv_tokens: 1 << 20,
+        max_step_tokens: 256,
+        context_length: model.config().context_length,
+    };
+    let metrics = node::metrics::NodeMetrics::new("bench", kernel.name());
+    let scheduler = Scheduler::start(limits, Box::new(GgufBackend::new(Arc::new(model))), codec.clone(), metrics);
+    let prompt = codec.encode(PROMPT)?;
+
+    let single = measure::decode_rate(&scheduler, &prompt, 1, args.tokens).await?;
+    println!("node, 1 stream: {single:.1} tokens/s  ({:.2}x upstream)", single / upstream);
+    for &streams in &args.batches {
+        let rate = measure::decode_rate(&scheduler, &prompt, streams, args.tokens).await?;
+        println!("node, {streams} streams: {rate:.1} tokens/s aggregate  ({:.2}x upstream)", rate / upstream);
+        if streams == 32 {
+            println!(
+                "matmul rate at 32 streams: {:.1} GMAC/s; machine f32 GEMM peak (1024^3): {:.1} GMAC/s ({:.0}%)",
+                rate * macs_per_token / 1e9,
+                peak / 1e9,
+                100.0 * rate * macs_per_token / peak
+            );
+        }
+    }
+    let prefill = measure::prefill_rate(&scheduler, &codec, 5).await?;
+    println!(
+        "prefill of a 128-token prompt alone: {prefill:.0} tokens/s  ({:.1}x upstream decode)",
+        prefill / upstream
+    );
+    if args.ttft_samples > 0 {
+        let (p50, p99) = measure::ttft_under_load(&scheduler, &codec, args.ttft_samples).await?;
+        println!("TTFT of a 128-token prompt while 31 streams decode: p50 {p50:.1} ms, p99 {p99:.1} ms");
+    }
+    Ok(())
+}
