@@ -6,7 +6,7 @@
 //! (token, output) pair by the same operations whatever the batch (see
 //! `model::qgemm`), so logits are bit-identical and no near-tie can flip a
 //! token. A change that breaks that shows here first. Different kernels sum
-//! in different orders, so they agree only to `KERNEL_TOLERANCE`.
+//! in different orders, so they agree only to `KERNEL_MAX_DIFF`.
 
 use std::path::PathBuf;
 
@@ -91,9 +91,15 @@ fn greedy_tokens_alone_equal_tokens_in_a_batch_of_16_on_every_kernel() {
     }
 }
 
-/// Largest difference of a logit between two kernels after one prompt: the
-/// same quantized products, summed in another order (logits span about ±30).
-const KERNEL_TOLERANCE: f32 = 0.05;
+/// How far two kernels' logits may drift apart after one prompt. They
+/// multiply the same quantized values but sum in another order; a last-bit
+/// difference can move an activation across a rounding boundary when it is
+/// quantized for the next layer, and thirty layers amplify that. Measured on
+/// a Zen 3 (logits span -5..30): avx2 vs scalar differ by at most 0.75, 0.10
+/// on average; merely reversing the scalar kernel's final 16-lane sum moves
+/// them as far (0.76, 0.13). The bounds leave twice that.
+const KERNEL_MAX_DIFF: f32 = 1.5;
+const KERNEL_MEAN_DIFF: f32 = 0.25;
 
 #[test]
 fn kernels_agree_on_the_first_logits_within_tolerance() {
@@ -108,8 +114,10 @@ fn kernels_agree_on_the_first_logits_within_tolerance() {
         .collect();
     let (first, reference) = &runs[0];
     for (kernel, logits) in &runs[1..] {
-        let diff = max_diff(reference, logits);
-        eprintln!("{first} vs {kernel}: first logits differ by up to {diff}");
-        assert!(diff <= KERNEL_TOLERANCE, "{first} vs {kernel}: first logits differ by up to {diff}");
+        let max = max_diff(reference, logits);
+        let mean = reference.iter().zip(logits).map(|(a, b)| (a - b).abs()).sum::<f32>() / logits.len() as f32;
+        eprintln!("{first} vs {kernel}: first logits differ by up to {max}, {mean} on average");
+        assert!(max <= KERNEL_MAX_DIFF && mean <= KERNEL_MEAN_DIFF, "{first} vs {kernel}: max {max}, mean {mean}");
+        assert_eq!(argmax(reference), argmax(logits), "{first} vs {kernel}: the greedy token differs");
     }
 }

@@ -146,3 +146,22 @@ pub async fn generate(
     }
     Ok(out)
 }
+
+/// The body of `GET /metrics` from `addr`.
+pub async fn metrics_text(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("metrics endpoint");
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut text = String::new();
+    conn.read_to_string(&mut text).await.unwrap();
+    text.split_once("\r\n\r\n").expect("HTTP body").1.to_string()
+}
+
+/// `GET /metrics`, parsed into `name{labels}` -> value.
+pub async fn scrape(addr: &str) -> std::collections::HashMap<String, f64> {
+    let body = metrics_text(addr).await;
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(k, v)| v.parse().ok().map(|v| (k.to_string(), v))))
+        .collect()
+}

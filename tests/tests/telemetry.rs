@@ -8,8 +8,7 @@ use mesh_proto::v1::{GenerateRequest, SamplingParams};
 use mesh_tests::etcd::Etcd;
 use mesh_tests::mesh::SidecarProcess;
 use mesh_tests::otlp::{CollectedSpan, Collector};
-use mesh_tests::{NodeProcess, free_port, generate, prompt_request};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use mesh_tests::{NodeProcess, free_port, generate, metrics_text, prompt_request, scrape};
 
 fn chat(max_tokens: u32) -> GenerateRequest {
     GenerateRequest { model: "chat".into(), tenant: "acme".into(), ..prompt_request("trace me", max_tokens) }
@@ -109,14 +108,6 @@ async fn failures_mark_spans_with_the_grpc_code() {
     assert_eq!(span.attributes["rpc.grpc.status_code"], "3");
 }
 
-async fn metrics_text(addr: &str) -> String {
-    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("metrics endpoint");
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
-    let mut text = String::new();
-    conn.read_to_string(&mut text).await.unwrap();
-    text.split_once("\r\n\r\n").expect("HTTP body").1.to_string()
-}
-
 /// Metric families a process declares (`# TYPE name kind`).
 async fn families(addr: &str) -> Vec<String> {
     let text = metrics_text(addr).await;
@@ -124,15 +115,6 @@ async fn families(addr: &str) -> Vec<String> {
         .filter_map(|l| l.strip_prefix("# TYPE "))
         .filter_map(|l| l.split(' ').next())
         .map(String::from)
-        .collect()
-}
-
-/// `GET /metrics`, parsed into `name{labels}` -> value.
-async fn scrape(addr: &str) -> HashMap<String, f64> {
-    let body = metrics_text(addr).await;
-    body.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| l.rsplit_once(' ').and_then(|(k, v)| v.parse().ok().map(|v| (k.to_string(), v))))
         .collect()
 }
 

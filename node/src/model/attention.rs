@@ -78,42 +78,126 @@ impl StepAttention<'_> {
         }
         let caches: Vec<&KvCache> = caches.iter().map(|c| &**c).collect();
         let qkv: &[f32] = self.qkv;
+        let blocks = query_blocks(self.owners);
+        // One task per (query block, head): a single decoding stream still uses every core.
+        let parts: Vec<Vec<f32>> = (0..blocks.len() * cfg.n_head)
+            .into_par_iter()
+            .map(|i| {
+                let ((start, len), h) = (blocks[i / cfg.n_head], i % cfg.n_head);
+                let cache = caches[self.owners[start]].layer(layer);
+                let q = |t: usize| &qkv[(start + t) * row + h * hd..][..hd];
+                let block = QueryBlock { len, first_pos: self.positions[start], g: h / (cfg.n_head / cfg.n_kv_head) };
+                attend(cfg, &block, q, cache)
+            })
+            .collect();
         let mut out = vec![0f32; self.positions.len() * q_dim];
-        // One task per (token, head): a single decoding stream still uses every core.
-        out.par_chunks_mut(hd).enumerate().for_each(|(i, out)| {
-            let (t, h) = (i / cfg.n_head, i % cfg.n_head);
-            let cache = caches[self.owners[t]].layer(layer);
-            let q = &qkv[t * row + h * hd..][..hd];
-            attend_head(cfg, q, h / (cfg.n_head / cfg.n_kv_head), cache, self.positions[t] + 1, out);
-        });
+        for (i, part) in parts.iter().enumerate() {
+            let ((start, _), h) = (blocks[i / cfg.n_head], i % cfg.n_head);
+            for (t, head_out) in part.chunks_exact(hd).enumerate() {
+                out[(start + t) * q_dim + h * hd..][..hd].copy_from_slice(head_out);
+            }
+        }
         out
     }
 }
 
-/// Causal attention of one query head over the first `visible` cached
-/// positions of its KV head `g`. Keys are stored transposed, so the scores
-/// of all positions accumulate as whole vectors, one head dimension at a time.
-fn attend_head(cfg: &LlamaConfig, q: &[f32], g: usize, cache: &LayerCache, visible: usize, out: &mut [f32]) {
-    let scale = 1.0 / (cfg.head_dim as f32).sqrt();
-    let mut scores = vec![0f32; visible];
-    for (d, &qd) in q.iter().enumerate() {
-        let keys = &cache.key_dim(g, d)[..visible];
-        for (s, k) in scores.iter_mut().zip(keys) {
-            *s += qd * k;
+/// Query tokens attended together: consecutive tokens of one sequence
+/// share every key they see, so a block reads each key and value once.
+const QUERY_BLOCK: usize = 16;
+
+/// `(first token, count)` of each run of at most `QUERY_BLOCK` consecutive
+/// tokens with the same owner (a prompt chunk, or one decoding token).
+fn query_blocks(owners: &[usize]) -> Vec<(usize, usize)> {
+    let mut blocks: Vec<(usize, usize)> = Vec::new();
+    for (t, owner) in owners.iter().enumerate() {
+        match blocks.last_mut() {
+            Some((start, len)) if owners[*start] == *owner && *len < QUERY_BLOCK => *len += 1,
+            _ => blocks.push((t, 1)),
         }
     }
-    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s * scale));
-    let mut sum = 0.0;
-    for s in scores.iter_mut() {
-        *s = (*s * scale - max).exp();
-        sum += *s;
+    blocks
+}
+
+/// Consecutive query tokens of one sequence at one head.
+struct QueryBlock {
+    len: usize,
+    /// Position of the block's first token; token `t` sees `first_pos + t + 1` positions.
+    first_pos: usize,
+    /// The KV head the query head reads.
+    g: usize,
+}
+
+/// Causal attention of a query block; returns `[len, head_dim]`.
+///
+/// Built for x86-64-v2, these loops would run 4 lanes wide; on a CPU with
+/// AVX2 the same code runs compiled for it. The two compile to the same
+/// operations in the same order per element (Rust neither contracts to FMA
+/// nor reassociates), so the results are identical on either.
+fn attend<'a>(cfg: &LlamaConfig, block: &QueryBlock, q: impl Fn(usize) -> &'a [f32], cache: &LayerCache) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { attend_avx2(cfg, block, q, cache) };
     }
-    for (j, s) in scores.iter().enumerate() {
-        let w = s / sum;
-        for (o, v) in out.iter_mut().zip(cache.value(j, g)) {
-            *o += w * v;
+    attend_block(cfg, block, q, cache)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn attend_avx2<'a>(
+    cfg: &LlamaConfig,
+    block: &QueryBlock,
+    q: impl Fn(usize) -> &'a [f32],
+    cache: &LayerCache,
+) -> Vec<f32> {
+    attend_block(cfg, block, q, cache)
+}
+
+/// Keys are stored transposed, so the scores of all positions accumulate as
+/// whole vectors, one head dimension at a time; each key row is read once
+/// for the whole block. Every (token, position) score and every output
+/// element is computed by the same operations in the same order as for a
+/// block of one, so a token's output does not depend on its block.
+#[inline(always)]
+fn attend_block<'a>(
+    cfg: &LlamaConfig,
+    block: &QueryBlock,
+    q: impl Fn(usize) -> &'a [f32],
+    cache: &LayerCache,
+) -> Vec<f32> {
+    let (hd, len) = (cfg.head_dim, block.len);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let visible = |t: usize| block.first_pos + t + 1;
+    let mut scores: Vec<Vec<f32>> = (0..len).map(|t| vec![0f32; visible(t)]).collect();
+    for d in 0..hd {
+        let keys = cache.key_dim(block.g, d);
+        for (t, scores) in scores.iter_mut().enumerate() {
+            let qd = q(t)[d];
+            for (s, k) in scores.iter_mut().zip(&keys[..visible(t)]) {
+                *s += qd * k;
+            }
         }
     }
+    for scores in scores.iter_mut() {
+        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s * scale));
+        let mut sum = 0.0;
+        for s in scores.iter_mut() {
+            *s = (*s * scale - max).exp();
+            sum += *s;
+        }
+        scores.iter_mut().for_each(|s| *s /= sum);
+    }
+    let mut out = vec![0f32; len * hd];
+    for (j, v) in (0..visible(len - 1)).map(|j| (j, cache.value(j, block.g))) {
+        // Token t sees position j from t = j - first_pos on.
+        for (t, out) in out.chunks_exact_mut(hd).enumerate().skip(j.saturating_sub(block.first_pos)) {
+            let w = scores[t][j];
+            for (o, v) in out.iter_mut().zip(v) {
+                *o += w * v;
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -19,8 +19,9 @@
 
 use std::arch::x86_64::*;
 
+use super::acts::sum_stride;
 use super::kernel::{for_each_tile, store};
-use super::{Q4Step, Q8Step, WeightStep, XStep};
+use super::{Q4Step, Q8Step, WeightStep, XRows};
 
 /// How a weight step is loaded and multiplied.
 pub trait Load {
@@ -100,16 +101,20 @@ unsafe fn scales(dm: &[half::f16; 4]) -> __m128 {
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C (`Kernel::Avx2.supported()`).
-pub unsafe fn block<W: WeightStep>(w: &[W], rows: usize, steps: usize, x: &[XStep], n: usize, out: &mut [f32]) {
+pub unsafe fn block<W: WeightStep>(w: &[W], rows: usize, steps: usize, x: XRows<'_>, n: usize, out: &mut [f32]) {
+    let stride = sum_stride(steps);
+    // The current tile's Q4_1 minimums, gathered while its steps stream by.
+    let mut mins = vec![0f32; 4 * stride];
     for_each_tile(rows, n, 4, 2, |r, i, mw, mx| {
-        let (wr, xr) = (&w[r * steps..(r + mw) * steps], &x[i * steps..(i + mx) * steps]);
+        let wr = &w[r * steps..(r + mw) * steps];
+        let xr = XRows { steps: &x.steps[i * steps..(i + mx) * steps], sums: &x.sums[i * stride..(i + mx) * stride] };
         // SAFETY: the caller guarantees the CPU features.
         unsafe {
             match (mw, mx) {
-                (4, 2) => store(tile::<W, 4, 2>(wr, xr, steps), out, rows, r, i),
-                (4, _) => store(tile::<W, 4, 1>(wr, xr, steps), out, rows, r, i),
-                (_, 2) => store(tile::<W, 1, 2>(wr, xr, steps), out, rows, r, i),
-                _ => store(tile::<W, 1, 1>(wr, xr, steps), out, rows, r, i),
+                (4, 2) => store(tile::<W, 4, 2>(wr, xr, steps, &mut mins), out, rows, r, i),
+                (4, _) => store(tile::<W, 4, 1>(wr, xr, steps, &mut mins), out, rows, r, i),
+                (_, 2) => store(tile::<W, 1, 2>(wr, xr, steps, &mut mins), out, rows, r, i),
+                _ => store(tile::<W, 1, 1>(wr, xr, steps, &mut mins), out, rows, r, i),
             }
         }
     });
@@ -117,18 +122,31 @@ pub unsafe fn block<W: WeightStep>(w: &[W], rows: usize, steps: usize, x: &[XSte
 
 /// Dot products of MW weight rows with MX activation rows:
 /// `result[r][i] = w_row(r) · x_row(i)`.
+///
+/// Per step and row pair: the integer dot product, scaled by both blocks'
+/// scales into the accumulator. A Q4_1 minimum `m` adds `m * d_x * sum(q_x)`
+/// per block; those terms are summed once at the end, eight blocks per
+/// instruction, from the minimums gathered into `mins` on the way.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile<W: WeightStep, const MW: usize, const MX: usize>(w: &[W], x: &[XStep], steps: usize) -> [[f32; MX]; MW] {
+unsafe fn tile<W: WeightStep, const MW: usize, const MX: usize>(
+    w: &[W],
+    x: XRows<'_>,
+    steps: usize,
+    mins: &mut [f32],
+) -> [[f32; MX]; MW] {
+    let stride = sum_stride(steps);
     // An XStep's lanes 0-3 hold block a's scale, 4-7 block b's: the layout
-    // of the summed halves. Its `s8` is scale × sum / 8, for a block spread
-    // over eight 512-bit lanes; here a block spans four, so the minimum
-    // term takes twice the weight's minimum (exact in f32).
+    // of the summed halves.
     let d_idx = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-    let m_idx = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
     // The next tile's weights follow this one's in memory. A tile's rows are
     // short (a few hundred bytes), too short for the hardware prefetcher to
     // lock on before they end, so fetch the next tile while this one runs.
     let next = w.as_ptr().wrapping_add(MW * steps);
+    // The hot loop indexes through pointers: slice bounds checks there cost
+    // more than the arithmetic. These asserts make every index below valid.
+    assert!(w.len() >= MW * steps && x.steps.len() >= MX * steps && x.sums.len() >= MX * stride);
+    assert!(mins.len() >= MW * stride && stride >= 2 * steps);
+    let (wp, xp, mp) = (w.as_ptr(), x.steps.as_ptr(), mins.as_mut_ptr());
     let mut acc = [[_mm256_setzero_ps(); MX]; MW];
     for s in 0..steps {
         for r in 0..MW {
@@ -136,28 +154,46 @@ unsafe fn tile<W: WeightStep, const MW: usize, const MX: usize>(w: &[W], x: &[XS
         }
         let mut xq = [[_mm256_setzero_si256(); 2]; MX];
         for (i, q) in xq.iter_mut().enumerate() {
-            let xs = &x[i * steps + s];
-            // SAFETY: in bounds; XStep is 64-byte aligned.
-            *q = unsafe { [_mm256_load_si256(xs.qs.as_ptr().cast()), _mm256_load_si256(xs.qs[32..].as_ptr().cast())] };
+            // SAFETY: i < MX, s < steps (asserted above); XStep is 64-byte aligned.
+            *q = unsafe {
+                let qs = (*xp.add(i * steps + s)).qs.as_ptr();
+                [_mm256_load_si256(qs.cast()), _mm256_load_si256(qs.add(32).cast())]
+            };
         }
         for (r, acc) in acc.iter_mut().enumerate() {
-            let (wq, dm) = unsafe { Load::load(&w[r * steps + s]) };
-            let dm = _mm256_castps128_ps256(dm);
-            let wd = _mm256_permutevar8x32_ps(dm, d_idx);
-            let wm = _mm256_permutevar8x32_ps(dm, m_idx);
-            let wm2 = _mm256_add_ps(wm, wm);
+            // SAFETY: r < MW, s < steps, 2 * s + 1 < stride (asserted above).
+            let (wq, dm) = unsafe { Load::load(&*wp.add(r * steps + s)) };
+            if W::HAS_MIN {
+                unsafe { _mm_storeh_pd(mp.add(r * stride + 2 * s).cast(), _mm_castps_pd(dm)) };
+            }
+            let wd = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(dm), d_idx);
             for (i, acc) in acc.iter_mut().enumerate() {
-                let xs = &x[i * steps + s];
-                let (xd, xs8) = unsafe { (_mm256_load_ps(xs.d.as_ptr()), _mm256_load_ps(xs.s8.as_ptr())) };
+                let xd = unsafe { _mm256_load_ps((*xp.add(i * steps + s)).d.as_ptr()) };
                 let dot = unsafe { W::dot(wq, xq[i][0], xq[i][1]) };
                 *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(wd, xd), *acc);
-                if W::HAS_MIN {
-                    *acc = _mm256_fmadd_ps(wm2, xs8, *acc);
-                }
             }
         }
     }
-    acc.map(|row| row.map(|a| hsum(a)))
+    let mut sums = [[0f32; MX]; MW];
+    for (r, (sums, acc)) in sums.iter_mut().zip(&acc).enumerate() {
+        for (i, (sum, &a)) in sums.iter_mut().zip(acc).enumerate() {
+            let mut total = a;
+            if W::HAS_MIN {
+                for c in (0..stride).step_by(8) {
+                    // SAFETY: both rows hold `stride` (a multiple of 8) entries.
+                    let (m, xs) = unsafe {
+                        (
+                            _mm256_loadu_ps(mins[r * stride + c..].as_ptr()),
+                            _mm256_loadu_ps(x.sums[i * stride + c..].as_ptr()),
+                        )
+                    };
+                    total = _mm256_fmadd_ps(m, xs, total);
+                }
+            }
+            *sum = hsum(total);
+        }
+    }
+    sums
 }
 
 /// The sum of eight lanes, always in the same order.

@@ -5,7 +5,7 @@
 //! kernels are compiled with `#[target_feature]` and only called after
 //! `is_x86_feature_detected!` said the CPU has them.
 
-use super::{WeightStep, XStep};
+use super::{WeightStep, XRows};
 
 /// A matmul kernel path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
@@ -76,20 +76,20 @@ impl Kernel {
         w: &[W],
         rows: usize,
         steps: usize,
-        x: &[XStep],
+        x: XRows<'_>,
         n: usize,
         out: &mut [f32],
     ) {
-        debug_assert!(self.supported());
+        // A kernel the CPU lacks would execute illegal instructions.
+        assert!(self.supported(), "kernel {self} is not supported by this CPU");
         match self {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: a `Kernel` reaches here only through `choose`, or from a
-            // caller that checked `supported()`.
-            Kernel::Avx512 => unsafe { super::avx512::block(w, rows, steps, x, n, out) },
+            // SAFETY: checked above.
+            Kernel::Avx512 => unsafe { super::avx512::block(w, rows, steps, x.steps, n, out) },
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: as above.
+            // SAFETY: checked above.
             Kernel::Avx2 => unsafe { super::avx2::block(w, rows, steps, x, n, out) },
-            _ => super::scalar::block(w, rows, steps, x, n, out),
+            _ => super::scalar::block(w, rows, steps, x.steps, n, out),
         }
     }
 }

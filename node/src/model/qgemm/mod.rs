@@ -13,6 +13,7 @@
 //! of operations whatever the batch size or tile shape, so a sequence's
 //! logits are bit-identical alone and inside any batch.
 
+mod acts;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
@@ -20,6 +21,8 @@ mod avx512;
 mod kernel;
 mod scalar;
 
+pub use acts::QActs;
+use acts::{XRows, XStep};
 pub use kernel::Kernel;
 
 use half::f16;
@@ -55,25 +58,6 @@ pub struct Q8Step {
 impl Default for Q8Step {
     fn default() -> Self {
         Self { qs: [128; 64], dm: [f16::ZERO; 4] }
-    }
-}
-
-/// Two blocks of a quantized activation row. The 64 bytes are in the order
-/// Q4 nibbles unpack to: a[0..16], b[0..16], a[16..32], b[16..32]; so lanes
-/// (groups of 4 bytes) 0-3 and 8-11 belong to block a, 4-7 and 12-15 to b.
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-pub struct XStep {
-    qs: [i8; 64],
-    /// Each lane's block scale.
-    d: [f32; 16],
-    /// Each lane's block `scale * sum(q) / 8` (a block spans eight lanes).
-    s8: [f32; 16],
-}
-
-impl Default for XStep {
-    fn default() -> Self {
-        Self { qs: [0; 64], d: [0.0; 16], s8: [0.0; 16] }
     }
 }
 
@@ -216,53 +200,6 @@ impl WeightStep for Q8Step {
     }
 }
 
-/// Quantized activation rows.
-pub struct QActs {
-    rows: usize,
-    steps: usize,
-    data: Vec<XStep>,
-}
-
-impl QActs {
-    /// `x` is `[rows, cols]` with `cols <= padded`; missing columns are zero.
-    pub fn quantize(x: &[f32], rows: usize, padded: usize) -> Self {
-        let cols = x.len() / rows.max(1);
-        let steps = padded / STEP;
-        let mut data = vec![XStep::default(); rows * steps];
-        let quantize_row = |(r, row): (usize, &mut [XStep])| {
-            let src = &x[r * cols..(r + 1) * cols];
-            for (s, step) in row.iter_mut().enumerate() {
-                for half in 0..2 {
-                    let start = s * STEP + half * BLOCK;
-                    let mut block = [0f32; BLOCK];
-                    if start < cols {
-                        let end = (start + BLOCK).min(cols);
-                        block[..end - start].copy_from_slice(&src[start..end]);
-                    }
-                    let (d, q) = quantize_block(&block);
-                    let sum: i32 = q.iter().map(|&v| i32::from(v)).sum();
-                    for (j, &v) in q.iter().enumerate() {
-                        step.qs[lane_pos(half * BLOCK + j)] = v;
-                    }
-                    for lane in 0..16 {
-                        if (lane / 4) % 2 == half {
-                            step.d[lane] = d;
-                            step.s8[lane] = d * sum as f32 / 8.0;
-                        }
-                    }
-                }
-            }
-        };
-        // One row (a decode step of one stream) is not worth waking threads.
-        if rows > 1 {
-            data.par_chunks_mut(steps.max(1)).enumerate().for_each(quantize_row);
-        } else {
-            data.chunks_mut(steps.max(1)).enumerate().for_each(quantize_row);
-        }
-        Self { rows, steps, data }
-    }
-}
-
 /// Symmetric 8-bit quantization of one block: `x ≈ d * q`, `q` in -127..=127.
 fn quantize_block(x: &[f32; BLOCK]) -> (f32, [i8; BLOCK]) {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -289,27 +226,26 @@ const X_ROWS_PER_PASS: usize = 24;
 fn run<W: WeightStep>(kernel: Kernel, w: &[W], rows: usize, steps: usize, x: &QActs) -> Vec<f32> {
     assert_eq!(steps, x.steps, "activation width does not match the weights");
     let n = x.rows;
-    let per_task = ROWS_PER_TASK;
-    let parts: Vec<Vec<f32>> = (0..rows.div_ceil(per_task))
+    // One task per (weight rows, activation pass): a prefill chunk splits
+    // into many even tasks even where a matrix has few rows.
+    let passes = n.div_ceil(X_ROWS_PER_PASS).max(1);
+    let parts: Vec<Vec<f32>> = (0..rows.div_ceil(ROWS_PER_TASK) * passes)
         .into_par_iter()
         .map(|t| {
-            let (r0, r1) = (t * per_task, ((t + 1) * per_task).min(rows));
-            let width = r1 - r0;
-            // [n, width]
-            let mut out = vec![0f32; n * width];
-            let wt = &w[r0 * steps..r1 * steps];
-            for i0 in (0..n).step_by(X_ROWS_PER_PASS) {
-                let i1 = (i0 + X_ROWS_PER_PASS).min(n);
-                kernel.block(wt, width, steps, &x.data[i0 * steps..i1 * steps], i1 - i0, &mut out[i0 * width..]);
-            }
+            let (r0, i0) = ((t / passes) * ROWS_PER_TASK, (t % passes) * X_ROWS_PER_PASS);
+            let (r1, i1) = ((r0 + ROWS_PER_TASK).min(rows), (i0 + X_ROWS_PER_PASS).min(n));
+            // [i1 - i0, r1 - r0]
+            let mut out = vec![0f32; (i1 - i0) * (r1 - r0)];
+            kernel.block(&w[r0 * steps..r1 * steps], r1 - r0, steps, x.rows(i0, i1), i1 - i0, &mut out);
             out
         })
         .collect();
     let mut out = vec![0f32; n * rows];
     for (t, part) in parts.iter().enumerate() {
-        let (r0, width) = (t * per_task, part.len() / n.max(1));
-        for i in 0..n {
-            out[i * rows + r0..i * rows + r0 + width].copy_from_slice(&part[i * width..(i + 1) * width]);
+        let (r0, i0) = ((t / passes) * ROWS_PER_TASK, (t % passes) * X_ROWS_PER_PASS);
+        let width = (r0 + ROWS_PER_TASK).min(rows) - r0;
+        for (i, row) in part.chunks_exact(width).enumerate() {
+            out[(i0 + i) * rows + r0..][..width].copy_from_slice(row);
         }
     }
     out
