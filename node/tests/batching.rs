@@ -94,12 +94,13 @@ fn greedy_tokens_alone_equal_tokens_in_a_batch_of_16_on_every_kernel() {
 /// How far two kernels' logits may drift apart after one prompt. They
 /// multiply the same quantized values but sum in another order; a last-bit
 /// difference can move an activation across a rounding boundary when it is
-/// quantized for the next layer, and thirty layers amplify that. Measured on
-/// a Zen 3 (logits span -5..30): avx2 vs scalar differ by at most 0.75, 0.10
-/// on average; merely reversing the scalar kernel's final 16-lane sum moves
-/// them as far (0.76, 0.13). The bounds leave twice that.
+/// quantized for the next layer, and thirty layers amplify that. Measured
+/// (logits span -5..30): avx2 vs scalar at most 0.75, 0.10 on average (Zen
+/// 3); avx512 vs avx2 0.86 and 0.33 (Xeon); merely reversing the scalar
+/// kernel's final 16-lane sum moves them 0.76 and 0.13. A wrong kernel moves
+/// them by whole units.
 const KERNEL_MAX_DIFF: f32 = 1.5;
-const KERNEL_MEAN_DIFF: f32 = 0.25;
+const KERNEL_MEAN_DIFF: f32 = 0.5;
 
 #[test]
 fn kernels_agree_on_the_first_logits_within_tolerance() {

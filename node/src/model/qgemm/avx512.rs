@@ -69,8 +69,13 @@ unsafe fn tile<W: WeightStep, const MW: usize, const MX: usize>(w: &[W], x: &[XS
     let d_idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
     let m_idx = _mm512_add_epi32(d_idx, _mm512_set1_epi32(2));
     let zero = _mm512_setzero_si512();
+    // Fetch the next tile's weights while this one runs (see the AVX2 kernel).
+    let next = w.as_ptr().wrapping_add(MW * steps);
     let mut acc = [[_mm512_setzero_ps(); MX]; MW];
     for s in 0..steps {
+        for r in 0..MW {
+            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(r * steps + s).cast());
+        }
         let mut wq = [zero; MW];
         let mut wd = [_mm512_setzero_ps(); MW];
         let mut wm = [_mm512_setzero_ps(); MW];
