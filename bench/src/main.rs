@@ -19,7 +19,7 @@ enum Command {
     Node(node_bench::Args),
     /// Single-stream decode rate of candle's quantized_llama as this binary
     /// was built (one JSON line; the yardstick of `node --upstream-bin`).
-    Upstream(node_bench::upstream::Args),
+    Upstream(node_bench::ModelArgs),
     /// Drive Generate load (closed or open loop) against a node or sidecar
     /// on loopback or an allowed test network; print a summary, JSON or a plot.
     Load(bench::load::cli::Args),

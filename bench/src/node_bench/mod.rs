@@ -16,14 +16,21 @@ use node::model::qgemm::Kernel;
 use node::scheduler::{Limits, Scheduler};
 use node::text::{GgufText, TextCodec};
 
+/// The model and decode length: all `mesh-bench upstream` takes.
 #[derive(clap::Args)]
-pub struct Args {
+pub struct ModelArgs {
     /// GGUF model file.
     #[arg(long, default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
     model: PathBuf,
     /// Tokens each stream decodes.
     #[arg(long, default_value_t = 64)]
     tokens: usize,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    run: ModelArgs,
     /// 128-token prompts timed while 31 streams decode (0 skips the TTFT run).
     #[arg(long, default_value_t = 20)]
     ttft_samples: usize,
@@ -68,12 +75,12 @@ fn upstream_rate(args: &Args) -> anyhow::Result<f64> {
     if args.skip_upstream {
         return Ok(f64::NAN);
     }
-    let here = upstream::tokens_per_sec(&args.model, args.tokens)?;
+    let here = upstream::tokens_per_sec(&args.run.model, args.run.tokens)?;
     println!("upstream quantized_llama, 1 stream, this build ({}): {here:.1} tokens/s", upstream::built_for());
     let Some(bin) = &args.upstream_bin else {
         return Ok(here);
     };
-    let (native, built_for) = upstream::from_binary(bin, &args.model, args.tokens)?;
+    let (native, built_for) = upstream::from_binary(bin, &args.run.model, args.run.tokens)?;
     println!("upstream quantized_llama, 1 stream, {} ({built_for}): {native:.1} tokens/s", bin.display());
     let best = here.max(native);
     println!("yardstick: {best:.1} tokens/s");
@@ -81,7 +88,7 @@ fn upstream_rate(args: &Args) -> anyhow::Result<f64> {
 }
 
 async fn bench_kernel(args: &Args, kernel: Kernel, upstream: f64, peak: f64) -> anyhow::Result<()> {
-    let (model, content) = LlamaModel::load(&args.model, &Device::Cpu, kernel)?;
+    let (model, content) = LlamaModel::load(&args.run.model, &Device::Cpu, kernel)?;
     let codec: Arc<dyn TextCodec> = Arc::new(GgufText::from_metadata(&content.metadata)?);
     let macs_per_token = model.macs_per_token() as f64;
     let limits = Limits {
@@ -95,10 +102,10 @@ async fn bench_kernel(args: &Args, kernel: Kernel, upstream: f64, peak: f64) -> 
     let scheduler = Scheduler::start(limits, Box::new(GgufBackend::new(Arc::new(model))), codec.clone(), metrics);
     let prompt = codec.encode(PROMPT)?;
 
-    let single = measure::decode_rate(&scheduler, &prompt, 1, args.tokens).await?;
+    let single = measure::decode_rate(&scheduler, &prompt, 1, args.run.tokens).await?;
     println!("node, 1 stream: {single:.1} tokens/s  ({:.2}x upstream)", single / upstream);
     for &streams in &args.batches {
-        let rate = measure::decode_rate(&scheduler, &prompt, streams, args.tokens).await?;
+        let rate = measure::decode_rate(&scheduler, &prompt, streams, args.run.tokens).await?;
         println!("node, {streams} streams: {rate:.1} tokens/s aggregate  ({:.2}x upstream)", rate / upstream);
         if streams == 32 {
             println!(

@@ -8,7 +8,7 @@
 //! `scripts/bench-node.sh` builds one and passes it as `--upstream-bin`,
 //! whose `upstream` subcommand this module also implements.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use candle_core::quantized::gguf_file;
@@ -17,21 +17,11 @@ use candle_transformers::generation::{LogitsProcessor, Sampling};
 use candle_transformers::models::quantized_llama::ModelWeights;
 use node::text::{GgufText, TextCodec};
 
-use super::PROMPT;
-
-#[derive(clap::Args)]
-pub struct Args {
-    /// GGUF model file.
-    #[arg(long, default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
-    model: PathBuf,
-    /// Tokens to decode.
-    #[arg(long, default_value_t = 64)]
-    tokens: usize,
-}
+use super::{ModelArgs, PROMPT};
 
 /// `mesh-bench upstream`: prints the single-stream rate and the SIMD level
 /// candle was compiled for, as one JSON line.
-pub fn run(args: Args) -> anyhow::Result<()> {
+pub fn run(args: ModelArgs) -> anyhow::Result<()> {
     let rate = tokens_per_sec(&args.model, args.tokens)?;
     println!("{}", serde_json::json!({ "tokens_per_sec": rate, "built_for": built_for() }));
     Ok(())
