@@ -4,6 +4,7 @@
 //! figure, all in one run so the ratios compare like with like.
 
 mod measure;
+pub mod qgemm;
 pub mod upstream;
 
 use std::path::PathBuf;
