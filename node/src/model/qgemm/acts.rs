@@ -84,13 +84,13 @@ impl QActs {
                 }
             }
         };
-        let rows_iter = data.chunks_mut(steps.max(1)).zip(sums.chunks_mut(stride.max(1)));
+        let (step_chunk, sum_chunk) = (steps.max(1), stride.max(1));
         // One row (a decode step of one stream) is not worth waking threads.
         if rows > 1 {
-            let par_rows = data.par_chunks_mut(steps.max(1)).zip(sums.par_chunks_mut(stride.max(1)));
-            par_rows.enumerate().for_each(quantize_row);
+            let rows = data.par_chunks_mut(step_chunk).zip(sums.par_chunks_mut(sum_chunk));
+            rows.enumerate().for_each(quantize_row);
         } else {
-            rows_iter.enumerate().for_each(quantize_row);
+            data.chunks_mut(step_chunk).zip(sums.chunks_mut(sum_chunk)).enumerate().for_each(quantize_row);
         }
         Self { rows, steps, data, sums }
     }
