@@ -35,8 +35,8 @@ pub fn load_model(cfg: &NodeConfig) -> anyhow::Result<ServedModel> {
             let path =
                 cfg.model.as_deref().ok_or_else(|| anyhow::anyhow!("--model is required for the gguf backend"))?;
             let kernel = Kernel::choose(cfg.kernel).map_err(anyhow::Error::msg)?;
-            let available: Vec<&str> = Kernel::available().iter().map(|k| k.name()).collect();
-            tracing::info!(kernel = kernel.name(), available = %available.join(","), "matmul kernel chosen");
+            let available = Kernel::names(&Kernel::available());
+            tracing::info!(kernel = kernel.name(), %available, "matmul kernel chosen");
             ServedModel::gguf(path, cfg.model_name.clone(), &device(cfg)?, kernel)?
         }
         BackendKind::Synthetic => ServedModel::synthetic(

@@ -56,7 +56,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let upstream = upstream_rate(&args)?;
     let kernels = if args.kernels.is_empty() { Kernel::available() } else { args.kernels.clone() };
     let default = Kernel::choose(None).map_err(anyhow::Error::msg)?;
-    println!("kernels: {} (the node picks {default} on this CPU)", names(&kernels));
+    println!("kernels: {} (the node picks {default} on this CPU)", Kernel::names(&kernels));
     let peak = upstream::peak_gemm_macs()?;
     for kernel in kernels {
         let forced = Kernel::choose(Some(kernel)).map_err(anyhow::Error::msg)?;
@@ -64,10 +64,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         bench_kernel(&args, forced, upstream, peak).await?;
     }
     Ok(())
-}
-
-fn names(kernels: &[Kernel]) -> String {
-    kernels.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ")
 }
 
 /// The yardstick: the fastest upstream build at hand (this binary's, and

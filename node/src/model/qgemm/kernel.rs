@@ -57,6 +57,11 @@ impl Kernel {
         Self::ALL.into_iter().filter(|k| k.supported()).collect()
     }
 
+    /// `kernels` by name, comma-separated (for logs and messages).
+    pub fn names(kernels: &[Kernel]) -> String {
+        kernels.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ")
+    }
+
     /// `forced` if this CPU supports it, else the fastest supported path.
     pub fn choose(forced: Option<Kernel>) -> Result<Kernel, String> {
         match forced {
@@ -64,7 +69,7 @@ impl Kernel {
             Some(k) => Err(format!(
                 "--kernel {} is not supported by this CPU (supported: {})",
                 k.name(),
-                Self::available().iter().map(|k| k.name()).collect::<Vec<_>>().join(", ")
+                Self::names(&Self::available())
             )),
             None => Ok(Self::available()[0]),
         }
