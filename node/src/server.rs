@@ -53,11 +53,13 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let limits = cfg.limits(model.context_length);
     tracing::info!(?limits, backend = model.kind, "starting engine");
     let metrics = NodeMetrics::new(&model.name, model.compute);
+    let mut metrics_addr = None;
     if let Some(addr) = cfg.metrics_listen {
         let mut registry = telemetry::metrics::Registry::default();
         metrics.register(&mut registry);
         let bound = telemetry::metrics::serve(addr, registry).await?;
         tracing::info!("metrics on http://{bound}/metrics");
+        metrics_addr = Some(bound);
     }
     let scheduler = Scheduler::start(limits, model.backend, model.codec.clone(), metrics);
     let service = GenerationService {
@@ -86,7 +88,9 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     if let Some(tls) = tls_config(&cfg)? {
         builder = builder.tls_config(tls)?;
     }
-    notify(sd_notify::NotifyState::Ready);
+    let mut addresses = vec![("grpc", addr)];
+    addresses.extend(metrics_addr.map(|m| ("metrics", m)));
+    daemon::ready::announce("node", &addresses);
     builder
         .add_service(health_service)
         .add_service(reflection)
@@ -110,13 +114,6 @@ fn tls_config(cfg: &NodeConfig) -> anyhow::Result<Option<ServerTlsConfig>> {
     Ok(Some(tls))
 }
 
-/// Tells systemd (`Type=notify`) about readiness and stopping; a no-op outside systemd.
-fn notify(state: sd_notify::NotifyState<'_>) {
-    if let Err(e) = sd_notify::notify(&[state]) {
-        tracing::debug!(error = %e, "sd_notify");
-    }
-}
-
 async fn set_health(health: &HealthReporter, status: ServingStatus) {
     health.set_service_status("", status).await;
     health.set_service_status("mesh.v1.Generation", status).await;
@@ -129,7 +126,7 @@ async fn drain_on_signal(scheduler: Scheduler, health: HealthReporter, grace: Du
         tracing::error!(error = %e, "cannot listen for signals; draining now");
     }
     let load = scheduler.load();
-    notify(sd_notify::NotifyState::Stopping);
+    daemon::ready::stopping();
     tracing::info!(running = load.running, queued = load.queued, ?grace, "draining");
     set_health(&health, ServingStatus::NotServing).await;
     scheduler.drain();

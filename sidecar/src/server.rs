@@ -33,11 +33,13 @@ const GENERATION: &str = "mesh.v1.Generation";
 
 pub async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
     let metrics = SidecarMetrics::new();
+    let mut addresses = Vec::new();
     if let Some(addr) = cfg.metrics_listen {
         let mut registry = telemetry::metrics::Registry::default();
         metrics.register(&mut registry);
         let bound = telemetry::metrics::serve(addr, registry).await?;
         tracing::info!("metrics on http://{bound}/metrics");
+        addresses.push(("metrics", bound));
     }
     let tls = cfg.tls.as_ref().map(TlsMaterial::load).transpose()?;
     let registry = EtcdRegistry::start(cfg.etcd())?;
@@ -67,6 +69,7 @@ pub async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
     let admin = Admin { balancer, view: registry.watch() };
     let out_listener = TcpListener::bind(cfg.listen.outbound).await?;
     tracing::info!("outbound listening on {}", out_listener.local_addr()?);
+    addresses.push(("outbound", out_listener.local_addr()?));
     let out_tls = tls.as_ref().filter(|t| t.outbound).map(|t| t.server());
     let out_server = tokio::spawn(serve_outbound(out_listener, out_tls, outbound, admin, stop_rx.clone()));
 
@@ -81,14 +84,15 @@ pub async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
         None => None,
     };
     if inbound.is_some() || cfg.node.is_none() {
-        // Listening (and registered, with a node): tell systemd we are up.
-        notify(sd_notify::NotifyState::Ready);
+        // Listening (and registered, with a node): say we are up.
+        addresses.extend(inbound.as_ref().map(|i| ("inbound", i.3)));
+        daemon::ready::announce("sidecar", &addresses);
         signal.await;
     }
-    notify(sd_notify::NotifyState::Stopping);
+    daemon::ready::stopping();
     tracing::info!("draining");
     registry.shutdown().await.ok(); // our records vanish from every watcher at once
-    if let Some((inbound, reporter, bulkhead)) = &inbound {
+    if let Some((inbound, reporter, bulkhead, _)) = &inbound {
         inbound.drain();
         set_health(reporter, ServingStatus::NotServing).await;
         let drained = tokio::time::timeout(cfg.drain_grace, async {
@@ -138,7 +142,7 @@ async fn start_inbound(
     registry: &EtcdRegistry,
     metrics: SidecarMetrics,
     mut stop: watch::Receiver<bool>,
-) -> anyhow::Result<(Arc<Inbound>, HealthReporter, Arc<Bulkhead>)> {
+) -> anyhow::Result<(Arc<Inbound>, HealthReporter, Arc<Bulkhead>, SocketAddr)> {
     let scheme = if tls.is_some() { "https" } else { "http" };
     let mut endpoint = Endpoint::from_shared(format!("{scheme}://{}", node.address))?
         .connect_timeout(Duration::from_secs(1))
@@ -182,7 +186,7 @@ async fn start_inbound(
     let advertise = cfg.listen.advertise.clone().unwrap_or_else(|| bound.to_string());
     registry.register(registration::record(node, &model, &service, &advertise)).await?;
     tracing::info!(%service, %advertise, "node registered in the mesh");
-    Ok((inbound, reporter, bulkhead))
+    Ok((inbound, reporter, bulkhead, bound))
 }
 
 /// The inbound side is healthy exactly when its node is.
@@ -213,14 +217,6 @@ fn reflection()
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .expect("the embedded descriptor sets are valid")
-}
-
-/// Tells systemd (`Type=notify`) about readiness and stopping; a no-op
-/// outside systemd.
-fn notify(state: sd_notify::NotifyState<'_>) {
-    if let Err(e) = sd_notify::notify(&[state]) {
-        tracing::debug!(error = %e, "sd_notify");
-    }
 }
 
 async fn shutdown_signal() {
