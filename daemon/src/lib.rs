@@ -1,3 +1,11 @@
-//! The process kit every mesh daemon (`mesh-node`, `mesh-sidecar`) shares.
+//! The process kit every mesh daemon (`mesh-node`, `mesh-sidecar`) shares:
+//! one gRPC server shape (health, reflection, HTTP/2 settings, graceful
+//! stop), the signals that start a drain, the ready line, TLS from PEM
+//! files and the Prometheus endpoint.
 
+pub mod grpc;
+pub mod health;
+pub mod metrics;
 pub mod ready;
+pub mod signal;
+pub mod tls;

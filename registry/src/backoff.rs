@@ -1,8 +1,13 @@
 //! Capped exponential backoff with full jitter, so a fleet that lost etcd
-//! together does not come back in lockstep.
+//! (or a node, or a peer) together does not come back in lockstep. The
+//! mesh's one backoff: the registry's etcd loops and the sidecar's retries
+//! share it.
 
 use std::time::Duration;
 
+/// Delays for retry after retry: each drawn uniformly below a ceiling that
+/// doubles from `base` up to `cap`; [`Backoff::reset`] after a success.
+#[derive(Debug, Clone)]
 pub struct Backoff {
     base: Duration,
     cap: Duration,

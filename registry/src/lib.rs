@@ -18,7 +18,7 @@
 //! when its lease expires, and a graceful stop revokes the lease so they
 //! vanish at once.
 
-mod backoff;
+pub mod backoff;
 pub mod etcd;
 mod memory;
 mod record;
