@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use crate::outbound::balancer::Balancer;
-use crate::outbound::endpoint::Health;
+use crate::outbound::instance::Health;
 
 pub struct Admin {
     pub balancer: Arc<Balancer>,

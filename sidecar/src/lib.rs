@@ -5,7 +5,6 @@
 //! etcd under a lease.
 
 pub mod admin;
-mod auth;
 pub mod config;
 mod deadline;
 pub mod inbound;
@@ -13,4 +12,6 @@ pub mod metrics;
 pub mod outbound;
 mod registration;
 pub mod server;
+mod stack;
 pub mod tls;
+mod trace;

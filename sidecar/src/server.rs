@@ -17,19 +17,60 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::{HealthCheckRequest, health_check_response};
 use tonic_health::server::HealthReporter;
 
+use mesh_proto::v1::generation_client::GenerationClient;
+use tower::ServiceBuilder;
+
 use crate::admin::Admin;
-use crate::auth::ApiKeys;
 use crate::config::{ServiceLimits, SidecarConfig};
+use crate::inbound::accept::{Accept, Draining};
+use crate::inbound::admission::Admission;
 use crate::inbound::bulkhead::Bulkhead;
+use crate::inbound::charge::ChargeTenant;
 use crate::inbound::tenants::Tenants;
-use crate::inbound::{Inbound, InboundService};
 use crate::metrics::SidecarMetrics;
+use crate::outbound::authenticate::{ApiKeys, Authenticate};
 use crate::outbound::balancer::Balancer;
-use crate::outbound::{Outbound, OutboundService, health};
+use crate::outbound::health;
+use crate::outbound::route::Route;
+use crate::outbound::service_slot::ServiceSlot;
 use crate::registration;
+use crate::stack::{Front, Next, step};
 use crate::tls::TlsMaterial;
+use crate::trace::{Hop, Trace};
 
 const GENERATION: &str = "mesh.v1.Generation";
+
+/// The outbound request path, first layer first.
+fn outbound_stack(cfg: &SidecarConfig, balancer: &Arc<Balancer>, metrics: &SidecarMetrics) -> Front {
+    let b = balancer.clone();
+    let generate = ServiceBuilder::new()
+        .layer(step(Trace::new(Hop::Outbound, metrics.clone())))
+        .layer(step(Authenticate(ApiKeys::new(&cfg.api_keys))))
+        .layer(step(ServiceSlot::new(
+            cfg.routing.max_streams_per_service,
+            Arc::new(move |s| b.knows(s)),
+            metrics.clone(),
+        )))
+        .service(Route::new(balancer.clone(), cfg.routing.clone(), metrics.clone()).service());
+    Front::new(Next::new(generate), crate::outbound::list_models(balancer.clone()))
+}
+
+/// The inbound request path, first layer first.
+fn inbound_stack(
+    cfg: &SidecarConfig,
+    service: &str,
+    node: GenerationClient<Channel>,
+    (bulkhead, draining): (Arc<Bulkhead>, Draining),
+    metrics: &SidecarMetrics,
+) -> Front {
+    let generate = ServiceBuilder::new()
+        .layer(step(Trace::new(Hop::Inbound { service: service.into() }, metrics.clone())))
+        .layer(step(Accept { service: service.into(), draining }))
+        .layer(step(ChargeTenant { tenants: Arc::new(Tenants::new(cfg.tenants.clone())), metrics: metrics.clone() }))
+        .layer(step(Admission { service: service.into(), bulkhead, metrics: metrics.clone() }))
+        .service(crate::inbound::node::service(node.clone()));
+    Front::new(Next::new(generate), crate::inbound::list_models(node))
+}
 
 pub async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
     let metrics = SidecarMetrics::new();
@@ -65,7 +106,7 @@ pub async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
     health::spawn(balancer.clone());
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let outbound = Outbound::new(balancer.clone(), cfg.routing.clone(), metrics.clone(), ApiKeys::new(&cfg.api_keys));
+    let outbound = outbound_stack(&cfg, &balancer, &metrics);
     let admin = Admin { balancer, view: registry.watch() };
     let out_listener = TcpListener::bind(cfg.listen.outbound).await?;
     tracing::info!("outbound listening on {}", out_listener.local_addr()?);
@@ -92,8 +133,8 @@ pub async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
     daemon::ready::stopping();
     tracing::info!("draining");
     registry.shutdown().await.ok(); // our records vanish from every watcher at once
-    if let Some((inbound, reporter, bulkhead, _)) = &inbound {
-        inbound.drain();
+    if let Some((draining, reporter, bulkhead, _)) = &inbound {
+        draining.start();
         set_health(reporter, ServingStatus::NotServing).await;
         let drained = tokio::time::timeout(cfg.drain_grace, async {
             while bulkhead.in_use() > 0 {
@@ -113,7 +154,7 @@ pub async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
 async fn serve_outbound(
     listener: TcpListener,
     tls: Option<ServerTlsConfig>,
-    outbound: Arc<Outbound>,
+    outbound: Front,
     admin: Admin,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), tonic::transport::Error> {
@@ -127,7 +168,7 @@ async fn serve_outbound(
         .add_service(health_service)
         .add_service(reflection())
         .add_service(SidecarAdminServer::new(admin))
-        .add_service(GenerationServer::new(OutboundService(outbound)))
+        .add_service(GenerationServer::new(outbound))
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)) /* small frames (a token, a refusal) must not wait for a delayed ACK */, async move {
             let _ = stop.wait_for(|s| *s).await;
         })
@@ -142,7 +183,7 @@ async fn start_inbound(
     registry: &EtcdRegistry,
     metrics: SidecarMetrics,
     mut stop: watch::Receiver<bool>,
-) -> anyhow::Result<(Arc<Inbound>, HealthReporter, Arc<Bulkhead>, SocketAddr)> {
+) -> anyhow::Result<(Draining, HealthReporter, Arc<Bulkhead>, SocketAddr)> {
     let scheme = if tls.is_some() { "https" } else { "http" };
     let mut endpoint = Endpoint::from_shared(format!("{scheme}://{}", node.address))?
         .connect_timeout(Duration::from_secs(1))
@@ -160,15 +201,20 @@ async fn start_inbound(
         max_queue_wait: Duration::from_secs(5),
     });
     let bulkhead = Bulkhead::new(limits);
-    let tenants = Tenants::new(cfg.tenants.clone());
-    let inbound = Inbound::new(service.clone(), channel.clone(), bulkhead.clone(), tenants, metrics);
+    let draining = Draining::default();
+    let front = inbound_stack(
+        cfg,
+        &service,
+        GenerationClient::new(channel.clone()),
+        (bulkhead.clone(), draining.clone()),
+        &metrics,
+    );
     let listener = TcpListener::bind(cfg.listen.inbound).await?;
     let bound: SocketAddr = listener.local_addr()?;
     tracing::info!("inbound listening on {bound}");
     let (reporter, health_service) = tonic_health::server::health_reporter();
     set_health(&reporter, ServingStatus::Serving).await;
     tokio::spawn(mirror_node_health(channel, reporter.clone(), stop.clone()));
-    let svc = InboundService(inbound.clone());
     let mut builder = Server::builder();
     if let Some(tls) = tls {
         builder = builder.tls_config(tls.mutual_server())?;
@@ -177,7 +223,7 @@ async fn start_inbound(
         builder
             .add_service(health_service)
             .add_service(reflection())
-            .add_service(GenerationServer::new(svc))
+            .add_service(GenerationServer::new(front))
             .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), async move {
                 let _ = stop.wait_for(|s| *s).await;
             })
@@ -186,7 +232,7 @@ async fn start_inbound(
     let advertise = cfg.listen.advertise.clone().unwrap_or_else(|| bound.to_string());
     registry.register(registration::record(node, &model, &service, &advertise)).await?;
     tracing::info!(%service, %advertise, "node registered in the mesh");
-    Ok((inbound, reporter, bulkhead, bound))
+    Ok((draining, reporter, bulkhead, bound))
 }
 
 /// The inbound side is healthy exactly when its node is.

@@ -11,11 +11,11 @@ use rand::seq::IndexedRandom;
 use registry::View;
 use tonic::transport::ClientTlsConfig;
 
-use super::endpoint::{Endpoint, Outcome};
+use super::instance::{Instance, Outcome};
 use crate::config::{Outlier, Policy};
 use crate::metrics::SidecarMetrics;
 
-type Instances = BTreeMap<String, Vec<Arc<Endpoint>>>;
+type Instances = BTreeMap<String, Vec<Arc<Instance>>>;
 
 pub struct Balancer {
     policy: Policy,
@@ -64,7 +64,7 @@ impl Balancer {
                     // Seed a newcomer with its peers' median TTFT.
                     let mut ttfts: Vec<Duration> = peers.into_iter().flatten().map(|e| e.ewma_ttft()).collect();
                     ttfts.sort();
-                    match Endpoint::new(rec.clone(), ttfts.get(ttfts.len() / 2).copied(), self.tls.as_ref()) {
+                    match Instance::new(rec.clone(), ttfts.get(ttfts.len() / 2).copied(), self.tls.as_ref()) {
                         Ok(e) => Arc::new(e),
                         Err(e) => {
                             tracing::warn!(address = %rec.address, error = %e, "skipping instance with a bad address");
@@ -84,30 +84,30 @@ impl Balancer {
         self.snapshot().get(service).is_some_and(|v| !v.is_empty())
     }
 
-    pub fn all(&self) -> Vec<Arc<Endpoint>> {
+    pub fn all(&self) -> Vec<Arc<Instance>> {
         self.snapshot().values().flatten().cloned().collect()
     }
 
     /// Picks an instance of `service` not in `exclude`, taking it (a
     /// probation trial counts). `None` when none is available.
-    pub fn pick(&self, service: &str, exclude: &HashSet<String>) -> Option<Arc<Endpoint>> {
+    pub fn pick(&self, service: &str, exclude: &HashSet<String>) -> Option<Arc<Instance>> {
         let services = self.snapshot();
         let now = Instant::now();
-        let candidates: Vec<&Arc<Endpoint>> = services
+        let candidates: Vec<&Arc<Instance>> = services
             .get(service)?
             .iter()
             .filter(|e| !exclude.contains(&e.record.instance_id) && e.is_available(now))
             .collect();
-        let order: Vec<&Arc<Endpoint>> = match self.policy {
+        let order: Vec<&Arc<Instance>> = match self.policy {
             Policy::RoundRobin => {
                 let start = self.rr.fetch_add(1, Ordering::Relaxed);
                 (0..candidates.len()).map(|i| candidates[(start + i) % candidates.len()]).collect()
             }
             Policy::LeastLoaded => {
-                let mut two: Vec<&Arc<Endpoint>> = candidates.choose_multiple(&mut rand::rng(), 2).copied().collect();
+                let mut two: Vec<&Arc<Instance>> = candidates.choose_multiple(&mut rand::rng(), 2).copied().collect();
                 two.sort_by(|a, b| a.load().total_cmp(&b.load()));
                 // The rest, in case both lose a race for a probation trial.
-                let rest: Vec<&Arc<Endpoint>> =
+                let rest: Vec<&Arc<Instance>> =
                     candidates.iter().filter(|c| !two.iter().any(|t| Arc::ptr_eq(t, c))).copied().collect();
                 two.extend(rest);
                 two
@@ -120,7 +120,7 @@ impl Balancer {
 
     /// Records an attempt's outcome and ejects the instance if it asks for
     /// it and the service's ejection budget allows.
-    pub fn record(&self, ep: &Endpoint, outcome: Outcome, why: &str) {
+    pub fn record(&self, ep: &Instance, outcome: Outcome, why: &str) {
         let now = Instant::now();
         if ep.record(outcome, &self.outlier, now) {
             self.eject_if_allowed(
@@ -131,7 +131,7 @@ impl Balancer {
         }
     }
 
-    fn eject_if_allowed(&self, ep: &Endpoint, reason: String, now: Instant) {
+    fn eject_if_allowed(&self, ep: &Instance, reason: String, now: Instant) {
         let services = self.snapshot();
         let Some(peers) = services.get(&ep.record.service) else { return };
         let ejected = peers.iter().filter(|e| e.is_ejected()).count();
@@ -149,7 +149,7 @@ impl Balancer {
     pub fn check_success_rates(&self) {
         let now = Instant::now();
         for peers in self.snapshot().values() {
-            let rates: Vec<(&Arc<Endpoint>, f64)> =
+            let rates: Vec<(&Arc<Instance>, f64)> =
                 peers.iter().filter_map(|e| e.success_rate(&self.outlier, now).map(|r| (e, r))).collect();
             if rates.len() < 2 {
                 continue;
@@ -170,7 +170,7 @@ mod tests {
     use registry::InstanceRecord;
 
     use super::*;
-    use crate::outbound::endpoint::Health;
+    use crate::outbound::instance::Health;
 
     fn view(n: usize) -> View {
         let instances = (0..n)

@@ -10,7 +10,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 use super::balancer::Balancer;
-use super::endpoint::{Endpoint, Outcome};
+use super::instance::{Instance, Outcome};
 
 pub fn spawn(balancer: Arc<Balancer>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -36,7 +36,7 @@ pub fn spawn(balancer: Arc<Balancer>) -> tokio::task::JoinHandle<()> {
     })
 }
 
-async fn probe(ep: &Endpoint, balancer: &Balancer) -> bool {
+async fn probe(ep: &Instance, balancer: &Balancer) -> bool {
     let mut client = HealthClient::new(ep.channel.clone());
     let req = HealthCheckRequest { service: "mesh.v1.Generation".into() };
     matches!(

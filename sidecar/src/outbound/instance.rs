@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use mesh_proto::v1::generation_client::GenerationClient;
 use registry::InstanceRecord;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint as TonicEndpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::config::Outlier;
 
@@ -48,7 +48,7 @@ struct State {
     window_failed: u32,
 }
 
-pub struct Endpoint {
+pub struct Instance {
     pub record: InstanceRecord,
     pub client: GenerationClient<Channel>,
     pub channel: Channel,
@@ -66,15 +66,15 @@ pub enum Outcome {
     Neutral,
 }
 
-impl Endpoint {
-    /// A lazily connected endpoint for `record`, seeded with `ttft_guess`.
+impl Instance {
+    /// A lazily connected instance for `record`, seeded with `ttft_guess`.
     pub fn new(
         record: InstanceRecord,
         ttft_guess: Option<Duration>,
         tls: Option<&ClientTlsConfig>,
     ) -> Result<Self, tonic::transport::Error> {
         let scheme = if tls.is_some() { "https" } else { "http" };
-        let mut endpoint = TonicEndpoint::from_shared(format!("{scheme}://{}", record.address))?
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{}", record.address))?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
@@ -257,8 +257,8 @@ fn roll_window(s: &mut State, cfg: &Outlier, now: Instant) {
     }
 }
 
-/// An open stream to an endpoint; counted in its load until dropped.
-pub struct InFlight(std::sync::Arc<Endpoint>);
+/// An open stream to an instance; counted in its load until dropped.
+pub struct InFlight(std::sync::Arc<Instance>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -270,14 +270,14 @@ impl Drop for InFlight {
 mod tests {
     use super::*;
 
-    fn endpoint() -> Endpoint {
-        Endpoint::new(InstanceRecord::new("chat", "a", "127.0.0.1:1"), None, None).unwrap()
+    fn instance() -> Instance {
+        Instance::new(InstanceRecord::new("chat", "a", "127.0.0.1:1"), None, None).unwrap()
     }
 
     #[tokio::test]
     async fn failures_in_a_row_ask_for_ejection_and_ejections_grow() {
         let cfg = Outlier { consecutive_failures: 3, ..Default::default() };
-        let ep = endpoint();
+        let ep = instance();
         let now = Instant::now();
         assert!(!ep.record(Outcome::Failure, &cfg, now));
         assert!(!ep.record(Outcome::Failure, &cfg, now));
@@ -307,7 +307,7 @@ mod tests {
     #[tokio::test]
     async fn failing_probe_extends_the_ejection() {
         let cfg = Outlier::default();
-        let ep = endpoint();
+        let ep = instance();
         let now = Instant::now();
         ep.eject("x".into(), &cfg, now);
         let later = now + cfg.base_ejection - Duration::from_millis(1);
@@ -318,7 +318,7 @@ mod tests {
 
     #[tokio::test]
     async fn load_counts_in_flight_streams_and_reported_queue() {
-        let ep = std::sync::Arc::new(endpoint());
+        let ep = std::sync::Arc::new(instance());
         let idle = ep.load();
         assert!(idle > 0.0, "an unmeasured instance is not free");
         let _a = ep.start();

@@ -1,5 +1,6 @@
-//! API keys, checked where calls enter the mesh (the outbound side).
-//! Config holds only SHA-256 digests; keys are never stored or logged.
+//! Authentication, where calls enter the mesh (the outbound side): an API
+//! key names the caller's tenant and the services it may use. Config holds
+//! only SHA-256 digests; keys are never stored or logged.
 
 use std::collections::HashMap;
 
@@ -7,6 +8,19 @@ use tonic::Status;
 use tonic::metadata::MetadataMap;
 
 use crate::config::ApiKey;
+use crate::stack::{Call, Next, Reply, Step, pass};
+
+/// The layer: a key's tenant replaces whatever tenant the caller claims.
+pub struct Authenticate(pub ApiKeys);
+
+impl Step for Authenticate {
+    async fn call(&self, mut call: Call, next: Next) -> Result<Reply, Status> {
+        if let Some(tenant) = self.0.check(&call.metadata, &call.req.model)? {
+            call.req.tenant = tenant;
+        }
+        pass(next, call).await
+    }
+}
 
 pub struct ApiKeys {
     by_digest: HashMap<String, ApiKey>,

@@ -1,0 +1,78 @@
+//! Per-service stream slots: this sidecar opens at most
+//! `routing.max_streams_per_service` streams to any one service, so one
+//! service's flood cannot take every stream (and socket) the others need.
+//! Only services in the registry get slots, so a caller cannot grow the
+//! table with made-up names.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::{Code, Status};
+
+use crate::metrics::SidecarMetrics;
+use crate::stack::{Call, Next, Reply, Step, Watch, pass, retry_later};
+
+/// How long a caller refused for want of a slot is told to wait.
+const RETRY_AFTER: Duration = Duration::from_millis(200);
+
+/// Whether the registry knows a service.
+pub type Known = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+pub struct ServiceSlot {
+    limit: usize,
+    known: Known,
+    slots: Mutex<HashMap<String, Arc<Semaphore>>>,
+    metrics: SidecarMetrics,
+}
+
+impl ServiceSlot {
+    pub fn new(limit: usize, known: Known, metrics: SidecarMetrics) -> Self {
+        Self { limit, known, slots: Mutex::default(), metrics }
+    }
+
+    fn take(&self, service: &str) -> Result<OwnedSemaphorePermit, Status> {
+        let sem = {
+            let mut all = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            all.entry(service.to_string()).or_insert_with(|| Arc::new(Semaphore::new(self.limit))).clone()
+        };
+        sem.try_acquire_owned().map_err(|_| {
+            let limit = self.limit;
+            let message = format!(
+                "this sidecar already has {limit} streams open to service {service:?}; retry after {RETRY_AFTER:?}"
+            );
+            retry_later(Code::ResourceExhausted, message, RETRY_AFTER)
+        })
+    }
+}
+
+impl Step for ServiceSlot {
+    async fn call(&self, call: Call, next: Next) -> Result<Reply, Status> {
+        let service = call.req.model.clone();
+        if service.is_empty() {
+            return Err(Status::invalid_argument("model is required: it names the service to route to"));
+        }
+        if !(self.known)(&service) {
+            return Err(Status::not_found(format!("no instances of service {service:?} are registered")));
+        }
+        let permit = self.take(&service)?;
+        let reply = pass(next, call).await?;
+        let in_flight = self.metrics.in_flight.get_or_create(&self.metrics.service(&service)).clone();
+        in_flight.inc();
+        Ok(reply.watched(Slot { _permit: permit, in_flight }))
+    }
+}
+
+/// A stream's slot, given back (and the in-flight gauge lowered) at its end.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    in_flight: Gauge,
+}
+
+impl Watch for Slot {
+    fn end(self, _: crate::stack::End<'_>) {
+        self.in_flight.dec();
+    }
+}

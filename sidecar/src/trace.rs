@@ -1,0 +1,121 @@
+//! The first layer of both sides: opens the call's span (continuing the
+//! caller's trace), and counts every call by its final code, its time to
+//! first token and the gaps between tokens.
+
+use std::time::Instant;
+
+use mesh_proto::v1::GenerateResponse;
+use telemetry::propagation;
+use tonic::Status;
+
+use crate::metrics::SidecarMetrics;
+use crate::stack::{Call, End, Next, Reply, Step, Watch, pass};
+
+/// Which side of the sidecar a call goes through.
+#[derive(Clone)]
+pub enum Hop {
+    /// From a client into the mesh (`sidecar.route` spans).
+    Outbound,
+    /// From the mesh into this sidecar's node (`sidecar.inbound` spans).
+    Inbound { service: String },
+}
+
+pub struct Trace {
+    hop: Hop,
+    metrics: SidecarMetrics,
+}
+
+impl Trace {
+    pub fn new(hop: Hop, metrics: SidecarMetrics) -> Self {
+        Self { hop, metrics }
+    }
+
+    fn direction(&self) -> &'static str {
+        match self.hop {
+            Hop::Outbound => "outbound",
+            Hop::Inbound { .. } => "inbound",
+        }
+    }
+
+    fn span(&self, call: &Call) -> tracing::Span {
+        let (tenant, priority) = (&call.req.tenant, call.req.priority);
+        let span = match &self.hop {
+            Hop::Outbound => tracing::info_span!(
+                "sidecar.route",
+                otel.kind = "server",
+                service = %call.req.model,
+                %tenant,
+                priority,
+                migrations = tracing::field::Empty,
+                trace_id = tracing::field::Empty,
+            ),
+            Hop::Inbound { service } => tracing::info_span!(
+                "sidecar.inbound",
+                otel.kind = "server",
+                %service,
+                %tenant,
+                priority,
+                trace_id = tracing::field::Empty,
+            ),
+        };
+        propagation::continue_trace(&span, &call.metadata);
+        span.record("trace_id", propagation::trace_id(&span));
+        span
+    }
+}
+
+impl Step for Trace {
+    async fn call(&self, mut call: Call, next: Next) -> Result<Reply, Status> {
+        call.span = self.span(&call);
+        let service = match &self.hop {
+            Hop::Outbound => call.req.model.clone(),
+            Hop::Inbound { service } => service.clone(),
+        };
+        let observed = Observed {
+            span: call.span.clone(),
+            metrics: self.metrics.clone(),
+            direction: self.direction(),
+            service,
+            received: call.received,
+            last: None,
+        };
+        match pass(next, call).await {
+            Ok(reply) => Ok(reply.watched(observed)),
+            Err(status) => {
+                observed.end(End::Failed(&status));
+                Err(status)
+            }
+        }
+    }
+}
+
+/// Holds the span open for the stream's life and counts it.
+struct Observed {
+    span: tracing::Span,
+    metrics: SidecarMetrics,
+    direction: &'static str,
+    service: String,
+    received: Instant,
+    last: Option<Instant>,
+}
+
+impl Watch for Observed {
+    fn message(&mut self, msg: &GenerateResponse) {
+        let at = Instant::now();
+        match self.last {
+            None => self.metrics.ttft(self.direction, at.duration_since(self.received).as_secs_f64()),
+            Some(prev) if !msg.token_ids.is_empty() => {
+                self.metrics.gap(self.direction, at.duration_since(prev).as_secs_f64())
+            }
+            Some(_) => return,
+        }
+        self.last = Some(at);
+    }
+
+    fn end(self, end: End<'_>) {
+        if let End::Failed(status) = &end {
+            propagation::record_status(&self.span, status);
+        }
+        self.metrics.count(self.direction, &self.service, end.code());
+    }
+}
