@@ -59,8 +59,10 @@ pub struct NodeConfig {
     #[arg(long, env = "MESH_NODE_CONTEXT_LENGTH")]
     pub context_length: Option<u32>,
 
-    /// On SIGTERM, how long in-flight streams may run before they are cancelled.
-    #[arg(long, env = "MESH_NODE_DRAIN_GRACE", default_value = "30s", value_parser = humantime_secs)]
+    /// On SIGTERM, how long in-flight streams may run before they are cancelled:
+    /// a duration with its unit, as `30s`, `500ms` or `1m 30s` (a bare number is
+    /// refused: say the unit).
+    #[arg(long, env = "MESH_NODE_DRAIN_GRACE", default_value = "30s", value_parser = duration)]
     pub drain_grace: Duration,
 
     /// Tokens per second per stream of the synthetic backend.
@@ -107,19 +109,10 @@ impl NodeConfig {
     }
 }
 
-/// Parses `30s`, `500ms` or a bare number of seconds.
-fn humantime_secs(s: &str) -> Result<Duration, String> {
-    let bad = || format!("{s:?} is not a duration like 30s or 500ms");
-    if let Some(ms) = s.strip_suffix("ms") {
-        return ms.parse().map(Duration::from_millis).map_err(|_| bad());
-    }
-    s.strip_suffix('s')
-        .unwrap_or(s)
-        .parse::<f64>()
-        .ok()
-        .filter(|v| *v >= 0.0)
-        .map(Duration::from_secs_f64)
-        .ok_or_else(bad)
+/// A duration as humantime writes it (`30s`, `500ms`, `1m 30s`): the one way
+/// every mesh flag and config file says a duration.
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (a duration like 30s, 500ms or 1m 30s)"))
 }
 
 fn positive_f64(s: &str) -> Result<f64, String> {
@@ -131,11 +124,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn durations_parse_in_seconds_and_millis() {
-        assert_eq!(humantime_secs("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(humantime_secs("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(humantime_secs("2"), Ok(Duration::from_secs(2)));
-        assert!(humantime_secs("soon").is_err());
+    fn durations_need_a_unit() {
+        assert_eq!(duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(duration("1m 30s"), Ok(Duration::from_secs(90)));
+        // A bare number is refused rather than guessed as seconds or millis.
+        let err = duration("2").unwrap_err();
+        assert!(err.contains("30s"), "{err}");
+        assert!(duration("soon").is_err());
+        let cfg = NodeConfig::try_parse_from(["mesh-node", "--drain-grace", "300ms"]).unwrap();
+        assert_eq!(cfg.drain_grace, Duration::from_millis(300));
     }
 
     #[test]

@@ -3,11 +3,11 @@
 
 pub mod backend;
 pub mod config;
+pub mod generation_api;
+pub mod loaded_model;
 pub mod metrics;
 pub mod model;
 pub mod scheduler;
-pub mod served;
 pub mod server;
-pub mod service;
 pub mod text;
 mod validate;

@@ -39,7 +39,7 @@ pub struct NodeMetrics {
 }
 
 impl NodeMetrics {
-    /// `compute` names what runs the linear layers (see `ServedModel::compute`).
+    /// `compute` names what runs the linear layers (see `LoadedModel::compute`).
     pub fn new(model: &str, compute: &str) -> Self {
         let info = Family::<ComputeLabels, Gauge>::default();
         info.get_or_create(&ComputeLabels { kernel: compute.to_string() }).set(1);

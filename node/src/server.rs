@@ -1,23 +1,21 @@
-//! Process wiring: load the model, start the engine, serve gRPC (with
-//! health and reflection), and drain on SIGTERM.
+//! The node's wiring: load the model, start the engine, serve gRPC (with
+//! health and reflection, from the daemon kit), and drain on SIGTERM.
 
 use std::time::Duration;
 
 use candle_core::Device;
+use daemon::health::Health;
 use mesh_proto::v1::generation_server::GenerationServer;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
-use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
-use tonic_health::ServingStatus;
-use tonic_health::server::HealthReporter;
+use tonic::service::Routes;
 
 use crate::config::{BackendKind, NodeConfig};
+use crate::generation_api::GenerationApi;
+use crate::loaded_model::LoadedModel;
 use crate::metrics::NodeMetrics;
 use crate::model::qgemm::Kernel;
 use crate::scheduler::Scheduler;
-use crate::served::ServedModel;
-use crate::service::GenerationService;
 
 /// How long cancelled streams get to deliver their last message after the grace period.
 const CANCEL_FLUSH: Duration = Duration::from_secs(5);
@@ -29,7 +27,7 @@ pub fn device(cfg: &NodeConfig) -> anyhow::Result<Device> {
     })
 }
 
-pub fn load_model(cfg: &NodeConfig) -> anyhow::Result<ServedModel> {
+pub fn load_model(cfg: &NodeConfig) -> anyhow::Result<LoadedModel> {
     Ok(match cfg.backend {
         BackendKind::Gguf => {
             let path =
@@ -37,9 +35,9 @@ pub fn load_model(cfg: &NodeConfig) -> anyhow::Result<ServedModel> {
             let kernel = Kernel::choose(cfg.kernel).map_err(anyhow::Error::msg)?;
             let available = Kernel::names(&Kernel::available());
             tracing::info!(kernel = kernel.name(), %available, "matmul kernel chosen");
-            ServedModel::gguf(path, cfg.model_name.clone(), &device(cfg)?, kernel)?
+            LoadedModel::gguf(path, cfg.model_name.clone(), &device(cfg)?, kernel)?
         }
-        BackendKind::Synthetic => ServedModel::synthetic(
+        BackendKind::Synthetic => LoadedModel::synthetic(
             cfg.model_name.clone().unwrap_or_else(|| "synthetic".into()),
             cfg.synthetic_tokens_per_sec,
             cfg.context_length.unwrap_or(4096) as usize,
@@ -53,16 +51,12 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let limits = cfg.limits(model.context_length);
     tracing::info!(?limits, backend = model.kind, "starting engine");
     let metrics = NodeMetrics::new(&model.name, model.compute);
-    let mut metrics_addr = None;
+    let mut addresses = Vec::new();
     if let Some(addr) = cfg.metrics_listen {
-        let mut registry = telemetry::metrics::Registry::default();
-        metrics.register(&mut registry);
-        let bound = telemetry::metrics::serve(addr, registry).await?;
-        tracing::info!("metrics on http://{bound}/metrics");
-        metrics_addr = Some(bound);
+        addresses.push(("metrics", daemon::metrics::serve(addr, |r| metrics.register(r)).await?));
     }
     let scheduler = Scheduler::start(limits, model.backend, model.codec.clone(), metrics);
-    let service = GenerationService {
+    let api = GenerationApi {
         model_name: model.name,
         kind: model.kind,
         vocab_size: model.vocab_size,
@@ -70,81 +64,52 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         codec: model.codec,
         scheduler: scheduler.clone(),
     };
+    let tls = match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(cert), Some(key)) => Some(daemon::tls::server_config(cert, key, cfg.tls_client_ca.as_deref())?),
+        _ => None,
+    };
 
-    let (health, health_service) = tonic_health::server::health_reporter();
-    set_health(&health, ServingStatus::Serving).await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(mesh_proto::v1::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-
+    let (health, health_server) = Health::new();
+    health.set(true).await;
     let listener = TcpListener::bind(cfg.listen).await?;
     let addr = listener.local_addr()?;
     tracing::info!("listening on {addr}");
+    addresses.insert(0, ("grpc", addr));
 
-    let (stop_tx, stop_rx) = oneshot::channel();
-    tokio::spawn(drain_on_signal(scheduler, health, cfg.drain_grace, stop_tx));
-    let mut builder = Server::builder();
-    if let Some(tls) = tls_config(&cfg)? {
-        builder = builder.tls_config(tls)?;
-    }
-    let mut addresses = vec![("grpc", addr)];
-    addresses.extend(metrics_addr.map(|m| ("metrics", m)));
+    // Listen for signals before saying we are ready: a SIGTERM right after
+    // the ready line must drain, not kill.
+    let signal = daemon::signal::shutdown();
+    let (stopped, stop) = oneshot::channel();
+    tokio::spawn(drain_on_signal(signal, scheduler, health, cfg.drain_grace, stopped));
     daemon::ready::announce("node", &addresses);
-    builder
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(GenerationServer::new(service))
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)) /* small frames (a token, a refusal) must not wait for a delayed ACK */, async {
-            let _ = stop_rx.await;
-        })
-        .await?;
+    let routes = Routes::new(GenerationServer::new(api));
+    daemon::grpc::serve(listener, tls, health_server, routes, async {
+        let _ = stop.await;
+    })
+    .await?;
     tracing::info!("stopped");
     Ok(())
 }
 
-/// TLS for the node's listener, from --tls-cert/--tls-key (and mutual with --tls-client-ca).
-fn tls_config(cfg: &NodeConfig) -> anyhow::Result<Option<ServerTlsConfig>> {
-    let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) else { return Ok(None) };
-    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()));
-    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
-    if let Some(ca) = &cfg.tls_client_ca {
-        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
-    }
-    Ok(Some(tls))
-}
-
-async fn set_health(health: &HealthReporter, status: ServingStatus) {
-    health.set_service_status("", status).await;
-    health.set_service_status("mesh.v1.Generation", status).await;
-}
-
 /// On SIGTERM or SIGINT: report NOT_SERVING, refuse new work, let in-flight
 /// streams finish within `grace` (then cancel them), then stop the server.
-async fn drain_on_signal(scheduler: Scheduler, health: HealthReporter, grace: Duration, stop: oneshot::Sender<()>) {
-    if let Err(e) = shutdown_signal().await {
-        tracing::error!(error = %e, "cannot listen for signals; draining now");
-    }
+async fn drain_on_signal(
+    signal: impl Future<Output = ()>,
+    scheduler: Scheduler,
+    health: Health,
+    grace: Duration,
+    stopped: oneshot::Sender<()>,
+) {
+    signal.await;
     let load = scheduler.load();
     daemon::ready::stopping();
     tracing::info!(running = load.running, queued = load.queued, ?grace, "draining");
-    set_health(&health, ServingStatus::NotServing).await;
+    health.set(false).await;
     scheduler.drain();
     if tokio::time::timeout(grace, scheduler.idle()).await.is_err() {
         tracing::warn!("drain grace expired; cancelling the remaining streams");
         scheduler.cancel_all();
         let _ = tokio::time::timeout(CANCEL_FLUSH, scheduler.idle()).await;
     }
-    let _ = stop.send(());
-}
-
-async fn shutdown_signal() -> std::io::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
+    let _ = stopped.send(());
 }

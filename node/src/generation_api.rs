@@ -1,10 +1,13 @@
-//! The `mesh.v1.Generation` service: validate, admit, stream.
+//! The node's `mesh.v1.Generation` gRPC handler: validate, admit, stream.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use mesh_proto::metadata as md;
 use mesh_proto::v1::generation_server::Generation;
 use mesh_proto::v1::{GenerateRequest, ListModelsRequest, ListModelsResponse, ModelInfo};
+use tokio_stream::Stream;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Code, Request, Response, Status};
@@ -13,7 +16,8 @@ use crate::scheduler::{AdmitError, Load, Reply, Scheduler};
 use crate::text::TextCodec;
 use crate::validate::{self, Rules};
 
-pub struct GenerationService {
+/// Serves the loaded model through the scheduler.
+pub struct GenerationApi {
     pub model_name: String,
     /// "gguf" or "synthetic".
     pub kind: &'static str,
@@ -24,10 +28,10 @@ pub struct GenerationService {
     pub scheduler: Scheduler,
 }
 
-impl GenerationService {
+impl GenerationApi {
     /// Validates and admits a call, inside the request's span (which
     /// continues the caller's trace).
-    fn admit(&self, request: Request<GenerateRequest>) -> Result<Response<UnboundedReceiverStream<Reply>>, Status> {
+    fn admit(&self, request: Request<GenerateRequest>) -> Result<Response<ReplyStream>, Status> {
         let limits = self.scheduler.limits();
         let span = tracing::info_span!(
             "node.generate",
@@ -59,15 +63,16 @@ impl GenerationService {
             telemetry::propagation::record_status(&span, &status);
             status
         })?;
-        let mut response = Response::new(UnboundedReceiverStream::new(rx));
+        let mut response =
+            Response::new(ReplyStream { replies: UnboundedReceiverStream::new(rx), _span: span.clone() });
         put_load(response.metadata_mut(), load);
         Ok(response)
     }
 }
 
 #[tonic::async_trait]
-impl Generation for GenerationService {
-    type GenerateStream = UnboundedReceiverStream<Reply>;
+impl Generation for GenerationApi {
+    type GenerateStream = ReplyStream;
 
     async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
         let result = self.admit(request);
@@ -92,6 +97,27 @@ impl Generation for GenerationService {
         let mut response = Response::new(ListModelsResponse { models: vec![info] });
         put_load(response.metadata_mut(), self.scheduler.load());
         Ok(response)
+    }
+}
+
+/// One call's replies. It holds the call's `node.generate` span, so the
+/// span ends when the response stream does (its last message taken, or the
+/// caller gone), not when the handler returns: its queue, prefill and
+/// decode children end inside it.
+pub struct ReplyStream {
+    replies: UnboundedReceiverStream<Reply>,
+    _span: tracing::Span,
+}
+
+impl Stream for ReplyStream {
+    type Item = Reply;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Reply>> {
+        Pin::new(&mut self.replies).poll_next(cx)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.replies.size_hint()
     }
 }
 

@@ -1,4 +1,5 @@
-//! The model a node serves: its backend, its codec and what callers may ask of it.
+//! The model this node loaded at start: its backend, its codec and what
+//! callers may ask of it (name, context length, vocabulary).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -10,7 +11,7 @@ use crate::model::qgemm::Kernel;
 use crate::model::{LlamaModel, metadata_string};
 use crate::text::{GgufText, TextCodec, WordCodec, synthetic_words};
 
-pub struct ServedModel {
+pub struct LoadedModel {
     pub name: String,
     /// "gguf" or "synthetic".
     pub kind: &'static str,
@@ -23,7 +24,7 @@ pub struct ServedModel {
     pub compute: &'static str,
 }
 
-impl ServedModel {
+impl LoadedModel {
     /// Loads a llama GGUF; `name` defaults to the file's stem.
     pub fn gguf(path: &Path, name: Option<String>, device: &Device, kernel: Kernel) -> anyhow::Result<Self> {
         let (model, content) = LlamaModel::load(path, device, kernel)?;
