@@ -28,6 +28,10 @@ enum Command {
     /// Bring up nodes, run load, inject the scenario's fault, write the report.
     #[command(subcommand)]
     Scenario(bench::scenario::Scenario),
+    /// Start a local mesh (etcd, nodes each behind a sidecar, a client
+    /// sidecar) on free ports, print its addresses as one JSON line, and run
+    /// until SIGINT or SIGTERM.
+    Up(bench::up::Args),
 }
 
 #[tokio::main]
@@ -38,5 +42,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Qgemm(args) => node_bench::qgemm::run(args),
         Command::Load(args) => bench::load::cli::run(args).await,
         Command::Scenario(scenario) => bench::scenario::run(scenario).await,
+        Command::Up(args) => bench::up::run(args).await,
     }
 }

@@ -1,17 +1,15 @@
 //! Helpers for the end-to-end tests: start real node processes on free
-//! ports, connect the generated client, collect streams.
+//! ports (through `harness`, as the bench does), connect the generated
+//! client, collect streams.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::Stdio;
-use std::time::Duration;
 
+pub use harness::Spawned;
 use mesh_proto::v1::generation_client::GenerationClient;
 use mesh_proto::v1::{
     ChatMessage, ChatMessages, GenerateRequest, GenerateResponse, SamplingParams, Usage, generate_request::Input,
 };
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 use tonic::transport::Channel;
 
 pub mod etcd;
@@ -20,59 +18,35 @@ pub mod netns;
 pub mod otlp;
 pub mod proxy;
 
-/// A port that was free a moment ago (bound to 127.0.0.1:0, then released).
+/// A port that was free a moment ago (see `harness::free_port`).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
+    harness::free_port().expect("free port")
 }
 
-/// The directory holding the workspace's built binaries (the test binary
-/// lives in `<target>/<profile>/deps`).
+/// The directory holding the workspace's built binaries.
 pub fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    exe.parent().and_then(|d| d.parent()).expect("target/<profile>").to_path_buf()
+    harness::bin_dir().expect("target/<profile>")
 }
 
 /// The default model, fetched by `scripts/fetch-model.sh` (the test command runs it).
 pub fn model_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("MESH_TEST_MODEL") {
-        return p.into();
-    }
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let p = harness::default_model();
     assert!(p.exists(), "{} is missing: run scripts/fetch-model.sh", p.display());
     p
 }
 
-/// A node process, killed when dropped.
+/// A node process (started by `harness`), killed when dropped.
 pub struct NodeProcess {
-    pub child: Child,
+    pub process: Spawned,
     pub addr: SocketAddr,
 }
 
 impl NodeProcess {
-    /// Starts `mesh-node` with `args` on a free port and waits for it to listen.
+    /// Starts `mesh-node` with `args` on a free port and waits until it is ready.
     pub async fn start(args: &[&str]) -> NodeProcess {
-        let mut child = Command::new(bin_dir().join("mesh-node"))
-            .args(["--listen", "127.0.0.1:0"])
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawning mesh-node (build it first: cargo build --release)");
-        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-        let addr = tokio::time::timeout(Duration::from_secs(120), async {
-            while let Some(line) = lines.next_line().await.expect("reading node log") {
-                if let Some(addr) = line.split("listening on ").nth(1) {
-                    return addr.trim().parse().expect("listen address");
-                }
-            }
-            panic!("node exited before listening");
-        })
-        .await
-        .expect("node did not start listening");
-        // Keep draining the log so the node never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        NodeProcess { child, addr }
+        let bin = harness::workspace_bin("mesh-node", None, "cargo build --release").expect("mesh-node");
+        let node = harness::Node::start("mesh-node", &bin, args).await.expect("starting mesh-node");
+        NodeProcess { process: node.process, addr: node.addr }
     }
 
     /// Starts a node serving the default GGUF model.
@@ -149,12 +123,8 @@ pub async fn generate(
 
 /// The body of `GET /metrics` from `addr`.
 pub async fn metrics_text(addr: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("metrics endpoint");
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
-    let mut text = String::new();
-    conn.read_to_string(&mut text).await.unwrap();
-    text.split_once("\r\n\r\n").expect("HTTP body").1.to_string()
+    let addr = addr.parse().expect("metrics address");
+    harness::http_get(addr, "/metrics").await.expect("metrics endpoint").1
 }
 
 /// `GET /metrics`, parsed into `name{labels}` -> value.

@@ -6,14 +6,11 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mesh_tests::netns::Lab;
-use mesh_tests::{bin_dir, free_port, model_path};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Child;
+use mesh_tests::{Spawned, bin_dir, free_port, model_path};
 
 const HOSTS: [(&str, &str); 4] =
     [("etcd", "10.77.0.1/24"), ("gpu1", "10.77.0.11/24"), ("gpu2", "10.77.0.12/24"), ("client", "10.77.0.21/24")];
@@ -67,30 +64,33 @@ fn unit_command(unit: &str, instance: &str, dir: &HostDir) -> (Vec<String>, Hash
     (exec, env)
 }
 
-/// Starts a unit's command on a host and waits for `ready` in its log.
-async fn start(lab: &Lab, host: &str, unit: &str, instance: &str, dir: &HostDir, ready: &str) -> Child {
+/// How a unit says it serves.
+enum Ready {
+    /// A mesh daemon's ready line (see `harness`), from this role.
+    Announced(&'static str),
+    /// etcd's `/health`, asked from its own host (the test runs outside the lab's network).
+    EtcdHealth,
+}
+
+/// Starts a unit's command on a host and waits until it is ready.
+async fn start(lab: &Lab, host: &str, unit: &str, instance: &str, dir: &HostDir, ready: Ready) -> Spawned {
     let (exec, env) = unit_command(unit, instance, dir);
     let mut cmd = lab.command(host, &exec[0]);
-    cmd.args(&exec[1..])
-        .envs(env)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .kill_on_drop(true);
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("{unit} on {host}: {e}"));
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let found = tokio::time::timeout(Duration::from_secs(60), async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            if line.contains(ready) {
-                return true;
-            }
+    cmd.args(&exec[1..]).envs(env).env("RUST_LOG", "info");
+    let mut process = Spawned::spawn(format!("{unit} on {host}"), cmd).unwrap_or_else(|e| panic!("{e}"));
+    let timeout = Duration::from_secs(60);
+    let ready = match ready {
+        Ready::Announced(role) => process.announced(role, timeout).await.map(drop),
+        Ready::EtcdHealth => {
+            let healthy = || async {
+                let out = run(lab, host, "curl", &["-s", "http://10.77.0.1:2379/health"]).await;
+                String::from_utf8_lossy(&out.stdout).contains(r#""health":"true""#)
+            };
+            process.probed(timeout, healthy).await
         }
-        false
-    })
-    .await;
-    assert_eq!(found, Ok(true), "{unit} on {host} never logged {ready:?}");
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    child
+    };
+    ready.unwrap_or_else(|e| panic!("{e}"));
+    process
 }
 
 async fn run(lab: &Lab, host: &str, program: &str, args: &[&str]) -> std::process::Output {
@@ -170,14 +170,14 @@ async fn two_gpu_hosts_behind_mutual_tls_survive_a_cut_link() {
     }
 
     let lab = Lab::new(&HOSTS);
-    let _etcd = start(&lab, "etcd", "mesh-etcd.service", "", &dirs["etcd"], "ready to serve client requests").await;
-    let mut procs: Vec<Child> = Vec::new();
+    let _etcd = start(&lab, "etcd", "mesh-etcd.service", "", &dirs["etcd"], Ready::EtcdHealth).await;
+    let mut procs: Vec<Spawned> = Vec::new();
     for gpu in ["gpu1", "gpu2"] {
-        procs.push(start(&lab, gpu, "mesh-node@.service", "chat", &dirs[gpu], "listening on").await);
-        procs.push(start(&lab, gpu, "mesh-sidecar@.service", "chat", &dirs[gpu], "node registered in the mesh").await);
+        procs.push(start(&lab, gpu, "mesh-node@.service", "chat", &dirs[gpu], Ready::Announced("node")).await);
+        procs.push(start(&lab, gpu, "mesh-sidecar@.service", "chat", &dirs[gpu], Ready::Announced("sidecar")).await);
     }
-    procs
-        .push(start(&lab, "client", "mesh-sidecar@.service", "client", &dirs["client"], "outbound listening on").await);
+    let client = start(&lab, "client", "mesh-sidecar@.service", "client", &dirs["client"], Ready::Announced("sidecar"));
+    procs.push(client.await);
     let both = tokio::time::timeout(Duration::from_secs(20), async {
         while instances_seen(&lab).await.matches("\"instance_id\"").count() < 2 {
             tokio::time::sleep(Duration::from_millis(200)).await;

@@ -16,9 +16,7 @@ use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
 fn sigterm(node: &NodeProcess) {
-    let pid = node.child.id().expect("running").to_string();
-    let status = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    assert!(status.success());
+    node.process.signal("TERM").unwrap();
 }
 
 async fn health(node: &NodeProcess) -> ServingStatus {
@@ -72,7 +70,7 @@ async fn sigterm_lets_streams_finish_refuses_new_calls_and_exits_zero() {
         assert_eq!(out.finish_reason, FinishReason::Length as i32);
         assert_eq!(out.token_ids.len(), 30);
     }
-    let status = tokio::time::timeout(Duration::from_secs(10), node.child.wait()).await.unwrap().unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), node.process.wait()).await.unwrap().unwrap();
     assert_eq!(status.code(), Some(0));
 }
 
@@ -88,7 +86,7 @@ async fn streams_past_the_grace_period_are_cancelled_then_exit_zero() {
         assert_eq!(out.finish_reason, FinishReason::Cancelled as i32);
         assert!(out.token_ids.len() < 1000);
     }
-    let status = tokio::time::timeout(Duration::from_secs(10), node.child.wait()).await.unwrap().unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), node.process.wait()).await.unwrap().unwrap();
     assert_eq!(status.code(), Some(0));
 }
 

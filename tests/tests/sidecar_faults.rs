@@ -91,7 +91,7 @@ async fn killed_node_loses_no_request_streams_migrate_and_it_is_ejected_fast() {
     let first_wave = load(&m, 12, 40).await;
     tokio::time::sleep(Duration::from_millis(700)).await; // streams are mid-way (a fault injected at a set time)
     let victim = m.nodes[1].addr;
-    m.nodes[1].child.start_kill().unwrap();
+    m.nodes[1].process.kill().unwrap();
     let killed = Instant::now();
     let second_wave = load(&m, 12, 10).await;
 
@@ -137,7 +137,7 @@ async fn migrated_stream_is_identical_to_an_uninterrupted_one() {
         v
     };
     tokio::time::sleep(Duration::from_millis(600)).await;
-    signal(&m.nodes[2].child, "KILL");
+    signal(&m.nodes[2].process, "KILL");
     for s in streams {
         let out = s.await.unwrap().unwrap();
         assert_eq!(out.token_ids, reference.token_ids);
@@ -149,7 +149,7 @@ async fn migrated_stream_is_identical_to_an_uninterrupted_one() {
 #[tokio::test(flavor = "multi_thread")]
 async fn hung_node_stops_getting_requests_and_returns_after_sigcont() {
     let m = mesh("100").await;
-    signal(&m.nodes[0].child, "STOP");
+    signal(&m.nodes[0].process, "STOP");
     let stopped = Instant::now();
     let hung = m.nodes[0].addr;
     // Keep traffic going: every request still succeeds (timeouts move them on).
@@ -164,7 +164,7 @@ async fn hung_node_stops_getting_requests_and_returns_after_sigcont() {
     };
     eprintln!("node SIGSTOP to ejection: {ejected:?}");
 
-    signal(&m.nodes[0].child, "CONT");
+    signal(&m.nodes[0].process, "CONT");
     let back = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             if m.client.instances().await.iter().all(|i| !i.ejected) {

@@ -35,7 +35,7 @@ async fn sigterm_deregisters_at_once_finishes_streams_and_exits_zero() {
         tokio::task::yield_now().await;
     }
 
-    signal(&inbound[0].child, "TERM");
+    signal(inbound[0].process(), "TERM");
     let stopped = Instant::now();
     client.wait_for_instances("chat", 1).await;
     let gone = stopped.elapsed();
@@ -47,7 +47,7 @@ async fn sigterm_deregisters_at_once_finishes_streams_and_exits_zero() {
         let out = s.await.unwrap().expect("in-flight streams finish during the drain");
         assert_eq!((out.finish_reason, out.token_ids.len()), (FinishReason::Length as i32, 30));
     }
-    let status = tokio::time::timeout(Duration::from_secs(10), inbound[0].child.wait()).await.unwrap().unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), inbound[0].process().wait()).await.unwrap().unwrap();
     assert_eq!(status.code(), Some(0));
 }
 
@@ -64,7 +64,7 @@ async fn meshctl_shows_load_and_ejections_of_a_sidecar() {
     }
     let client = SidecarProcess::start(&etcd, None, config).await;
     client.wait_for_instances("chat", 2).await;
-    nodes[1].child.start_kill().unwrap();
+    nodes[1].process.kill().unwrap();
     let dead = inbound[1].inbound.unwrap().to_string();
     let json = tokio::time::timeout(Duration::from_secs(5), async {
         loop {

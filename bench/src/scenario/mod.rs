@@ -16,7 +16,6 @@ pub mod measures;
 pub mod mesh;
 pub mod nodes;
 pub mod overload;
-pub mod process;
 
 use std::path::PathBuf;
 

@@ -1,15 +1,14 @@
 //! The processes a scenario brings up: `mesh-node` instances on free
 //! loopback ports, killed when the scenario ends (or fails, or is
-//! interrupted), and the signals a fault sends them.
+//! interrupted), and the signals a fault sends them. Starting and
+//! signalling is `harness`'s; this is what a scenario asks of it.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
-use anyhow::{Context, bail};
-use tokio::process::Command;
+use anyhow::Context;
+use harness::{Memory, Node};
 
-use super::process::{Memory, Spawned, workspace_bin};
 use crate::load::Target;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -61,11 +60,16 @@ impl NodeArgs {
     }
 
     fn bin(&self) -> anyhow::Result<PathBuf> {
-        workspace_bin("mesh-node", self.node_bin.as_deref(), "cargo build --release -p node, or --node-bin")
+        Ok(harness::workspace_bin(
+            "mesh-node",
+            self.node_bin.as_deref(),
+            "cargo build --release -p node, or --node-bin",
+        )?)
     }
 
+    /// Each node's flags (the harness adds `--listen 127.0.0.1:0`).
     fn args(&self) -> Vec<String> {
-        let mut args: Vec<String> = vec!["--listen".into(), "127.0.0.1:0".into()];
+        let mut args: Vec<String> = Vec::new();
         match &self.model {
             Some(model) => args.extend(["--model".into(), model.display().to_string()]),
             None => args.extend([
@@ -84,32 +88,18 @@ impl NodeArgs {
 
 /// The nodes of a scenario. Dropping the set kills them.
 pub struct NodeSet {
-    nodes: Vec<RunningNode>,
+    nodes: Vec<Node>,
 }
 
-struct RunningNode {
-    process: Spawned,
-    addr: SocketAddr,
-}
-
-/// How long a node may take to listen (a real model loads its weights first).
-const START_TIMEOUT: Duration = Duration::from_secs(120);
+/// Log lines a failure report shows.
+const TAIL_LINES: usize = 20;
 
 impl NodeSet {
     pub async fn start(args: &NodeArgs, count: usize) -> anyhow::Result<NodeSet> {
         let bin = args.bin()?;
         let mut nodes = Vec::with_capacity(count);
         for i in 0..count {
-            let mut cmd = Command::new(&bin);
-            cmd.args(args.args()).env("RUST_LOG", "info");
-            let (process, addr) = Spawned::start(format!("node {i}"), cmd, START_TIMEOUT, |line| {
-                match line.split("listening on ").nth(1) {
-                    Some(addr) => Ok(Some(addr.trim().parse::<SocketAddr>()?)),
-                    None => Ok(None),
-                }
-            })
-            .await?;
-            nodes.push(RunningNode { process, addr });
+            nodes.push(Node::start(format!("node {i}"), &bin, args.args()).await?);
         }
         Ok(NodeSet { nodes })
     }
@@ -133,23 +123,23 @@ impl NodeSet {
     /// SIGKILL: the process dies without draining, as in a crash or OOM kill.
     pub fn kill(&mut self, i: usize) -> anyhow::Result<()> {
         let node = self.nodes.get_mut(i).with_context(|| format!("no node {i}"))?;
-        node.process.kill()
+        Ok(node.process.kill()?)
     }
 
     /// SIGSTOP: the process freezes with its sockets open, as in a long GC
     /// pause or a hung host; callers see silence, not errors.
     pub async fn stop(&self, i: usize) -> anyhow::Result<()> {
-        self.signal(i, "STOP").await
+        Ok(self.node(i)?.process.signal("STOP")?)
     }
 
     /// SIGCONT after a stop.
     pub async fn resume(&self, i: usize) -> anyhow::Result<()> {
-        self.signal(i, "CONT").await
+        Ok(self.node(i)?.process.signal("CONT")?)
     }
 
     /// The log tail of node `i`, for reports on failures.
     pub fn log_tail(&self, i: usize) -> Vec<String> {
-        self.nodes.get(i).map(|n| n.process.log_tail()).unwrap_or_default()
+        self.nodes.get(i).map(|n| n.process.log_tail(TAIL_LINES)).unwrap_or_default()
     }
 
     /// Each node's memory now (peak and current resident set).
@@ -157,18 +147,7 @@ impl NodeSet {
         self.nodes.iter().filter_map(|n| n.process.memory()).collect()
     }
 
-    fn node(&self, i: usize) -> anyhow::Result<&RunningNode> {
+    fn node(&self, i: usize) -> anyhow::Result<&Node> {
         self.nodes.get(i).with_context(|| format!("no node {i} (there are {})", self.nodes.len()))
-    }
-
-    /// Sends a signal with `kill(1)`: std has no portable way to send
-    /// STOP/CONT, and one process spawn per fault costs nothing here.
-    async fn signal(&self, i: usize, signal: &str) -> anyhow::Result<()> {
-        let pid = self.node(i)?.process.pid;
-        let status = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().await?;
-        if !status.success() {
-            bail!("kill -{signal} {pid} (node {i}) failed: {status}");
-        }
-        Ok(())
     }
 }

@@ -39,11 +39,11 @@ use serde::Serialize;
 use super::measures::{Check, Percentiles, Refusals, Run, WindowGoodput, admitted_ttft, refusals, run_load};
 use super::mesh::{Bulkhead, Mesh, MeshArgs};
 use super::nodes::{NodeArgs, NodeSet};
-use super::process::Memory;
 use super::{OutArgs, Workload, append_timeline};
 use crate::load::cli::parse_duration;
 use crate::load::report::counts;
 use crate::load::{Arrival, Choices, LoadSpec, MAX_REQUESTS, Mark, Report, RequestRecord, Target, plot};
+use harness::Memory;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
