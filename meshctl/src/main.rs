@@ -135,11 +135,6 @@ impl EtcdArgs {
 
 mod certs;
 
-/// Hex SHA-256, the form sidecar configs store API keys in.
-fn hash_key(key: &str) -> String {
-    ring::digest::digest(&ring::digest::SHA256, key.as_bytes()).as_ref().iter().map(|b| format!("{b:02x}")).collect()
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -147,7 +142,7 @@ async fn main() -> anyhow::Result<()> {
         GenerationClient::connect(cli.addr.clone()).await.with_context(|| format!("connecting to {}", cli.addr))
     };
     match cli.command {
-        Command::HashKey { ref key } => println!("{}", hash_key(key)),
+        Command::HashKey { ref key } => println!("{}", mesh_proto::api_key::digest(key)),
         Command::CertsCa { ref out } => {
             certs::create_ca(out)?;
             println!("wrote {0}/ca.pem and {0}/ca.key", out.display());

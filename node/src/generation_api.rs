@@ -63,8 +63,7 @@ impl GenerationApi {
             telemetry::propagation::record_status(&span, &status);
             status
         })?;
-        let mut response =
-            Response::new(ReplyStream { replies: UnboundedReceiverStream::new(rx), _span: span.clone() });
+        let mut response = Response::new(ReplyStream { replies: UnboundedReceiverStream::new(rx), span: span.clone() });
         put_load(response.metadata_mut(), load);
         Ok(response)
     }
@@ -106,7 +105,13 @@ impl Generation for GenerationApi {
 /// decode children end inside it.
 pub struct ReplyStream {
     replies: UnboundedReceiverStream<Reply>,
-    _span: tracing::Span,
+    span: tracing::Span,
+}
+
+impl Drop for ReplyStream {
+    fn drop(&mut self) {
+        telemetry::propagation::mark_end(&self.span);
+    }
 }
 
 impl Stream for ReplyStream {

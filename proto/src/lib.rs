@@ -22,3 +22,16 @@ pub mod metadata {
     /// Requests wait in an inbound sidecar's queue (added to the node's own).
     pub const SIDECAR_QUEUED: &str = "x-mesh-sidecar-queued";
 }
+
+/// API keys: clients send `authorization: Bearer <key>`; sidecar configs
+/// store only the key's digest.
+pub mod api_key {
+    /// Hex SHA-256 of `key`, the form sidecar configs store API keys in.
+    pub fn digest(key: &str) -> String {
+        ring::digest::digest(&ring::digest::SHA256, key.as_bytes())
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}

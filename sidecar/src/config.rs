@@ -25,7 +25,7 @@ pub struct SidecarConfig {
     /// Tenant limits; `default` applies to tenants not listed.
     #[serde(default)]
     pub tenants: BTreeMap<String, TenantLimits>,
-    #[serde(default = "default_grace", with = "humantime")]
+    #[serde(default = "default_grace", with = "humantime_serde")]
     pub drain_grace: Duration,
     /// Serve Prometheus metrics here (`/metrics`); port 0 picks one (logged).
     #[serde(default)]
@@ -99,7 +99,7 @@ pub struct EtcdSection {
     pub endpoints: Vec<String>,
     #[serde(default = "default_prefix")]
     pub prefix: String,
-    #[serde(default = "default_ttl", with = "humantime")]
+    #[serde(default = "default_ttl", with = "humantime_serde")]
     pub lease_ttl: Duration,
 }
 
@@ -115,10 +115,10 @@ pub enum Policy {
 pub struct Routing {
     pub policy: Policy,
     /// Longest wait for the first token of one attempt.
-    #[serde(with = "humantime")]
+    #[serde(with = "humantime_serde")]
     pub attempt_timeout: Duration,
     /// Longest gap between two tokens before a stream counts as hung.
-    #[serde(with = "humantime")]
+    #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// Times one request may move to another instance mid-stream.
     pub max_migrations: u32,
@@ -152,9 +152,9 @@ pub struct Outlier {
     /// Server-side failures in a row that eject an instance.
     pub consecutive_failures: u32,
     /// First ejection; each repeat doubles it, up to `max_ejection`.
-    #[serde(with = "humantime")]
+    #[serde(with = "humantime_serde")]
     pub base_ejection: Duration,
-    #[serde(with = "humantime")]
+    #[serde(with = "humantime_serde")]
     pub max_ejection: Duration,
     /// At most this share of a service's instances is ejected at once.
     pub max_ejected_percent: u32,
@@ -163,12 +163,12 @@ pub struct Outlier {
     pub success_rate_margin: f64,
     /// ...once it has at least this many requests in the window.
     pub success_rate_min_requests: u32,
-    #[serde(with = "humantime")]
+    #[serde(with = "humantime_serde")]
     pub success_rate_window: Duration,
     /// Active health checks (grpc.health.v1).
-    #[serde(with = "humantime")]
+    #[serde(with = "humantime_serde")]
     pub health_interval: Duration,
-    #[serde(with = "humantime")]
+    #[serde(with = "humantime_serde")]
     pub health_timeout: Duration,
 }
 
@@ -197,7 +197,7 @@ pub struct ServiceLimits {
     /// Requests waiting for a slot.
     pub max_queue: usize,
     /// Longest a request waits in the queue before it is refused.
-    #[serde(with = "humantime")]
+    #[serde(with = "humantime_serde")]
     pub max_queue_wait: Duration,
 }
 
@@ -313,29 +313,6 @@ impl SidecarConfig {
 }
 
 /// Durations as strings: `500ms`, `2s`, `1m`.
-mod humantime {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, de::Error};
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        parse(&s).ok_or_else(|| D::Error::custom(format!("{s:?} is not a duration like 500ms, 2s or 1m")))
-    }
-
-    pub fn parse(s: &str) -> Option<Duration> {
-        let (num, unit) = s.trim().split_at(s.trim().find(|c: char| c.is_ascii_alphabetic())?);
-        let v: f64 = num.trim().parse().ok().filter(|v: &f64| *v >= 0.0 && v.is_finite())?;
-        let secs = match unit {
-            "ms" => v / 1000.0,
-            "s" => v,
-            "m" => v * 60.0,
-            _ => return None,
-        };
-        Some(Duration::from_secs_f64(secs))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -365,7 +342,7 @@ mod tests {
         assert!(err.contains("attempt_timeot"), "{err}");
         let bad = format!("{MINIMAL}\n[routing]\nattempt_timeout = \"soon\"\n");
         let err = toml::from_str::<SidecarConfig>(&bad).unwrap_err().to_string();
-        assert!(err.contains("not a duration"), "{err}");
+        assert!(err.contains("attempt_timeout") && err.contains("soon"), "{err}");
         let zero = format!("{MINIMAL}\n[outlier]\nconsecutive_failures = 0\n");
         let err = toml::from_str::<SidecarConfig>(&zero).unwrap().validate().unwrap_err().to_string();
         assert!(err.starts_with("outlier.consecutive_failures"), "{err}");
@@ -382,10 +359,14 @@ mod tests {
     }
 
     #[test]
-    fn durations_parse() {
-        assert_eq!(humantime::parse("250ms"), Some(Duration::from_millis(250)));
-        assert_eq!(humantime::parse("2s"), Some(Duration::from_secs(2)));
-        assert_eq!(humantime::parse("1.5m"), Some(Duration::from_secs(90)));
-        assert_eq!(humantime::parse("2"), None);
+    fn durations_are_written_as_humantime() {
+        let parse = |v: &str| {
+            let text = format!("{MINIMAL}\n[routing]\nattempt_timeout = \"{v}\"\n");
+            toml::from_str::<SidecarConfig>(&text).map(|c| c.routing.attempt_timeout).ok()
+        };
+        assert_eq!(parse("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse("2s"), Some(Duration::from_secs(2)));
+        assert_eq!(parse("1m 30s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse("2"), None);
     }
 }

@@ -5,15 +5,16 @@ use std::time::Duration;
 use mesh_proto::v1::generation_client::GenerationClient;
 use mesh_proto::v1::{ListModelsRequest, ModelInfo};
 use registry::InstanceRecord;
+use registry::backoff::Backoff;
 use tonic::transport::Channel;
 
 use crate::config::NodeSection;
 
-/// Asks the node what it serves, waiting (with a capped backoff) until it
-/// answers: a sidecar may start before its node has loaded its weights.
+/// Asks the node what it serves, waiting (with a capped, jittered backoff)
+/// until it answers: a sidecar may start before its node has loaded its weights.
 pub async fn node_model(node: Channel) -> ModelInfo {
     let mut client = GenerationClient::new(node);
-    let mut delay = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     loop {
         match client.list_models(ListModelsRequest {}).await {
             Ok(r) => {
@@ -24,8 +25,7 @@ pub async fn node_model(node: Channel) -> ModelInfo {
             }
             Err(e) => tracing::info!(error = %e.message(), "waiting for the node"),
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(2));
+        tokio::time::sleep(backoff.next_delay()).await;
     }
 }
 

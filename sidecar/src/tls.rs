@@ -17,10 +17,8 @@ pub struct TlsMaterial {
 impl TlsMaterial {
     pub fn load(section: &TlsSection) -> Result<Self, ConfigError> {
         let read = |key: &str, path: &std::path::Path| {
-            std::fs::read(path).map_err(|e| ConfigError::Invalid {
-                key: format!("tls.{key}"),
-                problem: format!("cannot read {}: {e}", path.display()),
-            })
+            daemon::tls::read_pem(key, path)
+                .map_err(|e| ConfigError::Invalid { key: format!("tls.{key}"), problem: format!("{e:#}") })
         };
         let ca = Certificate::from_pem(read("ca", &section.ca)?);
         let identity = Identity::from_pem(read("cert", &section.cert)?, read("key", &section.key)?);

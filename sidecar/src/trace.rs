@@ -43,6 +43,7 @@ impl Trace {
             Hop::Outbound => tracing::info_span!(
                 "sidecar.route",
                 otel.kind = "server",
+                mesh.role = "client-side",
                 service = %call.req.model,
                 %tenant,
                 priority,
@@ -52,6 +53,7 @@ impl Trace {
             Hop::Inbound { service } => tracing::info_span!(
                 "sidecar.inbound",
                 otel.kind = "server",
+                mesh.role = "node-side",
                 %service,
                 %tenant,
                 priority,

@@ -43,6 +43,13 @@ impl Drop for TelemetryGuard {
     }
 }
 
+/// This process among others of the same service (two sidecars of one
+/// trace, say): `host:pid`.
+fn instance_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}:{}", host.trim(), std::process::id())
+}
+
 /// Installs logging (stderr, `RUST_LOG`, default `info`) and, with an OTLP
 /// endpoint, span export for `service_name`. Must run inside a Tokio runtime.
 pub fn init(service_name: &str, args: &TraceArgs) -> anyhow::Result<TelemetryGuard> {
@@ -64,7 +71,12 @@ pub fn init(service_name: &str, args: &TraceArgs) -> anyhow::Result<TelemetryGua
     let provider = SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
         .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(args.trace_sample_ratio))))
-        .with_resource(Resource::builder().with_service_name(service_name.to_string()).build())
+        .with_resource(
+            Resource::builder()
+                .with_service_name(service_name.to_string())
+                .with_attribute(opentelemetry::KeyValue::new("service.instance.id", instance_id()))
+                .build(),
+        )
         .build();
     let tracer = provider.tracer(service_name.to_string());
     let otel = tracing_opentelemetry::layer().with_tracer(tracer).with_filter(filter());

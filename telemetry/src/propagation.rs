@@ -58,3 +58,10 @@ pub fn record_status(span: &tracing::Span, status: &tonic::Status) {
     span.set_status(opentelemetry::trace::Status::error(status.message().to_string()));
     span.set_attribute("rpc.grpc.status_code", status.code() as i64);
 }
+
+/// Marks now as `span`'s end. The OpenTelemetry layer takes a span's end
+/// time from its last exit, so a span entered by a handler and then held by
+/// the stream it returned would otherwise end when the handler returned.
+pub fn mark_end(span: &tracing::Span) {
+    drop(span.enter());
+}

@@ -18,6 +18,8 @@ use tonic::{Request, Response, Status};
 pub struct CollectedSpan {
     /// The exporting process's `service.name`.
     pub service: String,
+    /// The exporting process's `service.instance.id`.
+    pub instance: String,
     pub name: String,
     pub trace_id: String,
     pub span_id: String,
@@ -26,6 +28,8 @@ pub struct CollectedSpan {
     pub attributes: HashMap<String, String>,
     /// OTLP status code: 0 unset, 1 ok, 2 error.
     pub status_code: i32,
+    /// When the span ended (Unix nanoseconds).
+    pub end_ns: u64,
 }
 
 #[derive(Clone, Default)]
@@ -41,16 +45,19 @@ impl TraceService for Sink {
         for rs in request.into_inner().resource_spans {
             let attrs = rs.resource.map(|r| flatten(&r.attributes)).unwrap_or_default();
             let service = attrs.get("service.name").cloned().unwrap_or_default();
+            let instance = attrs.get("service.instance.id").cloned().unwrap_or_default();
             for ss in rs.scope_spans {
                 for s in ss.spans {
                     all.push(CollectedSpan {
                         service: service.clone(),
+                        instance: instance.clone(),
                         name: s.name,
                         trace_id: hex(&s.trace_id),
                         span_id: hex(&s.span_id),
                         parent_span_id: hex(&s.parent_span_id),
                         attributes: flatten(&s.attributes),
                         status_code: s.status.map_or(0, |st| st.code),
+                        end_ns: s.end_time_unix_nano,
                     });
                 }
             }

@@ -71,6 +71,16 @@ async fn one_request_is_one_trace_across_two_sidecars_and_the_node() {
     // Three processes, named.
     assert_eq!(by_name["sidecar.route"].service, "mesh-sidecar");
     assert_eq!(by_name["node.decode"].service, "mesh-node");
+    // The two sidecars are told apart: each hop says which side it is, and
+    // each process has its own instance id.
+    assert_eq!(by_name["sidecar.route"].attributes["mesh.role"], "client-side");
+    assert_eq!(by_name["sidecar.inbound"].attributes["mesh.role"], "node-side");
+    assert_ne!(by_name["sidecar.route"].instance, by_name["sidecar.inbound"].instance);
+    assert!(!by_name["sidecar.route"].instance.is_empty());
+    // A span covers its children: node.generate ends with its stream.
+    let (decode, generate) = (by_name["node.decode"].end_ns, by_name["node.generate"].end_ns);
+    assert!(decode <= generate, "node.decode outlives node.generate by {} ns", decode as i128 - generate as i128);
+    assert!(by_name["sidecar.admit"].end_ns <= by_name["sidecar.inbound"].end_ns);
     // Key attributes.
     assert_eq!(by_name["sidecar.route"].attributes["service"], "chat");
     assert_eq!(by_name["sidecar.route"].attributes["tenant"], "acme");

@@ -37,10 +37,11 @@ pub struct Sequence {
     started_at: Option<Instant>,
     first_token_at: Option<Instant>,
     last_token_at: Option<Instant>,
-    /// The request's span, and the span of its current phase under it
-    /// (queue, then prefill, then decode).
-    span: tracing::Span,
+    /// The span of the current phase (queue, then prefill, then decode)
+    /// and the request's span above it. Declared in this order so the
+    /// phase ends first when a sequence is dropped.
     phase: tracing::Span,
+    span: tracing::Span,
 }
 
 impl Sequence {
@@ -160,6 +161,7 @@ impl Sequence {
         let text = self.stop.flush();
         self.phase.record("completion_tokens", usage.completion_tokens);
         self.phase.record("finish_reason", reason.as_str_name());
+        self.phase = tracing::Span::none(); // decoding is over before the last message goes out
         self.send(GenerateResponse { text, token_ids: Vec::new(), finish_reason: reason.into(), usage: Some(usage) });
     }
 

@@ -8,6 +8,7 @@ pub mod admission;
 pub mod bulkhead;
 pub mod charge;
 pub mod node;
+pub mod start;
 pub mod tenants;
 
 use mesh_proto::v1::ListModelsRequest;

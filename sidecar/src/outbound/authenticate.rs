@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use tonic::Status;
 use tonic::metadata::MetadataMap;
 
+use mesh_proto::api_key::digest;
+
 use crate::config::ApiKey;
 use crate::stack::{Call, Next, Reply, Step, pass};
 
@@ -24,11 +26,6 @@ impl Step for Authenticate {
 
 pub struct ApiKeys {
     by_digest: HashMap<String, ApiKey>,
-}
-
-/// Hex SHA-256 of `key`, as configs store it.
-pub fn digest(key: &str) -> String {
-    ring::digest::digest(&ring::digest::SHA256, key.as_bytes()).as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl ApiKeys {

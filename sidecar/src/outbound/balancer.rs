@@ -7,8 +7,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::gauge::Gauge;
 use rand::seq::IndexedRandom;
 use registry::View;
+use tokio::sync::watch;
 use tonic::transport::ClientTlsConfig;
 
 use super::instance::{Instance, Outcome};
@@ -75,8 +77,29 @@ impl Balancer {
             };
             next.entry(rec.service.clone()).or_default().push(ep);
         }
+        for gone in old.keys().filter(|s| !next.contains_key(*s)) {
+            // Its last instance left: zero, so "no healthy instance" alerts can fire.
+            let labels = self.metrics.service(gone);
+            self.metrics.instances.get_or_create(&labels).set(0);
+            self.metrics.ejected_instances.get_or_create(&labels).set(0);
+        }
         *self.services.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
         self.export_gauges();
+    }
+
+    /// Keeps the table in step with the registry's view, for as long as
+    /// the registry runs.
+    pub fn follow(this: Arc<Self>, mut view: watch::Receiver<Arc<View>>, etcd_reachable: Gauge) {
+        tokio::spawn(async move {
+            loop {
+                let v = view.borrow_and_update().clone();
+                etcd_reachable.set(i64::from(v.etcd_reachable));
+                this.update(&v);
+                if view.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
     }
 
     /// Whether the service has any instance at all.

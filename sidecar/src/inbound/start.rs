@@ -1,0 +1,95 @@
+//! Starting the inbound side: reach the node, learn what it serves, serve
+//! the inbound stack in front of it, mirror its health, and register it in
+//! the mesh.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use daemon::health::{GENERATION, Health};
+use mesh_proto::v1::ModelInfo;
+use mesh_proto::v1::generation_server::GenerationServer;
+use registry::{EtcdRegistry, Registry};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::service::Routes;
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::{HealthCheckRequest, health_check_response};
+
+use super::bulkhead::Bulkhead;
+use crate::config::{NodeSection, ServiceLimits, SidecarConfig};
+use crate::registration;
+use crate::stack::Front;
+use crate::tls::TlsMaterial;
+
+/// The node, as the inbound side reaches it.
+pub struct Node {
+    pub channel: Channel,
+    pub model: ModelInfo,
+    /// The service it is registered under.
+    pub service: String,
+    pub bulkhead: Arc<Bulkhead>,
+}
+
+/// Connects to the node and waits until it says what it serves.
+pub async fn connect(cfg: &SidecarConfig, node: &NodeSection, tls: Option<&TlsMaterial>) -> anyhow::Result<Node> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{}", node.address))?
+        .connect_timeout(Duration::from_secs(1))
+        .tcp_nodelay(true);
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls.client())?;
+    }
+    let channel = endpoint.connect_lazy();
+    let model = registration::node_model(channel.clone()).await;
+    let service = node.service.clone().unwrap_or_else(|| model.name.clone());
+    let limits = cfg.services.iter().find(|s| s.name == service).cloned().unwrap_or_else(|| ServiceLimits {
+        name: service.clone(),
+        max_concurrency: model.max_running.max(1) as usize,
+        max_queue: 2 * model.max_running.max(1) as usize,
+        max_queue_wait: Duration::from_secs(5),
+    });
+    Ok(Node { channel, model, service, bulkhead: Bulkhead::new(limits) })
+}
+
+/// Serves `front` on `listen.inbound` until `stop`, then registers the node.
+pub async fn serve(
+    cfg: &SidecarConfig,
+    (section, node): (&NodeSection, &Node),
+    front: Front,
+    tls: Option<&TlsMaterial>,
+    registry: &EtcdRegistry,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<(Health, SocketAddr)> {
+    let listener = TcpListener::bind(cfg.listen.inbound).await?;
+    let bound = listener.local_addr()?;
+    tracing::info!("inbound listening on {bound}");
+    let (health, health_service) = Health::new();
+    health.set(true).await;
+    tokio::spawn(mirror_node_health(node.channel.clone(), health.clone(), stop.clone()));
+    let routes = Routes::new(GenerationServer::new(front));
+    let shutdown = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    tokio::spawn(daemon::grpc::serve(listener, tls.map(TlsMaterial::mutual_server), health_service, routes, shutdown));
+    let advertise = cfg.listen.advertise.clone().unwrap_or_else(|| bound.to_string());
+    registry.register(registration::record(section, &node.model, &node.service, &advertise)).await?;
+    tracing::info!(service = %node.service, %advertise, "node registered in the mesh");
+    Ok((health, bound))
+}
+
+/// The inbound side is healthy exactly when its node is.
+async fn mirror_node_health(node: Channel, health: Health, stop: watch::Receiver<bool>) {
+    let mut client = HealthClient::new(node);
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    while !*stop.borrow() {
+        tick.tick().await;
+        let req = HealthCheckRequest { service: GENERATION.into() };
+        let serving = matches!(
+            tokio::time::timeout(Duration::from_millis(400), client.check(req)).await,
+            Ok(Ok(r)) if r.get_ref().status() == health_check_response::ServingStatus::Serving
+        );
+        health.set(serving).await;
+    }
+}
