@@ -121,3 +121,45 @@ impl Watch for Observed {
         self.metrics.count(self.direction, &self.service, end.code());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio_stream::StreamExt;
+    use tonic::Code;
+
+    use super::*;
+    use crate::metrics::RequestLabels;
+    use crate::stack::testing::{call, ok_inner, read_to_end, refusing};
+
+    fn requests(metrics: &SidecarMetrics, code: Code) -> u64 {
+        let labels = RequestLabels {
+            direction: "outbound".into(),
+            service: "chat".into(),
+            code: telemetry::metrics::code_name(code),
+        };
+        metrics.requests.get_or_create(&labels).get()
+    }
+
+    #[tokio::test]
+    async fn counts_each_call_once_by_its_final_code() {
+        let metrics = SidecarMetrics::new();
+        let trace = Trace::new(Hop::Outbound, metrics.clone());
+        let (ok, _) = ok_inner(2);
+
+        let mut finished = trace.call(call("chat"), ok.clone()).await.unwrap();
+        assert_eq!(requests(&metrics, Code::Ok), 0, "counted at the stream's end, not at the reply");
+        assert_eq!(read_to_end(&mut finished.stream).await.unwrap(), 2);
+        drop(finished);
+
+        let (refuse, _) = refusing(Code::ResourceExhausted);
+        assert_eq!(trace.call(call("chat"), refuse).await.err().unwrap().code(), Code::ResourceExhausted);
+
+        let mut left = trace.call(call("chat"), ok).await.unwrap();
+        assert!(left.stream.next().await.unwrap().is_ok());
+        drop(left);
+
+        assert_eq!(requests(&metrics, Code::Ok), 1);
+        assert_eq!(requests(&metrics, Code::ResourceExhausted), 1);
+        assert_eq!(requests(&metrics, Code::Cancelled), 1);
+    }
+}

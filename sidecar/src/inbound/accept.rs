@@ -40,3 +40,28 @@ impl Step for Accept {
         pass(next, call).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tonic::Code;
+
+    use super::*;
+    use crate::stack::testing::{call, ok_inner};
+
+    #[tokio::test]
+    async fn passes_its_own_service_refuses_others_and_everything_once_draining() {
+        let accept = Accept { service: "chat".into(), draining: Draining::default() };
+        let (next, calls) = ok_inner(1);
+        assert!(accept.call(call("chat"), next.clone()).await.is_ok());
+        assert_eq!(calls.get(), 1);
+
+        let other = accept.call(call("code"), next.clone()).await.err().unwrap();
+        assert_eq!(other.code(), Code::NotFound);
+        assert!(other.message().contains("\"code\"") && other.message().contains("\"chat\""), "{other:?}");
+
+        accept.draining.start();
+        let drained = accept.call(call("chat"), next.clone()).await.err().unwrap();
+        assert_eq!(drained.code(), Code::Unavailable);
+        assert_eq!(calls.get(), 1, "refused calls never reach the node");
+    }
+}

@@ -96,3 +96,74 @@ fn refusal_status(service: &str, r: Refusal) -> Status {
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use futures_util::FutureExt;
+
+    use super::*;
+    use crate::config::ServiceLimits;
+    use crate::stack::testing::{call, ok_inner, read_to_end};
+
+    /// One slot at the node and room for one waiter; a new bulkhead
+    /// expects a stream to hold its slot for about a second.
+    fn admission(max_queue: usize) -> Arc<Admission> {
+        let limits = ServiceLimits {
+            name: "chat".into(),
+            max_concurrency: 1,
+            max_queue,
+            max_queue_wait: Duration::from_secs(5),
+        };
+        let bulkhead = Bulkhead::new(limits);
+        Arc::new(Admission { service: "chat".into(), bulkhead, metrics: SidecarMetrics::new() })
+    }
+
+    #[tokio::test]
+    async fn the_slot_is_held_until_the_stream_ends_and_the_reply_says_what_is_queued() {
+        let admission = admission(1);
+        let (next, _) = ok_inner(2);
+        let mut reply = admission.call(call("chat"), next).await.unwrap();
+        assert_eq!(reply.metadata.get(md::SIDECAR_QUEUED).unwrap(), "0");
+        assert_eq!(admission.bulkhead.in_use(), 1);
+        assert_eq!(read_to_end(&mut reply.stream).await.unwrap(), 2);
+        assert_eq!(admission.bulkhead.in_use(), 0, "freed at the stream's end, before the reply is dropped");
+    }
+
+    #[tokio::test]
+    async fn a_deadline_shorter_than_the_expected_wait_is_refused_at_once() {
+        let admission = admission(1);
+        let (next, calls) = ok_inner(2);
+        let _running = admission.call(call("chat"), next.clone()).await.unwrap();
+        let mut hurried = call("chat");
+        hurried.deadline = Some(Instant::now() + Duration::from_millis(100));
+        let refused = admission.call(hurried, next).now_or_never().expect("refused on the first poll");
+        assert_eq!(refused.err().unwrap().code(), Code::DeadlineExceeded);
+        assert_eq!(calls.get(), 1, "the refused call never reached the node");
+        assert_eq!(admission.bulkhead.queued(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_is_refused_at_once_and_the_waiter_gets_the_slot_when_the_stream_ends() {
+        let admission = admission(1);
+        let (next, calls) = ok_inner(2);
+        let mut running = admission.call(call("chat"), next.clone()).await.unwrap();
+        let waiter = tokio::spawn({
+            let (admission, next) = (admission.clone(), next.clone());
+            async move { admission.call(call("chat"), next).await.map(drop) }
+        });
+        while admission.bulkhead.queued() < 1 {
+            tokio::task::yield_now().await;
+        }
+        let refused = admission.call(call("chat"), next).now_or_never().expect("refused on the first poll");
+        let refused = refused.err().unwrap();
+        assert_eq!(refused.code(), Code::ResourceExhausted);
+        assert!(refused.metadata().get(md::RETRY_AFTER_MS).is_some());
+        assert_eq!(calls.get(), 1);
+
+        assert_eq!(read_to_end(&mut running.stream).await.unwrap(), 2);
+        waiter.await.unwrap().unwrap();
+        assert_eq!(calls.get(), 2);
+    }
+}

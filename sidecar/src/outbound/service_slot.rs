@@ -76,3 +76,63 @@ impl Watch for Slot {
         self.in_flight.dec();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use mesh_proto::metadata as md;
+    use tokio_stream::StreamExt;
+
+    use super::*;
+    use crate::stack::testing::{call, ok_inner, read_to_end};
+
+    fn slots(limit: usize, metrics: &SidecarMetrics) -> ServiceSlot {
+        ServiceSlot::new(limit, Arc::new(|s| s == "chat"), metrics.clone())
+    }
+
+    fn in_flight(metrics: &SidecarMetrics) -> i64 {
+        metrics.in_flight.get_or_create(&metrics.service("chat")).get()
+    }
+
+    #[tokio::test]
+    async fn only_named_known_services_get_slots() {
+        let slots = slots(2, &SidecarMetrics::new());
+        let (next, calls) = ok_inner(1);
+        let unnamed = slots.call(call(""), next.clone()).await.err().unwrap();
+        assert_eq!(unnamed.code(), Code::InvalidArgument);
+        let unknown = slots.call(call("made-up"), next.clone()).await.err().unwrap();
+        assert_eq!(unknown.code(), Code::NotFound);
+        assert!(slots.slots.lock().unwrap().is_empty(), "no slot table entry for an unknown service");
+        assert_eq!(calls.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_stream_over_the_limit_is_refused_until_one_ends_or_is_dropped() {
+        let metrics = SidecarMetrics::new();
+        let slots = slots(2, &metrics);
+        let (next, calls) = ok_inner(2);
+        let mut first = slots.call(call("chat"), next.clone()).await.unwrap();
+        let mut second = slots.call(call("chat"), next.clone()).await.unwrap();
+        assert_eq!(in_flight(&metrics), 2);
+
+        let refused = slots.call(call("chat"), next.clone()).await.err().unwrap();
+        assert_eq!(refused.code(), Code::ResourceExhausted);
+        assert!(refused.metadata().get(md::RETRY_AFTER_MS).is_some());
+        assert!(refused.message().contains("2 streams") && refused.message().contains("\"chat\""), "{refused:?}");
+        assert_eq!(calls.get(), 2, "a refused call does not reach the route");
+
+        // The first stream ends (its reply still held): its slot comes back.
+        assert_eq!(read_to_end(&mut first.stream).await.unwrap(), 2);
+        assert_eq!(in_flight(&metrics), 1);
+        let third = slots.call(call("chat"), next.clone()).await.unwrap();
+
+        // The second is dropped mid-way: its slot comes back too.
+        assert!(second.stream.next().await.unwrap().is_ok());
+        drop(second);
+        assert_eq!(in_flight(&metrics), 1);
+        let fourth = slots.call(call("chat"), next.clone()).await.unwrap();
+        assert_eq!(in_flight(&metrics), 2);
+
+        drop((first, third, fourth));
+        assert_eq!(in_flight(&metrics), 0);
+    }
+}

@@ -9,6 +9,8 @@
 //! stream anyway and deserves a fast, clear answer.
 
 mod front;
+#[cfg(test)]
+pub mod testing;
 mod watch;
 
 use std::future::Future;
