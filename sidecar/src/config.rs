@@ -101,6 +101,14 @@ pub struct EtcdSection {
     pub prefix: String,
     #[serde(default = "default_ttl", with = "humantime_serde")]
     pub lease_ttl: Duration,
+    /// HTTP/2 keep-alive pings to etcd; keep it above etcd's
+    /// `--grpc-keepalive-min-time` or etcd closes the connection.
+    #[serde(default = "default_keep_alive", with = "humantime_serde")]
+    pub keep_alive_interval: Duration,
+}
+
+fn default_keep_alive() -> Duration {
+    registry::etcd::KEEP_ALIVE_INTERVAL
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -308,11 +316,11 @@ impl SidecarConfig {
         let mut c = registry::EtcdConfig::new(self.etcd.endpoints.clone());
         c.prefix = self.etcd.prefix.clone();
         c.lease_ttl = self.etcd.lease_ttl;
+        c.keep_alive_interval = self.etcd.keep_alive_interval;
         c
     }
 }
 
-/// Durations as strings: `500ms`, `2s`, `1m`.
 #[cfg(test)]
 mod tests {
     use super::*;

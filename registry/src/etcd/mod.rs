@@ -36,7 +36,17 @@ pub struct EtcdConfig {
     pub request_timeout: Duration,
     /// Backoff between reconnection attempts: base and cap.
     pub backoff: (Duration, Duration),
+    /// HTTP/2 keep-alive ping interval on the etcd connection. etcd closes
+    /// (GOAWAY `too_many_pings`) a connection that pings more often than
+    /// its `--grpc-keepalive-min-time` (5 s by default), which breaks every
+    /// watch on it; so this stays above that.
+    pub keep_alive_interval: Duration,
 }
+
+/// Default [`EtcdConfig::keep_alive_interval`]: twice etcd's default
+/// `--grpc-keepalive-min-time`. A dead etcd is still noticed within this
+/// plus `request_timeout`, and the watch's progress notifications.
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
 
 impl EtcdConfig {
     pub fn new(endpoints: Vec<String>) -> Self {
@@ -48,15 +58,18 @@ impl EtcdConfig {
             user: None,
             request_timeout: Duration::from_secs(3),
             backoff: (Duration::from_millis(100), Duration::from_secs(3)),
+            keep_alive_interval: KEEP_ALIVE_INTERVAL,
         }
     }
 
     fn options(&self) -> Result<ConnectOptions, RegistryError> {
-        // HTTP/2 keep-alives notice a dead etcd even when no call is in flight.
+        // HTTP/2 keep-alives notice a dead etcd while the watch waits. Only
+        // while streams are open: etcd's default enforcement counts pings on
+        // an idle connection as abuse.
         let mut opts = ConnectOptions::new()
             .with_connect_timeout(self.request_timeout)
-            .with_keep_alive(Duration::from_secs(1), self.request_timeout)
-            .with_keep_alive_while_idle(true);
+            .with_keep_alive(self.keep_alive_interval, self.request_timeout)
+            .with_keep_alive_while_idle(false);
         if let Some((user, password)) = &self.user {
             opts = opts.with_user(user, password);
         }
