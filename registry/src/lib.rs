@@ -19,6 +19,7 @@
 //! vanish at once.
 
 pub mod backoff;
+pub mod episode;
 pub mod etcd;
 mod memory;
 mod record;
@@ -27,7 +28,7 @@ mod view;
 use std::future::Future;
 use std::sync::Arc;
 
-pub use etcd::{EtcdConfig, EtcdRegistry, TlsFiles};
+pub use etcd::{EtcdConfig, EtcdRegistry, Stats, TlsFiles};
 pub use memory::MemoryRegistry;
 pub use record::{InstanceRecord, SCHEMA_VERSION};
 pub use view::{Change, View};

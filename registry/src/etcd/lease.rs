@@ -1,6 +1,8 @@
 //! The registrar: one lease per process, kept alive at TTL/3, with every
 //! record of the process attached. When the lease is lost (etcd down,
 //! restarted, wiped) it grants a new one and writes the records again.
+//! A loss is logged once, and the return once; the failed retries in
+//! between are counted in [`super::Stats`] and summarised per interval.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -11,6 +13,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{EtcdConfig, with_timeout};
 use crate::backoff::Backoff;
+use crate::episode::{Episode, SUMMARY_INTERVAL};
 use crate::{InstanceRecord, RegistryError};
 
 pub enum Command {
@@ -33,7 +36,9 @@ pub enum RegistrarState {
 pub fn spawn(config: Arc<EtcdConfig>) -> (mpsc::UnboundedSender<Command>, watch::Receiver<RegistrarState>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let (state_tx, state_rx) = watch::channel(RegistrarState::Disconnected("starting".into()));
-    tokio::spawn(Registrar { config, desired: BTreeMap::new(), commands: rx, state: state_tx }.run());
+    tokio::spawn(
+        Registrar { config, desired: BTreeMap::new(), commands: rx, state: state_tx, outage: Episode::default() }.run(),
+    );
     (tx, state_rx)
 }
 
@@ -43,6 +48,8 @@ struct Registrar {
     desired: BTreeMap<String, InstanceRecord>,
     commands: mpsc::UnboundedReceiver<Command>,
     state: watch::Sender<RegistrarState>,
+    /// Failed attempts since the records were last in etcd.
+    outage: Episode,
 }
 
 /// Why a session under one lease ended.
@@ -63,10 +70,7 @@ impl Registrar {
             };
             match ended {
                 Ended::Shutdown(done) => return self.stopped(done),
-                Ended::Lost(e) => {
-                    tracing::warn!(error = %e, "registry: not registered in etcd; retrying");
-                    self.state.send_replace(RegistrarState::Disconnected(e.to_string()));
-                }
+                Ended::Lost(e) => self.lost(e),
             }
             // Wait out the backoff, still taking commands (they change what
             // is written once etcd is back).
@@ -82,6 +86,38 @@ impl Registrar {
                     }
                 }
             }
+        }
+    }
+
+    /// Counts a failed attempt or a lost lease; logs the first of an
+    /// outage and a summary per interval (each retry used to log a WARN).
+    fn lost(&mut self, e: RegistryError) {
+        self.config.stats.registration_failed();
+        let now = tokio::time::Instant::now().into_std();
+        if self.outage.occur(now) {
+            tracing::warn!(error = %e, "registry: not registered in etcd; retrying");
+        } else if let Some(n) = self.outage.summary_due(now, SUMMARY_INTERVAL) {
+            let all = self.outage.count();
+            tracing::warn!(error = %e, "registry: still not registered in etcd ({n} failed attempts in the last {SUMMARY_INTERVAL:?}, {all} in all)");
+        } else {
+            tracing::debug!(error = %e, "registry: registration attempt failed");
+        }
+        self.state.send_replace(RegistrarState::Disconnected(e.to_string()));
+    }
+
+    fn registered(&mut self, lease: i64) {
+        let records = self.desired.len();
+        match self.outage.end(tokio::time::Instant::now().into_std()) {
+            Some(ended) => {
+                let after = format!("{:.1}s", ended.lasted.as_secs_f64());
+                tracing::info!(
+                    lease,
+                    records,
+                    "registry: registered in etcd again after {after} ({} failed attempts)",
+                    ended.count
+                );
+            }
+            None => tracing::info!(lease, records, "registry: registered in etcd"),
         }
     }
 
@@ -122,7 +158,7 @@ impl Registrar {
             Ok(k) => k,
             Err(e) => return Ended::Lost(e),
         };
-        tracing::info!(lease, records = self.desired.len(), "registry: registered in etcd");
+        self.registered(lease);
         self.state.send_replace(RegistrarState::Registered { lease_id: lease });
         backoff.reset();
         let mut tick = tokio::time::interval(Duration::from_secs(ttl as u64).div_f64(3.0));

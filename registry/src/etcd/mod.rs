@@ -2,6 +2,7 @@
 //! process, both background tasks that outlive any etcd outage.
 
 mod lease;
+mod stats;
 mod watcher;
 
 use std::path::PathBuf;
@@ -15,6 +16,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::{InstanceRecord, Registry, RegistryError, View};
 use lease::Command;
 pub use lease::RegistrarState;
+pub use stats::Stats;
 
 /// Client certificate files for etcd over TLS.
 #[derive(Debug, Clone)]
@@ -41,6 +43,9 @@ pub struct EtcdConfig {
     /// its `--grpc-keepalive-min-time` (5 s by default), which breaks every
     /// watch on it; so this stays above that.
     pub keep_alive_interval: Duration,
+    /// Where the registrar and the watcher count breaks and reconnects;
+    /// pass one in to export it (see [`EtcdConfig::with_stats`]).
+    pub stats: Arc<Stats>,
 }
 
 /// Default [`EtcdConfig::keep_alive_interval`]: twice etcd's default
@@ -59,7 +64,14 @@ impl EtcdConfig {
             request_timeout: Duration::from_secs(3),
             backoff: (Duration::from_millis(100), Duration::from_secs(3)),
             keep_alive_interval: KEEP_ALIVE_INTERVAL,
+            stats: Arc::default(),
         }
+    }
+
+    /// Counts into `stats`, which a metrics exporter may already hold.
+    pub fn with_stats(mut self, stats: Arc<Stats>) -> Self {
+        self.stats = stats;
+        self
     }
 
     fn options(&self) -> Result<ConnectOptions, RegistryError> {
@@ -109,6 +121,7 @@ pub struct EtcdRegistry {
     commands: mpsc::UnboundedSender<Command>,
     view: watch::Receiver<Arc<View>>,
     state: watch::Receiver<RegistrarState>,
+    stats: Arc<Stats>,
 }
 
 impl EtcdRegistry {
@@ -117,9 +130,15 @@ impl EtcdRegistry {
     pub fn start(config: EtcdConfig) -> Result<Self, RegistryError> {
         config.options()?; // unreadable TLS files are a configuration error, found now
         let config = Arc::new(config);
+        let stats = config.stats.clone();
         let (commands, state) = lease::spawn(config.clone());
         let view = watcher::spawn(config);
-        Ok(Self { commands, view, state })
+        Ok(Self { commands, view, state, stats })
+    }
+
+    /// How often the watch broke and came back, and registration was lost.
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
     }
 
     /// Whether this process's records are in etcd now.

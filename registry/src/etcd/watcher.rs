@@ -4,7 +4,9 @@
 //! backwards (a wiped or restored store) or the revision was compacted
 //! away: then it reads everything again and publishes the difference.
 //! While etcd is unreachable the last view stays, marked
-//! `etcd_reachable: false`.
+//! `etcd_reachable: false`; that is logged once when it starts, summarised
+//! every [`SUMMARY_INTERVAL`], and logged once when etcd is back. Each
+//! failed attempt is counted in [`super::Stats`].
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -15,12 +17,13 @@ use tokio::sync::watch;
 
 use super::{EtcdConfig, with_timeout};
 use crate::backoff::Backoff;
+use crate::episode::{Episode, SUMMARY_INTERVAL};
 use crate::record::services_prefix;
 use crate::{InstanceRecord, RegistryError, View};
 
 pub fn spawn(config: Arc<EtcdConfig>) -> watch::Receiver<Arc<View>> {
     let (tx, rx) = watch::channel(Arc::new(View::default()));
-    tokio::spawn(Watcher { config, view: tx, revision: None }.run());
+    tokio::spawn(Watcher { config, view: tx, revision: None, outage: Episode::default() }.run());
     rx
 }
 
@@ -29,6 +32,8 @@ struct Watcher {
     view: watch::Sender<Arc<View>>,
     /// Last revision the view reflects; `None` means a full read is due.
     revision: Option<i64>,
+    /// Failed attempts since etcd was last reachable.
+    outage: Episode,
 }
 
 impl Watcher {
@@ -44,7 +49,7 @@ impl Watcher {
                 Err(e) => Err(e),
             };
             if let Err(e) = result {
-                tracing::warn!(error = %e, "registry: watch of etcd broken; keeping the last view");
+                self.broke(&e);
             }
             self.view.send_if_modified(|v| {
                 let was = v.etcd_reachable;
@@ -82,6 +87,7 @@ impl Watcher {
         let opts = WatchOptions::new().with_prefix().with_start_revision(from).with_progress_notify();
         let mut stream = with_timeout(limit, client.watch(prefix.as_str(), Some(opts))).await?;
         self.mark_reachable();
+        self.back();
         backoff.reset();
         while let Some(resp) = stream.message().await? {
             if resp.compact_revision() > 0 || resp.canceled() {
@@ -107,6 +113,35 @@ impl Watcher {
             self.publish(instances);
         }
         Err(RegistryError::Closed)
+    }
+
+    /// Counts a failed or broken attempt; logs only the first of an outage
+    /// and a summary per interval (each retry used to log a WARN).
+    fn broke(&mut self, e: &RegistryError) {
+        self.config.stats.watch_broke();
+        let now = tokio::time::Instant::now().into_std();
+        if self.outage.occur(now) {
+            tracing::warn!(error = %e, "registry: etcd unreachable; keeping the last view");
+        } else if let Some(n) = self.outage.summary_due(now, SUMMARY_INTERVAL) {
+            let all = self.outage.count();
+            tracing::warn!(error = %e, "registry: etcd still unreachable ({n} failed attempts in the last {SUMMARY_INTERVAL:?}, {all} in all)");
+        } else {
+            tracing::debug!(error = %e, "registry: etcd attempt failed");
+        }
+    }
+
+    /// Ends an outage, if one was on, with one line.
+    fn back(&mut self) {
+        let now = tokio::time::Instant::now().into_std();
+        if let Some(ended) = self.outage.end(now) {
+            self.config.stats.reconnected();
+            let after = format!("{:.1}s", ended.lasted.as_secs_f64());
+            tracing::info!(
+                attempts = ended.count,
+                "registry: etcd reachable again after {after} ({} failed attempts)",
+                ended.count
+            );
+        }
     }
 
     fn publish(&self, instances: BTreeMap<(String, String), InstanceRecord>) {
