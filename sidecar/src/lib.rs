@@ -15,3 +15,4 @@ pub mod server;
 mod stack;
 pub mod tls;
 mod trace;
+mod upstream;

@@ -13,7 +13,7 @@ use registry::{EtcdRegistry, Registry};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::service::Routes;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::{HealthCheckRequest, health_check_response};
 
@@ -22,6 +22,7 @@ use crate::config::{NodeSection, ServiceLimits, SidecarConfig};
 use crate::registration;
 use crate::stack::Front;
 use crate::tls::TlsMaterial;
+use crate::upstream;
 
 /// The node, as the inbound side reaches it.
 pub struct Node {
@@ -34,14 +35,10 @@ pub struct Node {
 
 /// Connects to the node and waits until it says what it serves.
 pub async fn connect(cfg: &SidecarConfig, node: &NodeSection, tls: Option<&TlsMaterial>) -> anyhow::Result<Node> {
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{}", node.address))?
-        .connect_timeout(Duration::from_secs(1))
-        .tcp_nodelay(true);
-    if let Some(tls) = tls {
-        endpoint = endpoint.tls_config(tls.client())?;
-    }
-    let channel = endpoint.connect_lazy();
+    // Every stream this node serves shares this one connection (the node is
+    // local, so a lost connection means the node itself is gone); the
+    // settings that let it carry them are in `upstream::endpoint`.
+    let channel = upstream::endpoint(&node.address, tls.map(TlsMaterial::client))?.connect_lazy();
     let model = registration::node_model(channel.clone()).await;
     let service = node.service.clone().unwrap_or_else(|| model.name.clone());
     let limits = cfg.services.iter().find(|s| s.name == service).cloned().unwrap_or_else(|| ServiceLimits {

@@ -7,19 +7,28 @@
 //! ejection.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use mesh_proto::v1::generation_client::GenerationClient;
 use registry::InstanceRecord;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig};
 
 use crate::config::Outlier;
+use crate::upstream;
 
 /// Time to first token assumed for an instance nobody has measured yet, when
 /// its peers give no better guess. A zero would read as "no load", so the
 /// balancer would flood a brand-new instance.
 const UNMEASURED_TTFT: Duration = Duration::from_millis(100);
+
+/// Connections to one instance its streams are spread over. With one, a
+/// connection the peer closes (a GOAWAY, a reset, a lost keep-alive) ends
+/// every stream to that instance at once; with four, a quarter, which
+/// migration absorbs within the retry budget. Each connection's frames are
+/// handled by one task, so four also let four cores share the framing of
+/// thousands of streams. More would add sockets, not resilience.
+const CONNECTIONS_PER_INSTANCE: usize = 4;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Health {
@@ -50,8 +59,11 @@ struct State {
 
 pub struct Instance {
     pub record: InstanceRecord,
-    pub client: GenerationClient<Channel>,
+    /// For health probes (the pool's first connection).
     pub channel: Channel,
+    /// Connections that carry its streams, taken in turn.
+    pool: Vec<Channel>,
+    next: AtomicUsize,
     in_flight: AtomicU32,
     state: Mutex<State>,
 }
@@ -73,20 +85,14 @@ impl Instance {
         ttft_guess: Option<Duration>,
         tls: Option<&ClientTlsConfig>,
     ) -> Result<Self, tonic::transport::Error> {
-        let scheme = if tls.is_some() { "https" } else { "http" };
-        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{}", record.address))?
-            .connect_timeout(Duration::from_secs(1))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(5));
-        if let Some(tls) = tls {
-            endpoint = endpoint.tls_config(tls.clone())?;
-        }
-        let channel = endpoint.connect_lazy();
+        let endpoint = upstream::endpoint(&record.address, tls.cloned())?;
+        // Each `connect_lazy` is its own connection (dialled on first use).
+        let pool: Vec<Channel> = (0..CONNECTIONS_PER_INSTANCE).map(|_| endpoint.connect_lazy()).collect();
         let now = Instant::now();
         Ok(Self {
-            client: GenerationClient::new(channel.clone()),
-            channel,
+            channel: pool[0].clone(),
+            pool,
+            next: AtomicUsize::new(0),
             record,
             in_flight: AtomicU32::new(0),
             state: Mutex::new(State {
@@ -101,6 +107,13 @@ impl Instance {
                 window_failed: 0,
             }),
         })
+    }
+
+    /// A client on the next connection of the pool: streams to one instance
+    /// spread evenly over `CONNECTIONS_PER_INSTANCE` connections.
+    pub fn client(&self) -> GenerationClient<Channel> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.pool.len();
+        GenerationClient::new(self.pool[i].clone())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

@@ -27,12 +27,36 @@ enum Failed {
     Final(Status),
 }
 
-/// What a status says about the instance that returned it.
+/// What a status says about the instance that returned it. A failure of
+/// the sidecar's own making is never the instance's.
 pub(super) fn classify(status: &Status) -> Outcome {
+    if of_our_making(status) {
+        return Outcome::Neutral;
+    }
     match status.code() {
         Code::Unavailable | Code::Internal | Code::Unknown | Code::DataLoss | Code::Unimplemented => Outcome::Failure,
         _ => Outcome::Neutral,
     }
+}
+
+/// Whether the stream ended because of this side, not the instance: a
+/// reset this side sent (CANCEL: its caller left, or it gave up), or a
+/// connection the peer closed because this side overran its limits
+/// (GOAWAY with ENHANCE_YOUR_CALM: too many resets or pings). Charging the
+/// instance for these would eject a healthy instance for the sidecar's own
+/// load, and with it every other stream there. The stream may still move
+/// elsewhere: the instance did nothing wrong, but the stream is gone.
+pub(super) fn of_our_making(status: &Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            let reason = h2.reason();
+            return (!h2.is_remote() && !h2.is_go_away() && reason == Some(h2::Reason::CANCEL))
+                || (h2.is_go_away() && reason == Some(h2::Reason::ENHANCE_YOUR_CALM));
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// Whether another instance may answer differently (before the first token).
@@ -142,7 +166,7 @@ async fn first_message(
     ep: &Instance,
     request: Request<GenerateRequest>,
 ) -> Result<(Streaming<GenerateResponse>, GenerateResponse), Status> {
-    let response = ep.client.clone().generate(request).await?;
+    let response = ep.client().generate(request).await?;
     if let Some(q) = queued(response.metadata()) {
         ep.observe_queue(q);
     }
@@ -159,5 +183,31 @@ fn queued(meta: &tonic::metadata::MetadataMap) -> Option<u32> {
     match (get(md::LOAD_QUEUED), get(md::SIDECAR_QUEUED)) {
         (None, None) => None,
         (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from_h2(reason: h2::Reason) -> Status {
+        Status::from_error(Box::new(h2::Error::from(reason)))
+    }
+
+    #[test]
+    fn a_reset_of_our_own_is_not_the_instance_s_failure() {
+        assert_eq!(classify(&from_h2(h2::Reason::CANCEL)), Outcome::Neutral);
+        assert_eq!(classify(&Status::unavailable("connection refused")), Outcome::Failure);
+        assert_eq!(classify(&Status::unknown("no grpc-status")), Outcome::Failure);
+        // A protocol error is the peer's doing, whichever side noticed it.
+        assert_eq!(classify(&from_h2(h2::Reason::PROTOCOL_ERROR)), Outcome::Failure);
+    }
+
+    #[test]
+    fn a_full_instance_is_not_failing_and_another_may_take_the_call() {
+        let full = Status::resource_exhausted("queue full");
+        assert_eq!(classify(&full), Outcome::Neutral);
+        assert!(retryable(&full));
+        assert_eq!(classify(&Status::cancelled("caller left")), Outcome::Neutral);
     }
 }

@@ -11,7 +11,7 @@ use mesh_proto::v1::{GenerateRequest, GenerateResponse};
 use tonic::Status;
 
 use super::Route;
-use super::attempt::{Attempt, classify};
+use super::attempt::{Attempt, classify, of_our_making};
 use crate::outbound::instance::Outcome;
 use crate::stack::{Call, TokenStream};
 
@@ -90,7 +90,7 @@ impl Relay {
         let outcome = classify(&status);
         route.balancer.record(&self.attempt.ep, outcome, status.message());
         telemetry::propagation::record_status(&self.attempt.span, &status);
-        let can_move = outcome == Outcome::Failure
+        let can_move = (outcome == Outcome::Failure || of_our_making(&status))
             && self.migrations < route.routing.max_migrations
             && route.withdraw(&self.req.model);
         if !can_move {
