@@ -1,8 +1,11 @@
 //! The sidecar's Prometheus metrics (prefix `mesh_sidecar_`, and
 //! `mesh_registry_` for its view of etcd).
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
@@ -41,11 +44,17 @@ pub struct SidecarMetrics {
     pub queue_depth: Family<ServiceLabels, Gauge>,
     pub ejections: Family<ServiceLabels, Counter>,
     pub ejected_instances: Family<ServiceLabels, Gauge>,
+    /// Ejections the budget refused: one per failure past the threshold,
+    /// so under overload many a second (the log says it once per episode).
+    pub ejections_skipped: Family<ServiceLabels, Counter>,
     pub rate_limited: Family<LimitLabels, Counter>,
     pub retries: Counter,
     pub migrations: Counter,
     pub etcd_reachable: Gauge,
     pub instances: Family<ServiceLabels, Gauge>,
+    /// The registry's own counts (watch breaks, reconnects, registration
+    /// failures), read at each scrape: pass to `EtcdConfig::with_stats`.
+    pub registry_stats: Arc<registry::Stats>,
 }
 
 impl Default for SidecarMetrics {
@@ -64,11 +73,13 @@ impl SidecarMetrics {
             queue_depth: Family::default(),
             ejections: Family::default(),
             ejected_instances: Family::default(),
+            ejections_skipped: Family::default(),
             rate_limited: Family::default(),
             retries: Counter::default(),
             migrations: Counter::default(),
             etcd_reachable: Gauge::default(),
             instances: Family::default(),
+            registry_stats: Arc::default(),
         }
     }
 
@@ -85,12 +96,14 @@ impl SidecarMetrics {
         r.register("queue_depth", "Inbound requests waiting in the bulkhead, by service", self.queue_depth.clone());
         r.register("ejections", "Instances ejected, by service", self.ejections.clone());
         r.register("ejected_instances", "Instances ejected now, by service", self.ejected_instances.clone());
+        r.register("ejections_skipped", "Ejections refused by the ejection budget", self.ejections_skipped.clone());
         r.register("rate_limited", "Requests refused by a tenant limit", self.rate_limited.clone());
         r.register("retries", "Attempts after the first, before a first token", self.retries.clone());
         r.register("migrations", "Streams moved to another instance mid-way", self.migrations.clone());
         let reg = registry.sub_registry_with_prefix("mesh_registry");
         reg.register("etcd_reachable", "1 when the last contact with etcd succeeded", self.etcd_reachable.clone());
         reg.register("instances", "Instances known, by service", self.instances.clone());
+        reg.register_collector(Box::new(RegistryCounters(self.registry_stats.clone())));
     }
 
     pub fn count(&self, direction: &str, service: &str, code: tonic::Code) {
@@ -109,5 +122,26 @@ impl SidecarMetrics {
 
     pub fn service(&self, service: &str) -> ServiceLabels {
         ServiceLabels { service: service.to_string() }
+    }
+}
+
+/// `mesh_registry_watch_breaks_total`, `mesh_registry_reconnects_total` and
+/// `mesh_registry_registration_failures_total`, read from the registry's
+/// atomics at each scrape (the registry crate knows nothing of Prometheus).
+#[derive(Debug)]
+struct RegistryCounters(Arc<registry::Stats>);
+
+impl Collector for RegistryCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = &self.0;
+        for (name, help, value) in [
+            ("watch_breaks", "etcd watch attempts that failed or broke", s.watch_breaks()),
+            ("reconnects", "etcd watches set up again after a break", s.reconnects()),
+            ("registration_failures", "etcd registration attempts failed or leases lost", s.registration_failures()),
+        ] {
+            let counter = ConstCounter::new(value);
+            counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
+        }
+        Ok(())
     }
 }

@@ -65,7 +65,7 @@ pub async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
         addresses.push(("metrics", daemon::metrics::serve(addr, |r| metrics.register(r)).await?));
     }
     let tls = cfg.tls.as_ref().map(TlsMaterial::load).transpose()?;
-    let registry = EtcdRegistry::start(cfg.etcd())?;
+    let registry = EtcdRegistry::start(cfg.etcd().with_stats(metrics.registry_stats.clone()))?;
     let balancer = Arc::new(Balancer::new(
         cfg.routing.policy,
         cfg.outlier.clone(),

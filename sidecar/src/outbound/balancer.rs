@@ -1,15 +1,19 @@
 //! The instances of every service, kept in step with the registry, and the
 //! choice of one for each request: power of two choices over the load
 //! score (or round robin, for comparison), skipping ejected instances.
+//! An ejection the budget refuses is counted every time but logged once
+//! when the budget becomes spent, summarised every [`SUMMARY_INTERVAL`],
+//! and logged once when it is available again.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::gauge::Gauge;
 use rand::seq::IndexedRandom;
 use registry::View;
+use registry::episode::{Episode, SUMMARY_INTERVAL};
 use tokio::sync::watch;
 use tonic::transport::ClientTlsConfig;
 
@@ -27,20 +31,76 @@ pub struct Balancer {
     tls: Option<ClientTlsConfig>,
     services: RwLock<Arc<Instances>>,
     rr: AtomicUsize,
+    /// Per service: the stretch during which its ejection budget is spent.
+    budget_spent: Mutex<HashMap<String, Episode>>,
 }
 
 impl Balancer {
     pub fn new(policy: Policy, outlier: Outlier, metrics: SidecarMetrics, tls: Option<ClientTlsConfig>) -> Self {
-        Self { policy, outlier, metrics, tls, services: RwLock::new(Arc::default()), rr: AtomicUsize::new(0) }
+        Self {
+            policy,
+            outlier,
+            metrics,
+            tls,
+            services: RwLock::new(Arc::default()),
+            rr: AtomicUsize::new(0),
+            budget_spent: Mutex::default(),
+        }
     }
 
-    /// Publishes instances known and ejected, per service.
+    /// Publishes instances known and ejected, per service; ends or
+    /// summarises a spent ejection budget (run periodically, so the
+    /// summary comes even when no request fails meanwhile).
     pub fn export_gauges(&self) {
+        let now = Instant::now();
         for (service, peers) in self.snapshot().iter() {
             let labels = self.metrics.service(service);
             self.metrics.instances.get_or_create(&labels).set(peers.len() as i64);
             let ejected = peers.iter().filter(|e| e.is_ejected()).count();
             self.metrics.ejected_instances.get_or_create(&labels).set(ejected as i64);
+            if ejected < self.ejection_budget(peers.len()) {
+                self.budget_available(service, now);
+            } else {
+                self.summarise_skipped(service, now);
+            }
+        }
+    }
+
+    /// How many of `peers` instances may be ejected at once: never all.
+    fn ejection_budget(&self, peers: usize) -> usize {
+        (peers * self.outlier.max_ejected_percent as usize / 100).min(peers.saturating_sub(1))
+    }
+
+    fn budget_episodes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Episode>> {
+        self.budget_spent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts a refused ejection; logs only the first of a stretch.
+    fn budget_refused(&self, ep: &Instance, ejected: usize, allowed: usize, now: Instant) {
+        let service = &ep.record.service;
+        self.metrics.ejections_skipped.get_or_create(&self.metrics.service(service)).inc();
+        if self.budget_episodes().entry(service.clone()).or_default().occur(now) {
+            let instance = &ep.record.instance_id;
+            tracing::warn!(%service, %instance, ejected, allowed, "ejection budget spent: not ejecting more instances");
+        } else {
+            self.summarise_skipped(service, now);
+        }
+    }
+
+    /// At most once per interval: how many ejections were refused.
+    fn summarise_skipped(&self, service: &str, now: Instant) {
+        let due = self.budget_episodes().get_mut(service).and_then(|e| e.summary_due(now, SUMMARY_INTERVAL));
+        if let Some(n) = due {
+            tracing::warn!(%service, "{n} ejections skipped in the last {SUMMARY_INTERVAL:?} (ejection budget spent)");
+        }
+    }
+
+    /// Ends a spent-budget stretch, if one was on, with one line.
+    fn budget_available(&self, service: &str, now: Instant) {
+        let ended = self.budget_episodes().get_mut(service).and_then(|e| e.end(now));
+        if let Some(ended) = ended {
+            let after = format!("{:.1}s", ended.lasted.as_secs_f64());
+            tracing::info!(%service, skipped = ended.count, "ejection budget available again after {after}; {} ejections skipped meanwhile", ended.count);
         }
     }
 
@@ -158,12 +218,13 @@ impl Balancer {
         let services = self.snapshot();
         let Some(peers) = services.get(&ep.record.service) else { return };
         let ejected = peers.iter().filter(|e| e.is_ejected()).count();
-        let allowed = (peers.len() * self.outlier.max_ejected_percent as usize / 100).min(peers.len() - 1);
+        let allowed = self.ejection_budget(peers.len());
         if ejected < allowed {
+            self.budget_available(&ep.record.service, now);
             ep.eject(reason, &self.outlier, now);
             self.metrics.ejections.get_or_create(&self.metrics.service(&ep.record.service)).inc();
         } else {
-            tracing::warn!(instance = %ep.record.instance_id, ejected, allowed, "not ejecting: ejection budget spent");
+            self.budget_refused(ep, ejected, allowed, now);
         }
     }
 
@@ -227,6 +288,32 @@ mod tests {
         }
         assert_eq!(b.all().iter().filter(|e| e.is_ejected()).count(), 1);
         assert!(b.pick("chat", &HashSet::new()).is_some());
+    }
+
+    /// Under overload every failure past the threshold asks for an
+    /// ejection the budget refuses: counted each time, one log stretch.
+    #[tokio::test]
+    async fn a_spent_budget_counts_every_refusal_in_one_episode() {
+        let cfg = Outlier { consecutive_failures: 1, max_ejected_percent: 50, ..Default::default() };
+        let b = Balancer::new(Policy::RoundRobin, cfg, SidecarMetrics::new(), None);
+        b.update(&view(2));
+        let (first, second) = (b.all()[0].clone(), b.all()[1].clone());
+        b.record(&first, Outcome::Failure, "boom");
+        assert!(first.is_ejected());
+        for _ in 0..1000 {
+            b.record(&second, Outcome::Failure, "overloaded");
+        }
+        assert!(!second.is_ejected());
+        let skipped = b.metrics.ejections_skipped.get_or_create(&b.metrics.service("chat")).get();
+        assert_eq!(skipped, 1000);
+        let episode = b.budget_episodes().get("chat").cloned().unwrap();
+        assert!(episode.is_on());
+        assert_eq!(episode.count(), 1000, "one stretch, started once, holds every refusal");
+        // Two more instances: the budget allows a second ejection again.
+        b.update(&view(4));
+        assert!(!b.budget_episodes()["chat"].is_on(), "the stretch ended when the budget returned");
+        b.record(&second, Outcome::Failure, "overloaded");
+        assert!(second.is_ejected());
     }
 
     #[tokio::test]
