@@ -145,3 +145,26 @@ impl Collector for RegistryCounters {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_counts_are_exported_under_their_names() {
+        let metrics = SidecarMetrics::new();
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        metrics.ejections_skipped.get_or_create(&metrics.service("chat")).inc_by(3);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for line in [
+            "mesh_registry_watch_breaks_total 0",
+            "mesh_registry_reconnects_total 0",
+            "mesh_registry_registration_failures_total 0",
+            "mesh_sidecar_ejections_skipped_total{service=\"chat\"} 3",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing from\n{text}");
+        }
+    }
+}
