@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, PutOptions};
+use etcd_client::{Client, LeaseKeepAliveStream, LeaseKeeper, PutOptions};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{EtcdConfig, with_timeout};
@@ -145,17 +145,8 @@ impl Registrar {
     async fn session(&mut self, mut client: Client, backoff: &mut Backoff) -> Ended {
         let limit = self.config.request_timeout;
         let ttl = self.config.lease_ttl.as_secs().max(1) as i64;
-        let lease = match with_timeout(limit, client.lease_grant(ttl, None)).await {
-            Ok(l) => l.id(),
-            Err(e) => return Ended::Lost(e),
-        };
-        for (key, rec) in &self.desired {
-            if let Err(e) = put(&mut client, limit, lease, key, rec).await {
-                return Ended::Lost(e);
-            }
-        }
-        let (mut keeper, mut replies) = match with_timeout(limit, client.lease_keep_alive(lease)).await {
-            Ok(k) => k,
+        let (lease, mut keeper, mut replies) = match self.grant(&mut client, ttl).await {
+            Ok(granted) => granted,
             Err(e) => return Ended::Lost(e),
         };
         self.registered(lease);
@@ -206,6 +197,24 @@ impl Registrar {
                 }
             }
         }
+    }
+}
+
+impl Registrar {
+    /// Grants a lease of `ttl` seconds, writes every record under it and
+    /// opens its keep-alive stream.
+    async fn grant(
+        &self,
+        client: &mut Client,
+        ttl: i64,
+    ) -> Result<(i64, LeaseKeeper, LeaseKeepAliveStream), RegistryError> {
+        let limit = self.config.request_timeout;
+        let lease = with_timeout(limit, client.lease_grant(ttl, None)).await?.id();
+        for (key, rec) in &self.desired {
+            put(client, limit, lease, key, rec).await?;
+        }
+        let (keeper, replies) = with_timeout(limit, client.lease_keep_alive(lease)).await?;
+        Ok((lease, keeper, replies))
     }
 }
 
