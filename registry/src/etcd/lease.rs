@@ -90,7 +90,7 @@ impl Registrar {
     }
 
     /// Counts a failed attempt or a lost lease; logs the first of an
-    /// outage and a summary per interval (each retry used to log a WARN).
+    /// outage and a summary per interval.
     fn lost(&mut self, e: RegistryError) {
         self.config.stats.registration_failed();
         let now = tokio::time::Instant::now().into_std();

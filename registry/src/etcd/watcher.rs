@@ -116,7 +116,7 @@ impl Watcher {
     }
 
     /// Counts a failed or broken attempt; logs only the first of an outage
-    /// and a summary per interval (each retry used to log a WARN).
+    /// and a summary per interval.
     fn broke(&mut self, e: &RegistryError) {
         self.config.stats.watch_broke();
         let now = tokio::time::Instant::now().into_std();
