@@ -9,7 +9,7 @@ use telemetry::propagation;
 use tonic::Status;
 
 use crate::metrics::SidecarMetrics;
-use crate::stack::{Call, End, Next, Reply, Step, Watch, pass};
+use crate::stack::{Call, End, Next, Reply, Step, Watch, pass_watched};
 
 /// Which side of the sidecar a call goes through.
 #[derive(Clone)]
@@ -81,13 +81,7 @@ impl Step for Trace {
             received: call.received,
             last: None,
         };
-        match pass(next, call).await {
-            Ok(reply) => Ok(reply.watched(observed)),
-            Err(status) => {
-                observed.end(End::Failed(&status));
-                Err(status)
-            }
-        }
+        pass_watched(next, call, observed).await
     }
 }
 

@@ -10,7 +10,7 @@ use tonic::{Code, Status};
 
 use super::tenants::Tenants;
 use crate::metrics::{LimitLabels, SidecarMetrics};
-use crate::stack::{Call, End, Next, Reply, Step, Watch, pass, retry_later};
+use crate::stack::{Call, End, Next, Reply, Step, Watch, pass_watched, retry_later};
 
 /// max_tokens charged to a tenant when the request leaves it to the node.
 const DEFAULT_CHARGE: u32 = 256;
@@ -36,13 +36,7 @@ impl Step for ChargeTenant {
             return Err(retry_later(Code::ResourceExhausted, message, over.retry_after));
         }
         let refund = Refund { tenants: self.tenants.clone(), tenant, charge, used: 0 };
-        match pass(next, call).await {
-            Ok(reply) => Ok(reply.watched(refund)),
-            Err(status) => {
-                refund.end(End::Failed(&status));
-                Err(status)
-            }
-        }
+        pass_watched(next, call, refund).await
     }
 }
 

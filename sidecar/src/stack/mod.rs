@@ -122,6 +122,18 @@ pub async fn pass(next: Next, call: Call) -> Result<Reply, Status> {
     next.oneshot(call).await
 }
 
+/// Passes `call` on and has `watch` see how it ends: with the reply's
+/// stream, or at once when the rest of the stack refuses the call.
+pub async fn pass_watched(next: Next, call: Call, watch: impl Watch) -> Result<Reply, Status> {
+    match pass(next, call).await {
+        Ok(reply) => Ok(reply.watched(watch)),
+        Err(status) => {
+            watch.end(End::Failed(&status));
+            Err(status)
+        }
+    }
+}
+
 impl Call {
     /// A call as received from a client.
     pub fn new(request: tonic::Request<GenerateRequest>) -> Self {
