@@ -51,6 +51,17 @@ pub struct NodeConfig {
     #[arg(long, env = "MESH_NODE_MAX_STEP_TOKENS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_step_tokens: u32,
 
+    /// Longest a request may wait in the node before its prompt starts being
+    /// read: one the queue ahead would hold longer (or past its gRPC
+    /// deadline) is refused at admission, one that has waited this long is
+    /// ended, both with RESOURCE_EXHAUSTED and `retry-after-ms`. 3 s: under
+    /// the sidecar's 10 s `routing.attempt_timeout` even after its inbound
+    /// bulkhead's 5 s `max_queue_wait`, so a saturated node answers "busy"
+    /// while the caller still has time to go elsewhere, and is never timed
+    /// out and charged as a failing instance.
+    #[arg(long, env = "MESH_NODE_MAX_QUEUE_WAIT", default_value = "3s", value_parser = positive_duration)]
+    pub max_queue_wait: Duration,
+
     /// max_tokens for requests that leave it 0.
     #[arg(long, env = "MESH_NODE_DEFAULT_MAX_TOKENS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub default_max_tokens: u32,
@@ -105,6 +116,7 @@ impl NodeConfig {
             max_kv_tokens: self.max_kv_tokens as usize,
             max_step_tokens: self.max_step_tokens as usize,
             context_length,
+            max_queue_wait: self.max_queue_wait,
         }
     }
 }
@@ -113,6 +125,14 @@ impl NodeConfig {
 /// every mesh flag and config file says a duration.
 fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (a duration like 30s, 500ms or 1m 30s)"))
+}
+
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    let d = duration(s)?;
+    if d.is_zero() {
+        return Err(format!("{s:?} must be above zero"));
+    }
+    Ok(d)
 }
 
 fn positive_f64(s: &str) -> Result<f64, String> {
@@ -134,6 +154,9 @@ mod tests {
         assert!(duration("soon").is_err());
         let cfg = NodeConfig::try_parse_from(["mesh-node", "--drain-grace", "300ms"]).unwrap();
         assert_eq!(cfg.drain_grace, Duration::from_millis(300));
+        assert_eq!(cfg.max_queue_wait, Duration::from_secs(3));
+        let err = NodeConfig::try_parse_from(["mesh-node", "--max-queue-wait", "0s"]).unwrap_err().to_string();
+        assert!(err.contains("--max-queue-wait") && err.contains("above zero"), "{err}");
     }
 
     #[test]

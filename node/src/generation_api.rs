@@ -4,15 +4,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use mesh_proto::metadata as md;
 use mesh_proto::v1::generation_server::Generation;
 use mesh_proto::v1::{GenerateRequest, ListModelsRequest, ListModelsResponse, ModelInfo};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::metadata::{MetadataMap, MetadataValue};
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 
-use crate::scheduler::{AdmitError, Load, Reply, Scheduler};
+use crate::scheduler::{Reply, Scheduler};
 use crate::text::TextCodec;
 use crate::validate::{self, Rules};
 
@@ -51,6 +49,7 @@ impl GenerationApi {
             default_max_tokens: self.default_max_tokens,
             vocab_size: self.vocab_size,
         };
+        let deadline = crate::deadline::from_metadata(request.metadata(), std::time::Instant::now());
         let request = request.into_inner();
         let request_id = request.request_id.clone();
         let mut req = validate::check(request, &rules, self.codec.as_ref()).inspect_err(|s| {
@@ -58,13 +57,14 @@ impl GenerationApi {
         })?;
         tracing::debug!(request_id, prompt_tokens = req.prompt.len(), max_tokens = req.max_tokens, "generate");
         req.span = span.clone();
+        req.deadline = deadline;
         let (rx, load) = self.scheduler.submit(req).map_err(|e| {
-            let status = refusal(&e, self.scheduler.load());
+            let status = e.status(self.scheduler.load());
             telemetry::propagation::record_status(&span, &status);
             status
         })?;
         let mut response = Response::new(ReplyStream { replies: UnboundedReceiverStream::new(rx), span: span.clone() });
-        put_load(response.metadata_mut(), load);
+        load.put(response.metadata_mut());
         Ok(response)
     }
 }
@@ -94,7 +94,7 @@ impl Generation for GenerationApi {
             vocab_size: self.vocab_size as u32,
         };
         let mut response = Response::new(ListModelsResponse { models: vec![info] });
-        put_load(response.metadata_mut(), self.scheduler.load());
+        self.scheduler.load().put(response.metadata_mut());
         Ok(response)
     }
 }
@@ -124,24 +124,4 @@ impl Stream for ReplyStream {
     fn size_hint(&self) -> (usize, Option<usize>) {
         self.replies.size_hint()
     }
-}
-
-/// RESOURCE_EXHAUSTED (with a retry-after hint) when full; UNAVAILABLE when draining.
-fn refusal(e: &AdmitError, load: Load) -> Status {
-    let mut meta = MetadataMap::new();
-    put_load(&mut meta, load);
-    let code = match e {
-        AdmitError::Draining => Code::Unavailable,
-        AdmitError::QueueFull { .. } | AdmitError::KvFull { .. } => Code::ResourceExhausted,
-    };
-    if let Some(after) = e.retry_after() {
-        meta.insert(md::RETRY_AFTER_MS, MetadataValue::from(after.as_millis() as u64));
-    }
-    Status::with_metadata(code, e.to_string(), meta)
-}
-
-fn put_load(meta: &mut MetadataMap, load: Load) {
-    meta.insert(md::LOAD_RUNNING, MetadataValue::from(load.running as u64));
-    meta.insert(md::LOAD_QUEUED, MetadataValue::from(load.queued as u64));
-    meta.insert(md::LOAD_KV_FREE, MetadataValue::from(load.kv_free as u64));
 }

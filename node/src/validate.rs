@@ -108,6 +108,7 @@ pub fn check(req: GenerateRequest, rules: &Rules<'_>, codec: &dyn TextCodec) -> 
         seed: p.seed.unwrap_or_else(rand::random),
         stop: p.stop,
         priority,
+        deadline: None,
         span: tracing::Span::none(),
     })
 }

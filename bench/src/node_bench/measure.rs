@@ -18,6 +18,7 @@ fn greedy(prompt: &[u32], max_tokens: usize) -> Request {
         seed: 0,
         stop: vec![],
         priority: 1,
+        deadline: None,
         span: tracing::Span::none(),
     }
 }

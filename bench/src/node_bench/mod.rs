@@ -9,6 +9,7 @@ pub mod upstream;
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use candle_core::Device;
 use node::backend::GgufBackend;
@@ -94,6 +95,8 @@ async fn bench_kernel(args: &Args, kernel: Kernel, upstream: f64, peak: f64) -> 
         max_kv_tokens: 1 << 20,
         max_step_tokens: 256,
         context_length: model.config().context_length,
+        // A throughput measure: every stream waits its turn, none is refused.
+        max_queue_wait: Duration::from_secs(3600),
     };
     let metrics = node::metrics::NodeMetrics::new("bench", kernel.name());
     let scheduler = Scheduler::start(limits, Box::new(GgufBackend::new(Arc::new(model))), codec.clone(), metrics);

@@ -30,6 +30,10 @@ pub struct Engine {
     /// One FIFO per priority; the highest non-empty one is served first.
     waiting: [VecDeque<Box<Sequence>>; PRIORITIES],
     running: Vec<(Box<Sequence>, Instant)>,
+    /// When the last step ended, while the engine has been busy since: the
+    /// pace is the interval between step ends (the loop, the step and any
+    /// pacing inside it), not counting a first step after idling.
+    last_step: Option<Instant>,
 }
 
 impl Engine {
@@ -39,13 +43,14 @@ impl Engine {
         codec: Arc<dyn TextCodec>,
         commands: Receiver<Command>,
     ) -> Self {
-        Self { shared, backend, codec, commands, waiting: Default::default(), running: Vec::new() }
+        Self { shared, backend, codec, commands, waiting: Default::default(), running: Vec::new(), last_step: None }
     }
 
     pub fn run(mut self) {
         loop {
             let idle = self.running.is_empty() && self.waiting.iter().all(VecDeque::is_empty);
             if idle {
+                self.last_step = None;
                 match self.commands.recv() {
                     Ok(cmd) => self.handle(cmd),
                     Err(_) => return,
@@ -59,7 +64,7 @@ impl Engine {
                     Err(TryRecvError::Disconnected) => break,
                 }
             }
-            self.reap_abandoned();
+            self.reap();
             self.fill_slots();
             if !self.running.is_empty() {
                 self.step();
@@ -89,22 +94,41 @@ impl Engine {
         }
     }
 
-    /// A caller that disconnected frees its slot before the next step.
-    fn reap_abandoned(&mut self) {
+    /// Before each step: a caller that disconnected frees its slot, and a
+    /// sequence past its queue-wait bound without a prompt token read is
+    /// refused (RESOURCE_EXHAUSTED, retry-after) rather than left to wait
+    /// until its caller gives up. The check runs between steps, so a bound
+    /// is kept to within one step.
+    fn reap(&mut self) {
+        let now = Instant::now();
+        let doomed = |s: &Sequence| s.is_abandoned() || s.overdue(now).is_some();
         let (gone, kept): (Vec<_>, Vec<_>) =
-            std::mem::take(&mut self.running).into_iter().partition(|(s, _)| s.is_abandoned());
+            std::mem::take(&mut self.running).into_iter().partition(|(s, _)| doomed(s));
         self.running = kept;
         for (seq, started) in gone {
-            self.shared.metrics.count(tonic::Code::Cancelled);
-            self.leave(seq, Some(started), drop);
+            self.end_early(seq, Some(started), now);
         }
         for p in 0..PRIORITIES {
             let (gone, kept): (VecDeque<_>, VecDeque<_>) =
-                std::mem::take(&mut self.waiting[p]).into_iter().partition(|s| s.is_abandoned());
+                std::mem::take(&mut self.waiting[p]).into_iter().partition(|s| doomed(s));
             self.waiting[p] = kept;
             for seq in gone {
+                self.end_early(seq, None, now);
+            }
+        }
+    }
+
+    /// Ends an abandoned or overdue sequence.
+    fn end_early(&mut self, seq: Box<Sequence>, started: Option<Instant>, now: Instant) {
+        match seq.overdue(now) {
+            Some((waited, bound)) if !seq.is_abandoned() => {
+                self.shared.metrics.count(tonic::Code::ResourceExhausted);
+                let status = self.shared.waited_too_long(waited, bound);
+                self.leave(seq, started, |s| s.fail(status));
+            }
+            _ => {
                 self.shared.metrics.count(tonic::Code::Cancelled);
-                self.leave(seq, None, drop);
+                self.leave(seq, started, drop);
             }
         }
     }
@@ -123,6 +147,7 @@ impl Engine {
     fn step(&mut self) {
         let limits = &self.shared.limits;
         let mut budget = limits.max_step_tokens;
+        let mut prefilled = 0;
         // Decoding sequences first (one token each), then prefill chunks in
         // arrival order while the budget lasts.
         let mut order: Vec<usize> = (0..self.running.len()).collect();
@@ -138,6 +163,7 @@ impl Engine {
             let (tokens, start_pos, want_logits) = seq.next_chunk(take);
             if !seq.is_decoding() {
                 budget -= tokens.len();
+                prefilled += tokens.len();
             }
             fed.push((i, tokens.len(), want_logits));
             steps.push(SeqStep {
@@ -151,6 +177,8 @@ impl Engine {
         }
         self.shared.metrics.batch_size.observe(steps.len() as f64);
         let result = self.backend.step(&steps);
+        let ended = Instant::now();
+        let interval = self.last_step.replace(ended).map(|prev| ended - prev);
         drop(steps);
         let logits = match result {
             Ok(l) => l,
@@ -163,6 +191,8 @@ impl Engine {
                 return;
             }
         };
+        // Before the sequences advance, so a backlog count never goes below zero.
+        self.shared.stepped(prefilled, interval);
         let mut row = 0;
         let mut finished = Vec::new();
         for (i, n, want_logits) in fed {

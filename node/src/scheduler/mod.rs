@@ -4,12 +4,14 @@
 //! at once even while a step is running.
 
 mod engine;
+mod refusal;
 mod sequence;
 mod stop;
+mod wait;
 
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use candle_transformers::generation::Sampling;
 use tokio::sync::{mpsc::UnboundedReceiver, watch};
@@ -18,8 +20,10 @@ use crate::backend::Backend;
 use crate::metrics::NodeMetrics;
 use crate::text::TextCodec;
 use engine::{Command, Engine};
+pub use refusal::AdmitError;
 pub use sequence::Reply;
 use sequence::Sequence;
+use wait::{Backlog, Pace};
 
 /// The node's capacity, fixed at start.
 #[derive(Debug, Clone)]
@@ -34,6 +38,10 @@ pub struct Limits {
     /// streams keep streaming while a long prompt is read.
     pub max_step_tokens: usize,
     pub context_length: usize,
+    /// Longest a request may wait before its prompt starts being read: one
+    /// that would wait longer is refused at admission, one that has waited
+    /// this long is ended, both with RESOURCE_EXHAUSTED and a retry-after.
+    pub max_queue_wait: Duration,
 }
 
 /// A validated request, ready to run.
@@ -50,6 +58,9 @@ pub struct Request {
     pub stop: Vec<String>,
     /// 0 (low) to 2 (high); higher runs first.
     pub priority: usize,
+    /// When the caller stops waiting (its gRPC deadline), if it said: the
+    /// queue-wait bound is the sooner of this and `max_queue_wait`.
+    pub deadline: Option<Instant>,
     /// The request's span; the engine adds queue, prefill and decode spans under it.
     pub span: tracing::Span,
 }
@@ -62,36 +73,16 @@ pub struct Load {
     pub kv_free: usize,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq)]
-pub enum AdmitError {
-    #[error("node is draining; send new requests elsewhere")]
-    Draining,
-    #[error("node queue is full ({queued} requests waiting, limit {limit}); retry after {retry_after:?}")]
-    QueueFull { queued: usize, limit: usize, retry_after: Duration },
-    #[error(
-        "node KV cache is full: request needs {need} tokens (prompt + max_tokens), {free} of {limit} free; retry after {retry_after:?}"
-    )]
-    KvFull { need: usize, free: usize, limit: usize, retry_after: Duration },
-}
-
-impl AdmitError {
-    pub fn retry_after(&self) -> Option<Duration> {
-        match self {
-            Self::Draining => None,
-            Self::QueueFull { retry_after, .. } | Self::KvFull { retry_after, .. } => Some(*retry_after),
-        }
-    }
-}
-
 #[derive(Debug)]
 struct Accounting {
     /// Admitted and not yet finished (running + queued).
     admitted: usize,
     running: usize,
     kv_committed: usize,
+    /// Prompt tokens of admitted requests not yet fed to the model.
+    prefill_backlog: usize,
     draining: bool,
-    /// Decaying average of admission-to-finish time, for retry-after hints.
-    ewma_service: Duration,
+    pace: Pace,
     next_id: u64,
 }
 
@@ -120,7 +111,58 @@ impl Shared {
     /// `max_running` at a time, at the recent average service time.
     fn retry_after(&self, acc: &Accounting) -> Duration {
         let waves = (acc.admitted - acc.running + 1) as f64 / self.limits.max_running as f64;
-        acc.ewma_service.mul_f64(waves.max(0.1)).clamp(Duration::from_millis(50), Duration::from_secs(30))
+        let (lo, hi) = wait::RETRY_AFTER_RANGE;
+        acc.pace.service.mul_f64(waves.max(0.1)).clamp(lo, hi)
+    }
+
+    /// The expected wait of a request admitted now (see `wait::expected`).
+    fn expected_wait(&self, acc: &Accounting) -> Duration {
+        let backlog = Backlog {
+            queued: acc.admitted - acc.running,
+            free_slots: self.limits.max_running.saturating_sub(acc.running),
+            prefill_tokens: acc.prefill_backlog,
+        };
+        wait::expected(backlog, acc.pace, &self.limits)
+    }
+
+    /// The refusal of a request that waited `waited` against `bound` without starting.
+    fn waited_too_long(&self, waited: Duration, bound: Duration) -> tonic::Status {
+        let acc = self.lock();
+        let retry_after = wait::retry_after(self.expected_wait(&acc), self.limits.max_queue_wait);
+        AdmitError::Waited { waited, bound, retry_after }.status(self.load(&acc))
+    }
+
+    /// Called by the engine after each step: `prefilled` prompt tokens were
+    /// read, `interval` after the step before (if the engine was busy since).
+    fn stepped(&self, prefilled: usize, interval: Option<Duration>) {
+        let mut acc = self.lock();
+        acc.prefill_backlog -= prefilled;
+        if let Some(interval) = interval {
+            acc.pace.observe_step(interval);
+        }
+    }
+
+    /// Whether a request needing `need` KV tokens, that may wait `bound`
+    /// before its prompt is read, fits now.
+    fn check(&self, acc: &Accounting, need: usize, bound: Duration) -> Result<(), AdmitError> {
+        let limits = &self.limits;
+        if acc.draining {
+            return Err(AdmitError::Draining);
+        }
+        if acc.admitted >= limits.max_running + limits.max_queued {
+            let queued = acc.admitted - acc.running;
+            return Err(AdmitError::QueueFull { queued, limit: limits.max_queued, retry_after: self.retry_after(acc) });
+        }
+        let free = limits.max_kv_tokens - acc.kv_committed;
+        if need > free {
+            let retry_after = self.retry_after(acc);
+            return Err(AdmitError::KvFull { need, free, limit: limits.max_kv_tokens, retry_after });
+        }
+        let wait = self.expected_wait(acc);
+        if wait > bound {
+            return Err(AdmitError::WouldWait { wait, bound, retry_after: wait::retry_after(wait, bound) });
+        }
+        Ok(())
     }
 
     /// Called by the engine when a sequence leaves (finished, failed or abandoned).
@@ -129,9 +171,10 @@ impl Shared {
         let mut acc = self.lock();
         acc.admitted -= 1;
         acc.kv_committed -= seq.kv_need;
+        acc.prefill_backlog -= seq.unfed_prompt();
         if let Some(service) = service {
             acc.running -= 1;
-            acc.ewma_service = acc.ewma_service.mul_f64(0.9) + service.mul_f64(0.1);
+            acc.pace.service = acc.pace.service.mul_f64(0.9) + service.mul_f64(0.1);
         }
         self.admitted.send_replace(acc.admitted);
     }
@@ -169,8 +212,11 @@ impl Scheduler {
                 admitted: 0,
                 running: 0,
                 kv_committed: 0,
+                prefill_backlog: 0,
                 draining: false,
-                ewma_service: Duration::from_secs(1),
+                // A second per stream until measured: a guess that refuses
+                // little (the wait bound ends what it lets in wrongly).
+                pace: Pace { step: None, service: Duration::from_secs(1) },
                 next_id: 0,
             }),
             admitted: watch::channel(0).0,
@@ -210,31 +256,22 @@ impl Scheduler {
     /// Admits `req` or refuses it at once. On success returns the stream of
     /// replies and the load right after admission.
     pub fn submit(&self, req: Request) -> Result<(UnboundedReceiver<Reply>, Load), AdmitError> {
-        let limits = &self.shared.limits;
+        let now = Instant::now();
         let need = req.prompt.len() + req.max_tokens - req.continued;
+        let max_wait = self.shared.limits.max_queue_wait;
+        let bound = req.deadline.map_or(max_wait, |d| max_wait.min(d.saturating_duration_since(now)));
         let (id, load) = {
             let mut acc = self.shared.lock();
-            if acc.draining {
-                return Err(AdmitError::Draining);
-            }
-            let queued = acc.admitted - acc.running;
-            if acc.admitted >= limits.max_running + limits.max_queued {
-                let retry_after = self.shared.retry_after(&acc);
-                return Err(AdmitError::QueueFull { queued, limit: limits.max_queued, retry_after });
-            }
-            let free = limits.max_kv_tokens - acc.kv_committed;
-            if need > free {
-                let retry_after = self.shared.retry_after(&acc);
-                return Err(AdmitError::KvFull { need, free, limit: limits.max_kv_tokens, retry_after });
-            }
+            self.shared.check(&acc, need, bound)?;
             acc.admitted += 1;
             acc.kv_committed += need;
+            acc.prefill_backlog += req.prompt.len();
             acc.next_id += 1;
             self.shared.admitted.send_replace(acc.admitted);
             (acc.next_id, self.shared.load(&acc))
         };
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let seq = Sequence::new(id, req, tx, self.codec.as_ref());
+        let seq = Sequence::new(id, req, tx, self.codec.as_ref(), bound);
         if let Err(mpsc::SendError(Command::Submit(seq))) = self.commands.send(Command::Submit(Box::new(seq))) {
             // The engine is gone (only after a fatal error): undo and refuse.
             self.shared.release(&seq, None);

@@ -1,7 +1,7 @@
 //! One request's life inside the engine: its tokens, sampler, detokenizer,
 //! stop matcher and the channel its caller reads.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 use candle_transformers::generation::LogitsProcessor;
@@ -34,6 +34,9 @@ pub struct Sequence {
     stop: StopMatcher,
     tx: UnboundedSender<Reply>,
     admitted_at: Instant,
+    /// How long it may wait for its prompt to start being read before it
+    /// is ended with a refusal.
+    wait_bound: Duration,
     started_at: Option<Instant>,
     first_token_at: Option<Instant>,
     last_token_at: Option<Instant>,
@@ -45,7 +48,7 @@ pub struct Sequence {
 }
 
 impl Sequence {
-    pub fn new(id: u64, req: Request, tx: UnboundedSender<Reply>, codec: &dyn TextCodec) -> Self {
+    pub fn new(id: u64, req: Request, tx: UnboundedSender<Reply>, codec: &dyn TextCodec, wait_bound: Duration) -> Self {
         let prompt_len = req.prompt.len();
         let decoder = IncrementalDecoder::resume(codec, &req.prompt[prompt_len - req.continued..]);
         Self {
@@ -62,6 +65,7 @@ impl Sequence {
             stop: StopMatcher::new(req.stop),
             tx,
             admitted_at: Instant::now(),
+            wait_bound,
             started_at: None,
             first_token_at: None,
             last_token_at: None,
@@ -73,6 +77,18 @@ impl Sequence {
     /// The caller went away (cancelled or disconnected).
     pub fn is_abandoned(&self) -> bool {
         self.tx.is_closed()
+    }
+
+    /// Not one prompt token read yet, and past its queue-wait bound: how
+    /// long it waited, and the bound it had.
+    pub fn overdue(&self, now: Instant) -> Option<(Duration, Duration)> {
+        let waited = now.saturating_duration_since(self.admitted_at);
+        (self.prefilled == 0 && waited >= self.wait_bound).then_some((waited, self.wait_bound))
+    }
+
+    /// Prompt tokens not yet fed to the model.
+    pub fn unfed_prompt(&self) -> usize {
+        self.prompt_len.saturating_sub(self.prefilled)
     }
 
     pub fn start(&mut self) {
