@@ -16,3 +16,4 @@ mod stack;
 pub mod tls;
 mod trace;
 mod upstream;
+pub mod wire;

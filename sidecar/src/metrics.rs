@@ -35,6 +35,13 @@ pub struct LimitLabels {
     pub limit: String,
 }
 
+/// One direction's token latency histograms (handles to the families' own).
+#[derive(Clone)]
+pub struct Latency {
+    pub ttft: Histogram,
+    pub gap: Histogram,
+}
+
 #[derive(Clone)]
 pub struct SidecarMetrics {
     pub requests: Family<RequestLabels, Counter>,
@@ -112,12 +119,15 @@ impl SidecarMetrics {
         self.requests.get_or_create(&labels).inc();
     }
 
-    pub fn ttft(&self, direction: &str, seconds: f64) {
-        self.time_to_first_token.get_or_create(&DirectionLabels { direction: direction.to_string() }).observe(seconds);
-    }
-
-    pub fn gap(&self, direction: &str, seconds: f64) {
-        self.inter_token.get_or_create(&DirectionLabels { direction: direction.to_string() }).observe(seconds);
+    /// The time-to-first-token and inter-token histograms of `direction`,
+    /// to keep: observing a token through a handle skips the label lookup
+    /// (a string, a hash and a lock per token).
+    pub fn latency(&self, direction: &str) -> Latency {
+        let labels = DirectionLabels { direction: direction.to_string() };
+        Latency {
+            ttft: self.time_to_first_token.get_or_create(&labels).clone(),
+            gap: self.inter_token.get_or_create(&labels).clone(),
+        }
     }
 
     pub fn service(&self, service: &str) -> ServiceLabels {

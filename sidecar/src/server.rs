@@ -6,8 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use daemon::health::Health;
-use mesh_proto::v1::generation_client::GenerationClient;
-use mesh_proto::v1::generation_server::GenerationServer;
 use mesh_proto::v1::sidecar_admin_server::SidecarAdminServer;
 use registry::{EtcdRegistry, Registry};
 use tokio::net::TcpListener;
@@ -30,6 +28,8 @@ use crate::outbound::service_slot::ServiceSlot;
 use crate::stack::{Front, Next, step};
 use crate::tls::TlsMaterial;
 use crate::trace::{Hop, Trace};
+use crate::wire::generation_client::GenerationClient;
+use crate::wire::generation_server::GenerationServer;
 
 /// The outbound request path, first layer first.
 fn outbound_stack(cfg: &SidecarConfig, balancer: &Arc<Balancer>, metrics: &SidecarMetrics) -> Front {

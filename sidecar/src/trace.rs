@@ -2,14 +2,15 @@
 //! caller's trace), and counts every call by its final code, its time to
 //! first token and the gaps between tokens.
 
+use std::sync::Arc;
 use std::time::Instant;
 
-use mesh_proto::v1::GenerateResponse;
 use telemetry::propagation;
 use tonic::Status;
 
-use crate::metrics::SidecarMetrics;
+use crate::metrics::{Latency, SidecarMetrics};
 use crate::stack::{Call, End, Next, Reply, Step, Watch, pass_watched};
+use crate::wire::Relayed;
 
 /// Which side of the sidecar a call goes through.
 #[derive(Clone)]
@@ -22,19 +23,24 @@ pub enum Hop {
 
 pub struct Trace {
     hop: Hop,
+    counts: Arc<Counts>,
+}
+
+/// Where a hop's streams are counted, shared by all of them.
+struct Counts {
     metrics: SidecarMetrics,
+    latency: Latency,
+    direction: &'static str,
 }
 
 impl Trace {
     pub fn new(hop: Hop, metrics: SidecarMetrics) -> Self {
-        Self { hop, metrics }
-    }
-
-    fn direction(&self) -> &'static str {
-        match self.hop {
+        let direction = match hop {
             Hop::Outbound => "outbound",
             Hop::Inbound { .. } => "inbound",
-        }
+        };
+        let latency = metrics.latency(direction);
+        Self { hop, counts: Arc::new(Counts { metrics, latency, direction }) }
     }
 
     fn span(&self, call: &Call) -> tracing::Span {
@@ -75,8 +81,7 @@ impl Step for Trace {
         };
         let observed = Observed {
             span: call.span.clone(),
-            metrics: self.metrics.clone(),
-            direction: self.direction(),
+            counts: self.counts.clone(),
             service,
             received: call.received,
             last: None,
@@ -88,20 +93,19 @@ impl Step for Trace {
 /// Holds the span open for the stream's life and counts it.
 struct Observed {
     span: tracing::Span,
-    metrics: SidecarMetrics,
-    direction: &'static str,
+    counts: Arc<Counts>,
     service: String,
     received: Instant,
     last: Option<Instant>,
 }
 
 impl Watch for Observed {
-    fn message(&mut self, msg: &GenerateResponse) {
+    fn message(&mut self, msg: &Relayed) {
         let at = Instant::now();
         match self.last {
-            None => self.metrics.ttft(self.direction, at.duration_since(self.received).as_secs_f64()),
-            Some(prev) if !msg.token_ids.is_empty() => {
-                self.metrics.gap(self.direction, at.duration_since(prev).as_secs_f64())
+            None => self.counts.latency.ttft.observe(at.duration_since(self.received).as_secs_f64()),
+            Some(prev) if !msg.token_ids().is_empty() => {
+                self.counts.latency.gap.observe(at.duration_since(prev).as_secs_f64())
             }
             Some(_) => return,
         }
@@ -112,7 +116,7 @@ impl Watch for Observed {
         if let End::Failed(status) = &end {
             propagation::record_status(&self.span, status);
         }
-        self.metrics.count(self.direction, &self.service, end.code());
+        self.counts.metrics.count(self.counts.direction, &self.service, end.code());
     }
 }
 

@@ -5,12 +5,12 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use mesh_proto::v1::GenerateResponse;
 use tonic::{Code, Status};
 
 use super::tenants::Tenants;
 use crate::metrics::{LimitLabels, SidecarMetrics};
 use crate::stack::{Call, End, Next, Reply, Step, Watch, pass_watched, retry_later};
+use crate::wire::Relayed;
 
 /// max_tokens charged to a tenant when the request leaves it to the node.
 const DEFAULT_CHARGE: u32 = 256;
@@ -49,8 +49,8 @@ struct Refund {
 }
 
 impl Watch for Refund {
-    fn message(&mut self, msg: &GenerateResponse) {
-        self.used = self.used.saturating_add(msg.token_ids.len() as u32);
+    fn message(&mut self, msg: &Relayed) {
+        self.used = self.used.saturating_add(msg.token_ids().len() as u32);
     }
 
     fn end(self, _: End<'_>) {

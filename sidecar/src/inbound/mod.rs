@@ -12,10 +12,10 @@ pub mod start;
 pub mod tenants;
 
 use mesh_proto::v1::ListModelsRequest;
-use mesh_proto::v1::generation_client::GenerationClient;
 use tonic::transport::Channel;
 
 use crate::stack::ListModels;
+use crate::wire::generation_client::GenerationClient;
 
 /// `ListModels` on the inbound side: the node's own answer.
 pub fn list_models(node: GenerationClient<Channel>) -> ListModels {

@@ -1,14 +1,15 @@
 //! The bottom of the inbound stack: the call goes to this sidecar's node
 //! with the trace context and what is left of the caller's deadline; the
-//! node's stream goes back up as it is.
+//! node's stream goes back up as it is, each message in the bytes the node
+//! encoded (`wire::Relayed`).
 
 use std::time::Instant;
 
-use mesh_proto::v1::generation_client::GenerationClient;
 use tonic::transport::Channel;
 use tonic::{Request, Status};
 
 use crate::stack::{Call, Next, Reply, last};
+use crate::wire::generation_client::GenerationClient;
 
 /// The node client as the last service of a stack.
 pub fn service(node: GenerationClient<Channel>) -> Next {

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use daemon::health::{GENERATION, Health};
 use mesh_proto::v1::ModelInfo;
-use mesh_proto::v1::generation_server::GenerationServer;
 use registry::{EtcdRegistry, Registry};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -23,6 +22,7 @@ use crate::registration;
 use crate::stack::Front;
 use crate::tls::TlsMaterial;
 use crate::upstream;
+use crate::wire::generation_server::GenerationServer;
 
 /// The node, as the inbound side reaches it.
 pub struct Node {

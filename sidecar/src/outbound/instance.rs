@@ -10,12 +10,12 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use mesh_proto::v1::generation_client::GenerationClient;
 use registry::InstanceRecord;
 use tonic::transport::{Channel, ClientTlsConfig};
 
 use crate::config::Outlier;
 use crate::upstream;
+use crate::wire::generation_client::GenerationClient;
 
 /// Time to first token assumed for an instance nobody has measured yet, when
 /// its peers give no better guess. A zero would read as "no load", so the

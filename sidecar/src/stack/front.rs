@@ -1,13 +1,13 @@
 //! The gRPC face of a stack: tonic's `Generation` service, turning each
 //! request into a [`Call`] for the stack and its [`Reply`] into a response.
 
-use mesh_proto::v1::generation_server::Generation;
 use mesh_proto::v1::{GenerateRequest, ListModelsRequest, ListModelsResponse};
 use tonic::{Request, Response, Status};
 use tower::ServiceExt;
 use tower::util::BoxCloneSyncService;
 
 use super::{Call, Next, TokenStream};
+use crate::wire::generation_server::Generation;
 
 /// How a side answers `ListModels`.
 pub type ListModels = BoxCloneSyncService<ListModelsRequest, ListModelsResponse, Status>;

@@ -20,11 +20,13 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use mesh_proto::metadata as md;
-use mesh_proto::v1::{GenerateRequest, GenerateResponse};
+use mesh_proto::v1::GenerateRequest;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Code, Status};
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, Service, ServiceExt};
+
+use crate::wire::Relayed;
 
 pub use front::{Front, ListModels};
 pub use watch::{End, Watch};
@@ -41,8 +43,8 @@ pub struct Call {
     pub span: tracing::Span,
 }
 
-/// The tokens of a call, as they arrive.
-pub type TokenStream = Pin<Box<dyn futures_core::Stream<Item = Result<GenerateResponse, Status>> + Send>>;
+/// The token messages of a call, as they arrive, relayed as received.
+pub type TokenStream = Pin<Box<dyn futures_core::Stream<Item = Result<Relayed, Status>> + Send>>;
 
 /// What comes back up the stack: response metadata and the token stream.
 pub struct Reply {

@@ -5,24 +5,34 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use mesh_proto::v1::{FinishReason, GenerateRequest, GenerateResponse};
+use prost::Message;
 use tokio_stream::StreamExt;
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
 
 use super::{Call, Next, Reply, TokenStream, last};
+use crate::wire::Relayed;
 
 /// A call for `model`, as a client sends it.
 pub fn call(model: &str) -> Call {
     Call::new(tonic::Request::new(GenerateRequest { model: model.into(), ..Default::default() }))
 }
 
+/// `msg` as it arrives from an instance or a node.
+pub fn relayed(msg: GenerateResponse) -> Relayed {
+    Relayed::decode(msg.encode_to_vec().into()).expect("a message prost encoded decodes")
+}
+
 /// One message per token (ids 1, 2, ...), the last with a finish reason.
-pub fn messages(tokens: u32) -> Vec<GenerateResponse> {
+pub fn messages(tokens: u32) -> Vec<Relayed> {
     (1..=tokens)
-        .map(|id| GenerateResponse {
-            token_ids: vec![id],
-            finish_reason: if id == tokens { FinishReason::Stop as i32 } else { 0 },
-            ..Default::default()
+        .map(|id| {
+            relayed(GenerateResponse {
+                text: format!(" t{id}"),
+                token_ids: vec![id],
+                finish_reason: if id == tokens { FinishReason::Stop as i32 } else { 0 },
+                ..Default::default()
+            })
         })
         .collect()
 }
@@ -72,7 +82,7 @@ pub fn refusing(code: Code) -> (Next, Calls) {
 pub async fn read_to_end(stream: &mut TokenStream) -> Result<usize, Status> {
     let mut tokens = 0;
     while let Some(msg) = stream.next().await {
-        tokens += msg?.token_ids.len();
+        tokens += msg?.token_ids().len();
     }
     Ok(tokens)
 }

@@ -5,10 +5,10 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use futures_core::Stream;
-use mesh_proto::v1::GenerateResponse;
 use tonic::{Code, Status};
 
 use super::TokenStream;
+use crate::wire::Relayed;
 
 /// How a stream ended.
 pub enum End<'a> {
@@ -31,7 +31,7 @@ impl End<'_> {
 
 /// Told about each message and, exactly once, about the end.
 pub trait Watch: Send + Unpin + 'static {
-    fn message(&mut self, _msg: &GenerateResponse) {}
+    fn message(&mut self, _msg: &Relayed) {}
     fn end(self, _end: End<'_>)
     where
         Self: Sized,
@@ -58,7 +58,7 @@ impl<W: Watch> Watched<W> {
 }
 
 impl<W: Watch> Stream for Watched<W> {
-    type Item = Result<GenerateResponse, Status>;
+    type Item = Result<Relayed, Status>;
 
     /// Ends after the message that carries a finish reason, so the stream
     /// below is dropped (and its resources freed) with that message.
@@ -69,7 +69,7 @@ impl<W: Watch> Stream for Watched<W> {
         match &item {
             Some(Ok(msg)) => {
                 watch.message(msg);
-                if msg.finish_reason != 0 {
+                if msg.is_last() {
                     this.end(End::Finished);
                 }
             }
@@ -95,7 +95,9 @@ mod tests {
     use tokio_stream::StreamExt;
 
     use super::*;
-    use crate::stack::testing::messages;
+    use mesh_proto::v1::GenerateResponse;
+
+    use crate::stack::testing::{messages, relayed};
 
     /// Writes down what it is told: one line per message and per end.
     #[derive(Clone, Default)]
@@ -108,8 +110,8 @@ mod tests {
     }
 
     impl Watch for Log {
-        fn message(&mut self, msg: &GenerateResponse) {
-            self.0.lock().unwrap().push(format!("message {:?}", msg.token_ids));
+        fn message(&mut self, msg: &Relayed) {
+            self.0.lock().unwrap().push(format!("message {:?}", msg.token_ids()));
         }
 
         fn end(self, end: End<'_>) {
@@ -123,7 +125,7 @@ mod tests {
     }
 
     /// `items` as a stream that counts how many of them were polled out.
-    fn counted(items: Vec<Result<GenerateResponse, Status>>) -> (TokenStream, Arc<AtomicUsize>) {
+    fn counted(items: Vec<Result<Relayed, Status>>) -> (TokenStream, Arc<AtomicUsize>) {
         let polled = Arc::new(AtomicUsize::new(0));
         let count = polled.clone();
         let stream = tokio_stream::iter(items).map(move |item| {
@@ -136,12 +138,12 @@ mod tests {
     #[tokio::test]
     async fn ends_with_the_finishing_message_without_polling_further() {
         let mut items: Vec<_> = messages(2).into_iter().map(Ok).collect();
-        items.push(Ok(GenerateResponse { token_ids: vec![99], ..Default::default() }));
+        items.push(Ok(relayed(GenerateResponse { token_ids: vec![99], ..Default::default() })));
         let (inner, polled) = counted(items);
         let log = Log::default();
         let mut stream = watched(inner, log.clone());
-        assert_eq!(stream.next().await.unwrap().unwrap().token_ids, [1]);
-        assert_eq!(stream.next().await.unwrap().unwrap().token_ids, [2]);
+        assert_eq!(stream.next().await.unwrap().unwrap().token_ids(), [1]);
+        assert_eq!(stream.next().await.unwrap().unwrap().token_ids(), [2]);
         assert!(stream.next().await.is_none());
         assert!(stream.next().await.is_none());
         drop(stream);

@@ -6,16 +6,17 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use mesh_proto::metadata as md;
-use mesh_proto::v1::{GenerateRequest, GenerateResponse};
+use mesh_proto::v1::GenerateRequest;
 use tonic::{Code, Request, Status, Streaming};
 
 use super::{Route, no_instance};
 use crate::outbound::instance::{InFlight, Instance, Outcome};
+use crate::wire::Relayed;
 
 /// One open stream to one instance.
 pub(super) struct Attempt {
     pub ep: Arc<Instance>,
-    pub stream: Streaming<GenerateResponse>,
+    pub stream: Streaming<Relayed>,
     _in_flight: InFlight,
     /// The attempt's client span (the instance's spans hang under it).
     pub span: tracing::Span,
@@ -78,7 +79,7 @@ impl Route {
         deadline: Option<Instant>,
         exclude: &mut HashSet<String>,
         route: &tracing::Span,
-    ) -> Result<(Attempt, GenerateResponse), Status> {
+    ) -> Result<(Attempt, Relayed), Status> {
         let service = req.model.as_str();
         let mut last: Option<Status> = None;
         loop {
@@ -117,7 +118,7 @@ impl Route {
         continuation: &[u32],
         deadline: Option<Instant>,
         span: tracing::Span,
-    ) -> Result<(Attempt, GenerateResponse), Failed> {
+    ) -> Result<(Attempt, Relayed), Failed> {
         let in_flight = ep.start();
         let started = Instant::now();
         let mut request =
@@ -165,7 +166,7 @@ impl Route {
 async fn first_message(
     ep: &Instance,
     request: Request<GenerateRequest>,
-) -> Result<(Streaming<GenerateResponse>, GenerateResponse), Status> {
+) -> Result<(Streaming<Relayed>, Relayed), Status> {
     let response = ep.client().generate(request).await?;
     if let Some(q) = queued(response.metadata()) {
         ep.observe_queue(q);
