@@ -5,12 +5,70 @@
 use std::future::Future;
 use std::time::Duration;
 
+use serde::Deserialize;
 use tokio::net::TcpListener;
 use tonic::service::Routes;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Server, ServerTlsConfig};
 
 use crate::health::HealthServer;
+
+/// HTTP/2 settings for connections that carry thousands of long-lived
+/// token streams, on the server and the client side. `Default` is the
+/// mesh's choice (the constants below, each with its reason); a sidecar
+/// reads its own from its config (`[http2]`), the node uses the defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Http2 {
+    /// Streams a peer may open on one connection to this server.
+    pub max_concurrent_streams: u32,
+    /// Streams a peer may reset before this server accepts them.
+    pub max_pending_accept_resets: usize,
+    /// Bytes in flight on one connection, all its streams together.
+    pub connection_window: u32,
+    /// Bytes in flight on one stream, in what this side receives.
+    pub stream_window: u32,
+    #[serde(with = "humantime_serde")]
+    pub keep_alive_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub keep_alive_timeout: Duration,
+}
+
+impl Default for Http2 {
+    fn default() -> Self {
+        Self {
+            max_concurrent_streams: MAX_CONCURRENT_STREAMS,
+            max_pending_accept_resets: MAX_PENDING_ACCEPT_RESETS,
+            connection_window: CONNECTION_WINDOW,
+            stream_window: STREAM_WINDOW,
+            keep_alive_interval: HTTP2_KEEPALIVE_INTERVAL,
+            keep_alive_timeout: HTTP2_KEEPALIVE_TIMEOUT,
+        }
+    }
+}
+
+/// The largest flow-control window HTTP/2 allows (RFC 9113, 6.9.1).
+const MAX_WINDOW: u32 = (1 << 31) - 1;
+
+impl Http2 {
+    /// The first setting out of range, as (`key`, problem).
+    pub fn invalid(&self) -> Option<(&'static str, String)> {
+        let window = |w: u32, min: u32| (min..=MAX_WINDOW).contains(&w);
+        if self.max_concurrent_streams == 0 {
+            return Some(("max_concurrent_streams", "must be at least 1".into()));
+        }
+        if !window(self.connection_window, 65_535) {
+            return Some(("connection_window", format!("must be in [65535, {MAX_WINDOW}] bytes")));
+        }
+        if !window(self.stream_window, 1024) {
+            return Some(("stream_window", format!("must be in [1024, {MAX_WINDOW}] bytes")));
+        }
+        if self.keep_alive_interval.is_zero() || self.keep_alive_timeout.is_zero() {
+            return Some(("keep_alive_interval / keep_alive_timeout", "must be above zero".into()));
+        }
+        None
+    }
+}
 
 /// Streams one HTTP/2 connection may carry at once. A sidecar pools one
 /// connection per peer, so 10,000+ concurrent generations can share a
@@ -24,8 +82,17 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 1 << 16;
 /// The shared connection window. h2's 64 KiB default is one window for
 /// every stream on the connection; with thousands of streams each sending
 /// small token frames it would throttle all of them together. 16 MiB stays
-/// a bounded amount of memory per peer. Streams keep the 64 KiB default.
+/// a bounded amount of memory per peer.
 pub const CONNECTION_WINDOW: u32 = 16 << 20;
+
+/// The per-stream receive window: what a peer may send on one stream before
+/// this side reads it, so also what a stalled reader makes a sidecar buffer
+/// per stream (20,000 stalled streams: 320 MiB; at h2's 64 KiB: 1.25 GiB;
+/// hyper's server default is 1 MiB). A token message is tens of bytes, so
+/// 16 KiB (hundreds of messages) never throttles a token stream; a request
+/// larger than this (a prompt of more than ~4,000 words) takes one more
+/// round trip per 16 KiB to arrive.
+pub const STREAM_WINDOW: u32 = 16 << 10;
 
 /// HTTP/2 PING interval. A peer that vanished without a FIN (host down,
 /// network cut) holds scheduler slots and bulkhead permits until noticed;
@@ -63,12 +130,25 @@ pub async fn serve(
     routes: Routes,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
+    serve_with(Http2::default(), listener, tls, health, routes, shutdown).await
+}
+
+/// [`serve`] with HTTP/2 settings of the caller's choosing.
+pub async fn serve_with(
+    http2: Http2,
+    listener: TcpListener,
+    tls: Option<ServerTlsConfig>,
+    health: HealthServer,
+    routes: Routes,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
     let mut builder = Server::builder()
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
-        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESETS));
+        .max_concurrent_streams(http2.max_concurrent_streams)
+        .initial_connection_window_size(http2.connection_window)
+        .initial_stream_window_size(http2.stream_window)
+        .http2_keepalive_interval(Some(http2.keep_alive_interval))
+        .http2_keepalive_timeout(Some(http2.keep_alive_timeout))
+        .http2_max_pending_accept_reset_streams(Some(http2.max_pending_accept_resets));
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }

@@ -39,6 +39,10 @@ pub struct SidecarConfig {
     /// empty, calls are not authenticated.
     #[serde(default)]
     pub api_keys: Vec<ApiKey>,
+    /// HTTP/2 settings of this sidecar's servers and of the connections it
+    /// dials (windows, stream limits, keep-alive); see `daemon::grpc::Http2`.
+    #[serde(default)]
+    pub http2: daemon::grpc::Http2,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -262,6 +266,9 @@ impl SidecarConfig {
         if self.etcd.lease_ttl < Duration::from_secs(1) {
             return Err(invalid("etcd.lease_ttl", "must be at least 1s"));
         }
+        if let Some((key, problem)) = self.http2.invalid() {
+            return Err(invalid(format!("http2.{key}"), problem));
+        }
         let r = &self.routing;
         if r.attempt_timeout.is_zero() || r.idle_timeout.is_zero() {
             return Err(invalid("routing.attempt_timeout / routing.idle_timeout", "must be above zero"));
@@ -341,6 +348,23 @@ mod tests {
         assert_eq!(cfg.routing.policy, Policy::LeastLoaded);
         assert_eq!(cfg.outlier.consecutive_failures, 5);
         assert_eq!(cfg.etcd.lease_ttl, Duration::from_secs(5));
+        assert_eq!(cfg.http2, daemon::grpc::Http2::default());
+        assert_eq!(cfg.http2.stream_window, 16 << 10);
+    }
+
+    #[test]
+    fn http2_settings_are_read_and_checked() {
+        let text = format!("{MINIMAL}\n[http2]\nstream_window = 65536\nkeep_alive_interval = \"30s\"\n");
+        let cfg: SidecarConfig = toml::from_str(&text).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!((cfg.http2.stream_window, cfg.http2.keep_alive_interval), (65536, Duration::from_secs(30)));
+        assert_eq!(cfg.http2.connection_window, daemon::grpc::Http2::default().connection_window);
+        let tiny = format!("{MINIMAL}\n[http2]\nstream_window = 100\n");
+        let err = toml::from_str::<SidecarConfig>(&tiny).unwrap().validate().unwrap_err().to_string();
+        assert!(err.starts_with("http2.stream_window: must be in [1024,"), "{err}");
+        let typo = format!("{MINIMAL}\n[http2]\nstream_windw = 65536\n");
+        let err = toml::from_str::<SidecarConfig>(&typo).unwrap_err().to_string();
+        assert!(err.contains("stream_windw"), "{err}");
     }
 
     #[test]

@@ -28,6 +28,7 @@ use crate::outbound::service_slot::ServiceSlot;
 use crate::stack::{Front, Next, step};
 use crate::tls::TlsMaterial;
 use crate::trace::{Hop, Trace};
+use crate::upstream::Dialer;
 use crate::wire::generation_client::GenerationClient;
 use crate::wire::generation_server::GenerationServer;
 
@@ -65,13 +66,9 @@ pub async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
         addresses.push(("metrics", daemon::metrics::serve(addr, |r| metrics.register(r)).await?));
     }
     let tls = cfg.tls.as_ref().map(TlsMaterial::load).transpose()?;
+    let dial = Dialer { tls: tls.as_ref().map(TlsMaterial::client), http2: cfg.http2 };
     let registry = EtcdRegistry::start(cfg.etcd().with_stats(metrics.registry_stats.clone()))?;
-    let balancer = Arc::new(Balancer::new(
-        cfg.routing.policy,
-        cfg.outlier.clone(),
-        metrics.clone(),
-        tls.as_ref().map(|t| t.client()),
-    ));
+    let balancer = Arc::new(Balancer::new(cfg.routing.policy, cfg.outlier.clone(), metrics.clone(), dial.clone()));
     Balancer::follow(balancer.clone(), registry.watch(), metrics.etcd_reachable.clone());
     crate::outbound::health::spawn(balancer.clone());
 
@@ -88,7 +85,7 @@ pub async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
     let inbound = match &cfg.node {
         // A node that never comes up must not make the sidecar deaf to SIGTERM.
         Some(section) => tokio::select! {
-            started = start_inbound(&cfg, section, tls.as_ref(), &registry, (&metrics, &draining), stop_rx.clone()) => Some(started?),
+            started = start_inbound(&cfg, section, (tls.as_ref(), &dial), &registry, (&metrics, &draining), stop_rx.clone()) => Some(started?),
             _ = &mut shutdown => None,
         },
         None => None,
@@ -127,19 +124,20 @@ async fn serve_outbound(
     let shutdown = async move {
         let _ = stop.wait_for(|s| *s).await;
     };
-    Ok((bound, tokio::spawn(daemon::grpc::serve(listener, tls, health_service, routes, shutdown))))
+    let server = daemon::grpc::serve_with(cfg.http2, listener, tls, health_service, routes, shutdown);
+    Ok((bound, tokio::spawn(server)))
 }
 
 /// Starts the inbound side in front of the node and registers it.
 async fn start_inbound(
     cfg: &SidecarConfig,
     section: &crate::config::NodeSection,
-    tls: Option<&TlsMaterial>,
+    (tls, dial): (Option<&TlsMaterial>, &Dialer),
     registry: &EtcdRegistry,
     (metrics, draining): (&SidecarMetrics, &Draining),
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<(Node, Health, SocketAddr)> {
-    let node = start::connect(cfg, section, tls).await?;
+    let node = start::connect(section, dial, &cfg.services).await?;
     let front = inbound_stack(cfg, &node, draining.clone(), metrics);
     let (health, addr) = start::serve(cfg, (section, &node), front, tls, registry, stop).await?;
     Ok((node, health, addr))

@@ -21,7 +21,7 @@ use crate::config::{NodeSection, ServiceLimits, SidecarConfig};
 use crate::registration;
 use crate::stack::Front;
 use crate::tls::TlsMaterial;
-use crate::upstream;
+use crate::upstream::Dialer;
 use crate::wire::generation_server::GenerationServer;
 
 /// The node, as the inbound side reaches it.
@@ -33,15 +33,16 @@ pub struct Node {
     pub bulkhead: Arc<Bulkhead>,
 }
 
-/// Connects to the node and waits until it says what it serves.
-pub async fn connect(cfg: &SidecarConfig, node: &NodeSection, tls: Option<&TlsMaterial>) -> anyhow::Result<Node> {
+/// Connects to the node and waits until it says what it serves; its
+/// bulkhead is its `[[services]]` entry or sized from the node.
+pub async fn connect(node: &NodeSection, dial: &Dialer, services: &[ServiceLimits]) -> anyhow::Result<Node> {
     // Every stream this node serves shares this one connection (the node is
     // local, so a lost connection means the node itself is gone); the
-    // settings that let it carry them are in `upstream::endpoint`.
-    let channel = upstream::endpoint(&node.address, tls.map(TlsMaterial::client))?.connect_lazy();
+    // settings that let it carry them are in `upstream::Dialer`.
+    let channel = dial.endpoint(&node.address)?.connect_lazy();
     let model = registration::node_model(channel.clone()).await;
     let service = node.service.clone().unwrap_or_else(|| model.name.clone());
-    let limits = cfg.services.iter().find(|s| s.name == service).cloned().unwrap_or_else(|| ServiceLimits {
+    let limits = services.iter().find(|s| s.name == service).cloned().unwrap_or_else(|| ServiceLimits {
         name: service.clone(),
         max_concurrency: model.max_running.max(1) as usize,
         max_queue: 2 * model.max_running.max(1) as usize,
@@ -69,7 +70,8 @@ pub async fn serve(
     let shutdown = async move {
         let _ = stop.wait_for(|s| *s).await;
     };
-    tokio::spawn(daemon::grpc::serve(listener, tls.map(TlsMaterial::mutual_server), health_service, routes, shutdown));
+    let tls = tls.map(TlsMaterial::mutual_server);
+    tokio::spawn(daemon::grpc::serve_with(cfg.http2, listener, tls, health_service, routes, shutdown));
     let advertise = cfg.listen.advertise.clone().unwrap_or_else(|| bound.to_string());
     registry.register(registration::record(section, &node.model, &node.service, &advertise)).await?;
     tracing::info!(service = %node.service, %advertise, "node registered in the mesh");

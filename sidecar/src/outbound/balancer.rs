@@ -15,11 +15,11 @@ use rand::seq::IndexedRandom;
 use registry::View;
 use registry::episode::{Episode, SUMMARY_INTERVAL};
 use tokio::sync::watch;
-use tonic::transport::ClientTlsConfig;
 
 use super::instance::{Instance, Outcome};
 use crate::config::{Outlier, Policy};
 use crate::metrics::SidecarMetrics;
+use crate::upstream::Dialer;
 
 type Instances = BTreeMap<String, Vec<Arc<Instance>>>;
 
@@ -27,8 +27,8 @@ pub struct Balancer {
     policy: Policy,
     outlier: Outlier,
     metrics: SidecarMetrics,
-    /// How to dial instances (mutual TLS), unless the mesh runs in plaintext.
-    tls: Option<ClientTlsConfig>,
+    /// How to dial instances (mutual TLS unless in plaintext, HTTP/2 settings).
+    dial: Dialer,
     services: RwLock<Arc<Instances>>,
     rr: AtomicUsize,
     /// Per service: the stretch during which its ejection budget is spent.
@@ -36,12 +36,12 @@ pub struct Balancer {
 }
 
 impl Balancer {
-    pub fn new(policy: Policy, outlier: Outlier, metrics: SidecarMetrics, tls: Option<ClientTlsConfig>) -> Self {
+    pub fn new(policy: Policy, outlier: Outlier, metrics: SidecarMetrics, dial: Dialer) -> Self {
         Self {
             policy,
             outlier,
             metrics,
-            tls,
+            dial,
             services: RwLock::new(Arc::default()),
             rr: AtomicUsize::new(0),
             budget_spent: Mutex::default(),
@@ -126,7 +126,7 @@ impl Balancer {
                     // Seed a newcomer with its peers' median TTFT.
                     let mut ttfts: Vec<Duration> = peers.into_iter().flatten().map(|e| e.ewma_ttft()).collect();
                     ttfts.sort();
-                    match Instance::new(rec.clone(), ttfts.get(ttfts.len() / 2).copied(), self.tls.as_ref()) {
+                    match Instance::new(rec.clone(), ttfts.get(ttfts.len() / 2).copied(), &self.dial) {
                         Ok(e) => Arc::new(e),
                         Err(e) => {
                             tracing::warn!(address = %rec.address, error = %e, "skipping instance with a bad address");
@@ -268,7 +268,7 @@ mod tests {
 
     #[tokio::test]
     async fn least_loaded_avoids_the_busy_instance() {
-        let b = Balancer::new(Policy::LeastLoaded, Outlier::default(), SidecarMetrics::new(), None);
+        let b = Balancer::new(Policy::LeastLoaded, Outlier::default(), SidecarMetrics::new(), Dialer::default());
         b.update(&view(2));
         let busy = b.pick("chat", &HashSet::new()).unwrap();
         let _streams: Vec<_> = (0..10).map(|_| busy.start()).collect();
@@ -281,7 +281,7 @@ mod tests {
     #[tokio::test]
     async fn never_ejects_every_instance() {
         let cfg = Outlier { consecutive_failures: 1, max_ejected_percent: 100, ..Default::default() };
-        let b = Balancer::new(Policy::RoundRobin, cfg, SidecarMetrics::new(), None);
+        let b = Balancer::new(Policy::RoundRobin, cfg, SidecarMetrics::new(), Dialer::default());
         b.update(&view(2));
         for e in b.all() {
             b.record(&e, Outcome::Failure, "boom");
@@ -295,7 +295,7 @@ mod tests {
     #[tokio::test]
     async fn a_spent_budget_counts_every_refusal_in_one_episode() {
         let cfg = Outlier { consecutive_failures: 1, max_ejected_percent: 50, ..Default::default() };
-        let b = Balancer::new(Policy::RoundRobin, cfg, SidecarMetrics::new(), None);
+        let b = Balancer::new(Policy::RoundRobin, cfg, SidecarMetrics::new(), Dialer::default());
         b.update(&view(2));
         let (first, second) = (b.all()[0].clone(), b.all()[1].clone());
         b.record(&first, Outcome::Failure, "boom");
@@ -319,7 +319,7 @@ mod tests {
     #[tokio::test]
     async fn success_rate_far_below_the_peers_ejects() {
         let cfg = Outlier { consecutive_failures: 1000, success_rate_min_requests: 10, ..Default::default() };
-        let b = Balancer::new(Policy::RoundRobin, cfg, SidecarMetrics::new(), None);
+        let b = Balancer::new(Policy::RoundRobin, cfg, SidecarMetrics::new(), Dialer::default());
         b.update(&view(3));
         let all = b.all();
         for (i, e) in all.iter().enumerate() {
@@ -338,7 +338,7 @@ mod tests {
 
     #[tokio::test]
     async fn updates_keep_state_of_unchanged_instances() {
-        let b = Balancer::new(Policy::RoundRobin, Outlier::default(), SidecarMetrics::new(), None);
+        let b = Balancer::new(Policy::RoundRobin, Outlier::default(), SidecarMetrics::new(), Dialer::default());
         b.update(&view(2));
         let e = b.pick("chat", &HashSet::new()).unwrap();
         e.observe_ttft(Duration::from_secs(3));

@@ -11,10 +11,10 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use registry::InstanceRecord;
-use tonic::transport::{Channel, ClientTlsConfig};
+use tonic::transport::Channel;
 
 use crate::config::Outlier;
-use crate::upstream;
+use crate::upstream::Dialer;
 use crate::wire::generation_client::GenerationClient;
 
 /// Time to first token assumed for an instance nobody has measured yet, when
@@ -83,9 +83,9 @@ impl Instance {
     pub fn new(
         record: InstanceRecord,
         ttft_guess: Option<Duration>,
-        tls: Option<&ClientTlsConfig>,
+        dial: &Dialer,
     ) -> Result<Self, tonic::transport::Error> {
-        let endpoint = upstream::endpoint(&record.address, tls.cloned())?;
+        let endpoint = dial.endpoint(&record.address)?;
         // Each `connect_lazy` is its own connection (dialled on first use).
         let pool: Vec<Channel> = (0..CONNECTIONS_PER_INSTANCE).map(|_| endpoint.connect_lazy()).collect();
         let now = Instant::now();
@@ -284,7 +284,7 @@ mod tests {
     use super::*;
 
     fn instance() -> Instance {
-        Instance::new(InstanceRecord::new("chat", "a", "127.0.0.1:1"), None, None).unwrap()
+        Instance::new(InstanceRecord::new("chat", "a", "127.0.0.1:1"), None, &Dialer::default()).unwrap()
     }
 
     #[tokio::test]
