@@ -24,7 +24,7 @@ pub use etcd::Etcd;
 pub use http::http_get;
 pub use locate::{bin_dir, default_model, free_port, workspace_bin};
 pub use node::Node;
-pub use process::{Memory, Spawned};
+pub use process::{Memory, Spawned, cpu_seconds};
 pub use ready::Addresses;
 pub use sidecar::{ConfigFile, Sidecar, SidecarConfig};
 

@@ -166,6 +166,11 @@ impl Spawned {
         Memory::of(&self.name, self.pid)
     }
 
+    /// CPU time it has used so far (see `cpu_seconds`).
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        cpu_seconds(self.pid)
+    }
+
     fn not_ready(&self, timeout: Duration) -> Error {
         Error::NotReady { name: self.name.clone(), timeout, log: self.shown() }
     }
@@ -257,9 +262,38 @@ impl Memory {
     }
 }
 
+/// Clock ticks per second of `/proc/PID/stat` times: Linux's `USER_HZ`,
+/// fixed at 100 by its ABI whatever the kernel's own tick rate.
+const USER_HZ: f64 = 100.0;
+
+/// CPU seconds (user + system) a process has used, from `/proc/PID/stat`;
+/// None when it is gone or there is no `/proc`.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("stat")).ok()?;
+    // The command name, in parentheses, may hold spaces: count fields after it.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    // Fields 14 and 15 of stat(5); the first after the name is field 3.
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / USER_HZ)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_its_own_cpu_time() {
+        let before = cpu_seconds(std::process::id()).expect("/proc/self/stat");
+        let spin = std::time::Instant::now();
+        let mut x = 0u64;
+        while spin.elapsed() < Duration::from_millis(100) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let after = cpu_seconds(std::process::id()).unwrap();
+        assert!(after >= before + 0.05, "{before} -> {after}");
+        assert_eq!(cpu_seconds(u32::MAX), None);
+    }
 
     #[test]
     fn reads_its_own_memory() {

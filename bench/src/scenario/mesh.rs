@@ -89,6 +89,17 @@ impl Mesh {
     /// (None: the sidecar's default, sized from the node), and a client
     /// sidecar; returns once the client sidecar routes to every node.
     pub async fn start(args: &MeshArgs, nodes: NodeSet, bulkhead: Option<&Bulkhead>) -> anyhow::Result<Mesh> {
+        Self::start_with(args, nodes, bulkhead, "").await
+    }
+
+    /// Like `start`, with more `[routing]` keys for the client sidecar
+    /// (e.g. `max_streams_per_service = 100000`).
+    pub async fn start_with(
+        args: &MeshArgs,
+        nodes: NodeSet,
+        bulkhead: Option<&Bulkhead>,
+        client_routing: &str,
+    ) -> anyhow::Result<Mesh> {
         let bin =
             harness::workspace_bin("mesh-sidecar", args.sidecar_bin.as_deref(), "cargo build --release -p sidecar")?;
         let service = service_name(&nodes).await?;
@@ -100,7 +111,7 @@ impl Mesh {
             let config = node_sidecar_config(&etcd.url(), nodes.addr(i)?, &service, bulkhead);
             node_sidecars.push(start_sidecar(format!("sidecar of node {i}"), &bin, &config).await?);
         }
-        let config = client_sidecar_config(&etcd.url(), args.policy);
+        let config = client_sidecar_config(&etcd.url(), args.policy, client_routing);
         let client = start_sidecar("client sidecar".into(), &bin, &config).await?;
         let routable = |all: &[InstanceState]| all.iter().filter(|i| i.service == service && !i.ejected).count();
         client.wait_for_instances(ROUTABLE_TIMEOUT, |all| routable(all) == nodes.len()).await?;
@@ -110,6 +121,13 @@ impl Mesh {
     /// Where clients send: the client sidecar's outbound address.
     pub fn target(&self) -> anyhow::Result<Target> {
         Ok(Target::loopback(self.client.outbound)?)
+    }
+
+    /// Every node and sidecar process, named (etcd is not on the request path).
+    pub fn processes(&self) -> Vec<&harness::Spawned> {
+        let mut all = self.nodes.processes();
+        all.extend(self.node_sidecars.iter().chain([&self.client]).map(|s| &s.process));
+        all
     }
 
     /// Memory of every node and sidecar (etcd is not on the request path).
@@ -147,8 +165,8 @@ fn node_sidecar_config(etcd: &str, node: SocketAddr, service: &str, bulkhead: Op
     }
 }
 
-fn client_sidecar_config(etcd: &str, policy: Policy) -> SidecarConfig {
-    SidecarConfig::new(etcd).with(&format!("[routing]\npolicy = \"{}\"\n", policy.as_toml()))
+fn client_sidecar_config(etcd: &str, policy: Policy, routing: &str) -> SidecarConfig {
+    SidecarConfig::new(etcd).with(&format!("[routing]\npolicy = \"{}\"\n{routing}", policy.as_toml()))
 }
 
 #[cfg(test)]
@@ -164,6 +182,7 @@ mod tests {
         assert!(c.contains("name = \"synthetic\"\nmax_concurrency = 32\nmax_queue = 1\nmax_queue_wait = \"250ms\""));
         let plain = node_sidecar_config("http://e", "127.0.0.1:9".parse().unwrap(), "s", None).to_toml();
         assert!(!plain.contains("[[services]]"));
-        assert!(client_sidecar_config("http://e", Policy::RoundRobin).to_toml().contains("policy = \"round-robin\""));
+        let client = client_sidecar_config("http://e", Policy::RoundRobin, "max_streams_per_service = 9\n").to_toml();
+        assert!(client.contains("[routing]\npolicy = \"round-robin\"\nmax_streams_per_service = 9\n"), "{client}");
     }
 }

@@ -16,6 +16,8 @@ pub mod measures;
 pub mod mesh;
 pub mod nodes;
 pub mod overload;
+pub mod scale;
+pub mod usage;
 
 use std::path::PathBuf;
 
@@ -38,6 +40,10 @@ pub enum Scenario {
     /// Twice the mesh's capacity, open loop, through the mesh and straight to
     /// the nodes: goodput, admitted TTFT, refusals and memory, against targets.
     Overload(overload::Args),
+    /// Closed-loop streams through one client sidecar in steps (1k to 50k):
+    /// errors, TTFT, inter-token p99, RSS and CPU per process per step; then
+    /// tokens/s at saturation straight to the node against through the mesh.
+    Scale(scale::Args),
 }
 
 pub async fn run(scenario: Scenario) -> anyhow::Result<()> {
@@ -47,6 +53,7 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<()> {
             Scenario::Fault(args) => fault::run(args).await.map(|_| ()),
             Scenario::DirectVsMesh(args) => direct_vs_mesh::run(args).await.map(|_| ()),
             Scenario::Overload(args) => overload::run(args).await.map(|_| ()),
+            Scenario::Scale(args) => scale::run(args).await.map(|_| ()),
         }
     };
     // On Ctrl-C the scenario future is dropped, which kills the processes

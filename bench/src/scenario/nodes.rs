@@ -142,6 +142,11 @@ impl NodeSet {
         self.nodes.get(i).map(|n| n.process.log_tail(TAIL_LINES)).unwrap_or_default()
     }
 
+    /// Each node's process.
+    pub fn processes(&self) -> Vec<&harness::Spawned> {
+        self.nodes.iter().map(|n| &n.process).collect()
+    }
+
     /// Each node's memory now (peak and current resident set).
     pub fn memory(&self) -> Vec<Memory> {
         self.nodes.iter().filter_map(|n| n.process.memory()).collect()
