@@ -67,6 +67,9 @@ pub struct Args {
     /// Saturation part: direct then mesh this many times; 0 skips it.
     #[arg(long, default_value_t = 2)]
     pub saturation_rounds: usize,
+    /// More flags for the ramp's node, e.g. --node-arg=--max-queue-wait=10s.
+    #[arg(long, allow_hyphen_values = true)]
+    pub node_arg: Vec<String>,
     #[command(flatten)]
     pub mesh: MeshArgs,
     #[command(flatten)]
@@ -151,6 +154,7 @@ fn sized_for(args: &Args, largest: usize) -> (NodeArgs, Bulkhead) {
     let room = u32::try_from(largest + largest / 10).unwrap_or(u32::MAX);
     let mut nodes = NodeArgs::synthetic(1, args.tokens_per_sec, room, 1024);
     nodes.node_arg = vec!["--max-step-tokens=1000000".into(), "--max-kv-tokens=1000000000".into()];
+    nodes.node_arg.extend(args.node_arg.iter().cloned());
     let bulkhead = Bulkhead { max_concurrency: room, max_queue: 1024, max_queue_wait: Duration::from_secs(5) };
     (nodes, bulkhead)
 }
