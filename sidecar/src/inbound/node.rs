@@ -17,6 +17,7 @@ pub fn service(node: GenerationClient<Channel>) -> Next {
 }
 
 async fn generate(mut node: GenerationClient<Channel>, call: Call) -> Result<Reply, Status> {
+    let call = call.into_parts();
     let mut upstream = Request::new(call.req);
     telemetry::propagation::inject(&call.span, upstream.metadata_mut());
     if let Some(d) = call.deadline {

@@ -31,8 +31,15 @@ use crate::wire::Relayed;
 pub use front::{Front, ListModels};
 pub use watch::{End, Watch};
 
-/// One generation call on its way through the stack.
-pub struct Call {
+/// One generation call on its way through the stack. Boxed: each layer's
+/// future holds the call until the layer passes it on, and while thousands
+/// of calls wait for their first token at once, a pointer per layer instead
+/// of the request and metadata (hundreds of bytes, held several times over)
+/// is kilobytes less per stream.
+pub struct Call(Box<CallParts>);
+
+/// What a [`Call`] carries; its fields read through the call itself.
+pub struct CallParts {
     pub req: GenerateRequest,
     /// The caller's metadata (API key, trace context, deadline).
     pub metadata: MetadataMap,
@@ -142,7 +149,26 @@ impl Call {
         let received = Instant::now();
         let (metadata, _, req) = request.into_parts();
         let deadline = crate::deadline::from_metadata(&metadata, received);
-        Self { req, metadata, received, deadline, span: tracing::Span::none() }
+        Self(Box::new(CallParts { req, metadata, received, deadline, span: tracing::Span::none() }))
+    }
+
+    /// The call's parts, to keep (the bottom of a stack).
+    pub fn into_parts(self) -> CallParts {
+        *self.0
+    }
+}
+
+impl std::ops::Deref for Call {
+    type Target = CallParts;
+
+    fn deref(&self) -> &CallParts {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Call {
+    fn deref_mut(&mut self) -> &mut CallParts {
+        &mut self.0
     }
 }
 

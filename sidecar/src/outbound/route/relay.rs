@@ -60,6 +60,7 @@ enum State {
 pub(super) fn stream(route: Arc<Route>, call: Call, (attempt, first): (Attempt, Relayed)) -> TokenStream {
     let last = tokio::time::Instant::now();
     let idle = Box::pin(tokio::time::sleep_until(last + route.routing.idle_timeout));
+    let call = call.into_parts();
     Box::pin(Relay {
         route,
         req: call.req,
