@@ -1,20 +1,29 @@
-//! The registrar: one lease per process, kept alive at TTL/3, with every
-//! record of the process attached. When the lease is lost (etcd down,
-//! restarted, wiped) it grants a new one and writes the records again.
-//! A loss is logged once, and the return once; the failed retries in
-//! between are counted in [`super::Stats`] and summarised per interval.
+//! The registrar: one lease per process, with every record of the process
+//! attached. The lease is kept ([`keep`]) until etcd says it is gone
+//! (expired, revoked, or the store wiped); only then is a new one granted
+//! and every record written again. A slow or broken keep-alive is retried
+//! while the lease lasts, never answered with a rewrite: every write fans
+//! out to every watcher, and a fleet of 1,000 that re-registered on each
+//! slow keep-alive never converged on 2 cores.
+//!
+//! A lost registration is logged once, and its return once; the failed
+//! retries in between are counted in [`super::Stats`] and summarised per
+//! interval.
 
-use std::collections::BTreeMap;
+mod keep;
+
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, LeaseKeepAliveStream, LeaseKeeper, PutOptions};
+use etcd_client::{Client, Compare, CompareOp, LeaseGrantOptions, PutOptions, Txn, TxnOp};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{EtcdConfig, with_timeout};
 use crate::backoff::Backoff;
 use crate::episode::{Episode, SUMMARY_INTERVAL};
 use crate::{InstanceRecord, RegistryError};
+use keep::Held;
 
 pub enum Command {
     Put(InstanceRecord),
@@ -24,7 +33,7 @@ pub enum Command {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum RegistrarState {
-    /// Not (or no longer) in etcd; the string says why.
+    /// Not (or no longer surely) in etcd; the string says why.
     Disconnected(String),
     /// Records written under this lease.
     Registered {
@@ -36,9 +45,18 @@ pub enum RegistrarState {
 pub fn spawn(config: Arc<EtcdConfig>) -> (mpsc::UnboundedSender<Command>, watch::Receiver<RegistrarState>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let (state_tx, state_rx) = watch::channel(RegistrarState::Disconnected("starting".into()));
-    tokio::spawn(
-        Registrar { config, desired: BTreeMap::new(), commands: rx, state: state_tx, outage: Episode::default() }.run(),
-    );
+    let registrar = Registrar {
+        config,
+        desired: BTreeMap::new(),
+        unwritten: BTreeSet::new(),
+        deleted: BTreeSet::new(),
+        next_lease: None,
+        commands: rx,
+        state: state_tx,
+        outage: Episode::default(),
+        link_trouble: Episode::default(),
+    };
+    tokio::spawn(registrar.run());
     (tx, state_rx)
 }
 
@@ -46,13 +64,21 @@ struct Registrar {
     config: Arc<EtcdConfig>,
     /// Records this process wants in etcd, by key.
     desired: BTreeMap<String, InstanceRecord>,
+    /// Keys of `desired` not yet written under the current lease.
+    unwritten: BTreeSet<String>,
+    /// Keys withdrawn but not yet deleted from etcd.
+    deleted: BTreeSet<String>,
+    /// The id of a lease asked for but not yet known to be granted.
+    next_lease: Option<i64>,
     commands: mpsc::UnboundedReceiver<Command>,
     state: watch::Sender<RegistrarState>,
-    /// Failed attempts since the records were last in etcd.
+    /// Failed attempts since the records were last surely in etcd.
     outage: Episode,
+    /// Broken or slow keep-alives while the lease still holds.
+    link_trouble: Episode,
 }
 
-/// Why a session under one lease ended.
+/// Why the keeping of one lease ended.
 enum Ended {
     Lost(RegistryError),
     /// Asked to stop (or every handle is gone): whom to tell when done.
@@ -64,29 +90,112 @@ impl Registrar {
         let (base, cap) = self.config.backoff;
         let mut backoff = Backoff::new(base, cap);
         loop {
-            let ended = match self.config.connect().await {
-                Ok(client) => self.session(client, &mut backoff).await,
+            let ended = match self.grant().await {
+                Ok(held) => {
+                    backoff.reset();
+                    self.keep(held, &mut backoff).await
+                }
                 Err(e) => Ended::Lost(e),
             };
             match ended {
                 Ended::Shutdown(done) => return self.stopped(done),
                 Ended::Lost(e) => self.lost(e),
             }
-            // Wait out the backoff, still taking commands (they change what
-            // is written once etcd is back).
-            let sleep = tokio::time::sleep(backoff.next_delay());
-            tokio::pin!(sleep);
-            loop {
-                tokio::select! {
-                    _ = &mut sleep => break,
-                    cmd = self.commands.recv() => match cmd {
-                        None => return self.stopped(None),
-                        Some(Command::Shutdown(done)) => return self.stopped(Some(done)),
-                        Some(cmd) => self.apply_offline(cmd),
-                    }
+            if let Err(done) = self.pause(backoff.next_delay()).await {
+                return self.stopped(done);
+            }
+        }
+    }
+
+    /// Waits out a backoff delay, still taking commands (they change what
+    /// is written once etcd is back). `Err` when asked to stop.
+    async fn pause(&mut self, delay: Duration) -> Result<(), Option<oneshot::Sender<()>>> {
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = &mut sleep => return Ok(()),
+                cmd = self.commands.recv() => match cmd {
+                    None => return Err(None),
+                    Some(Command::Shutdown(done)) => return Err(Some(done)),
+                    Some(cmd) => self.apply(cmd),
                 }
             }
         }
+    }
+
+    /// Grants a lease, writes every record under it and opens its
+    /// keep-alive stream.
+    async fn grant(&mut self) -> Result<Held, RegistryError> {
+        let limit = self.config.request_timeout;
+        let ttl = Duration::from_secs(self.config.lease_ttl.as_secs().max(1));
+        let mut client = self.config.connect().await?;
+        let asked = tokio::time::Instant::now();
+        // The id is chosen here and kept until the grant is answered, so a
+        // grant retried after a timeout that etcd did carry out finds its
+        // lease instead of leaving it behind and writing every record again.
+        let id = *self.next_lease.get_or_insert_with(|| rand::random_range(1..i64::MAX));
+        let opts = LeaseGrantOptions::new().with_id(id);
+        match with_timeout(limit, client.lease_grant(ttl.as_secs() as i64, Some(opts))).await {
+            Err(e) if !e.to_string().contains("lease already exists") => return Err(e),
+            _ => self.next_lease = None,
+        }
+        // The new lease starts empty: every record goes under it, and what
+        // was withdrawn went with the old one.
+        self.unwritten = self.desired.keys().cloned().collect();
+        self.deleted.clear();
+        let flushed = self.flush(&mut client, id).await;
+        // Kept whatever happens next: what failed is retried under it.
+        let held = Held::open(client, id, ttl, asked, limit).await;
+        match flushed {
+            Ok(()) if held.linked() => self.registered(id),
+            Ok(()) => self.lost(RegistryError::Timeout(limit)),
+            Err(e) => self.lost(e),
+        }
+        Ok(held)
+    }
+
+    /// Records a command's effect on what should be in etcd.
+    fn apply(&mut self, cmd: Command) {
+        match cmd {
+            Command::Put(rec) => {
+                let key = rec.key(&self.config.prefix);
+                self.deleted.remove(&key);
+                self.unwritten.insert(key.clone());
+                self.desired.insert(key, rec);
+            }
+            Command::Delete(s, i) => {
+                let key = crate::record::key(&self.config.prefix, &s, &i);
+                self.desired.remove(&key);
+                self.unwritten.remove(&key);
+                self.deleted.insert(key);
+            }
+            Command::Shutdown(_) => {}
+        }
+    }
+
+    /// Writes what changed since the last write under `lease`.
+    async fn flush(&mut self, client: &mut Client, lease: i64) -> Result<(), RegistryError> {
+        let limit = self.config.request_timeout;
+        while let Some(key) = self.deleted.first().cloned() {
+            with_timeout(limit, client.delete(key.as_str(), None)).await?;
+            self.deleted.remove(&key);
+        }
+        while let Some(key) = self.unwritten.first().cloned() {
+            if let Some(rec) = self.desired.get(&key) {
+                with_timeout(limit, client.txn(put_unless_there(&key, rec, lease))).await?;
+            }
+            self.unwritten.remove(&key);
+        }
+        Ok(())
+    }
+
+    fn dirty(&self) -> bool {
+        !self.unwritten.is_empty() || !self.deleted.is_empty()
+    }
+
+    fn is_registered(&self) -> bool {
+        matches!(*self.state.borrow(), RegistrarState::Registered { .. })
     }
 
     /// Counts a failed attempt or a lost lease; logs the first of an
@@ -119,6 +228,7 @@ impl Registrar {
             }
             None => tracing::info!(lease, records, "registry: registered in etcd"),
         }
+        self.state.send_replace(RegistrarState::Registered { lease_id: lease });
     }
 
     fn stopped(&self, done: Option<oneshot::Sender<()>>) {
@@ -127,104 +237,14 @@ impl Registrar {
             let _ = done.send(());
         }
     }
-
-    fn apply_offline(&mut self, cmd: Command) {
-        match cmd {
-            Command::Put(rec) => {
-                self.desired.insert(rec.key(&self.config.prefix), rec);
-            }
-            Command::Delete(s, i) => {
-                self.desired.remove(&crate::record::key(&self.config.prefix, &s, &i));
-            }
-            Command::Shutdown(_) => {}
-        }
-    }
-
-    /// Grants a lease, writes every record under it and keeps it alive until
-    /// it is lost or the process shuts down.
-    async fn session(&mut self, mut client: Client, backoff: &mut Backoff) -> Ended {
-        let limit = self.config.request_timeout;
-        let ttl = self.config.lease_ttl.as_secs().max(1) as i64;
-        let (lease, mut keeper, mut replies) = match self.grant(&mut client, ttl).await {
-            Ok(granted) => granted,
-            Err(e) => return Ended::Lost(e),
-        };
-        self.registered(lease);
-        self.state.send_replace(RegistrarState::Registered { lease_id: lease });
-        backoff.reset();
-        let mut tick = tokio::time::interval(Duration::from_secs(ttl as u64).div_f64(3.0));
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {
-                    let alive = async {
-                        keeper.keep_alive().await?;
-                        match replies.message().await? {
-                            Some(r) if r.ttl() > 0 => Ok(()),
-                            _ => Err(etcd_client::Error::LeaseKeepAliveError("lease expired or revoked".into())),
-                        }
-                    };
-                    if let Err(e) = with_timeout(limit, alive).await {
-                        return Ended::Lost(e);
-                    }
-                }
-                cmd = self.commands.recv() => {
-                    let result = match cmd {
-                        None | Some(Command::Shutdown(_)) => {
-                            // Revoking removes every record of this process at once.
-                            if let Err(e) = with_timeout(limit, client.lease_revoke(lease)).await {
-                                tracing::warn!(error = %e, "registry: lease revoke failed; records expire with the TTL");
-                            }
-                            return Ended::Shutdown(match cmd {
-                                Some(Command::Shutdown(done)) => Some(done),
-                                _ => None,
-                            });
-                        }
-                        Some(Command::Put(rec)) => {
-                            let key = rec.key(&self.config.prefix);
-                            let r = put(&mut client, limit, lease, &key, &rec).await;
-                            self.desired.insert(key, rec);
-                            r
-                        }
-                        Some(Command::Delete(s, i)) => {
-                            let key = crate::record::key(&self.config.prefix, &s, &i);
-                            self.desired.remove(&key);
-                            with_timeout(limit, client.delete(key, None)).await.map(drop)
-                        }
-                    };
-                    if let Err(e) = result {
-                        return Ended::Lost(e);
-                    }
-                }
-            }
-        }
-    }
 }
 
-impl Registrar {
-    /// Grants a lease of `ttl` seconds, writes every record under it and
-    /// opens its keep-alive stream.
-    async fn grant(
-        &self,
-        client: &mut Client,
-        ttl: i64,
-    ) -> Result<(i64, LeaseKeeper, LeaseKeepAliveStream), RegistryError> {
-        let limit = self.config.request_timeout;
-        let lease = with_timeout(limit, client.lease_grant(ttl, None)).await?.id();
-        for (key, rec) in &self.desired {
-            put(client, limit, lease, key, rec).await?;
-        }
-        let (keeper, replies) = with_timeout(limit, client.lease_keep_alive(lease)).await?;
-        Ok((lease, keeper, replies))
-    }
-}
-
-async fn put(
-    client: &mut Client,
-    limit: Duration,
-    lease: i64,
-    key: &str,
-    rec: &InstanceRecord,
-) -> Result<(), RegistryError> {
-    let opts = PutOptions::new().with_lease(lease);
-    with_timeout(limit, client.put(key, rec.encode(), Some(opts))).await.map(drop)
+/// Writes `rec` under `lease` unless etcd holds exactly that already: a
+/// write retried after a timed-out answer costs no second event to every
+/// watcher of the fleet.
+fn put_unless_there(key: &str, rec: &InstanceRecord, lease: i64) -> Txn {
+    let value = rec.encode();
+    Txn::new()
+        .when([Compare::value(key, CompareOp::Equal, value.clone()), Compare::lease(key, CompareOp::Equal, lease)])
+        .or_else([TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease)))])
 }

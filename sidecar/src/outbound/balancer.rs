@@ -152,9 +152,12 @@ impl Balancer {
     pub fn follow(this: Arc<Self>, mut view: watch::Receiver<Arc<View>>, etcd_reachable: Gauge) {
         tokio::spawn(async move {
             loop {
+                // Not held across the wait: the registry updates the view in
+                // place while nobody holds it, and copies it otherwise.
                 let v = view.borrow_and_update().clone();
                 etcd_reachable.set(i64::from(v.etcd_reachable));
                 this.update(&v);
+                drop(v);
                 if view.changed().await.is_err() {
                     return;
                 }
