@@ -23,6 +23,10 @@ const CONNECTIONS: usize = 4;
 /// than opening all of them takes, so they overlap.
 const MAX_TOKENS: u32 = 8;
 const TOKENS_PER_SEC: &str = "1";
+/// RSS per open stream either sidecar may add: the README states ~16.7 KiB
+/// (client sidecar) and ~14.1 KiB (node sidecar); runs vary by ~1 KiB on a
+/// shared machine. Before token messages were relayed as bytes: 30 and 24.
+const MAX_KIB_PER_STREAM: f64 = 20.0;
 
 /// Streams open now (first token in, last not yet) and the most at once.
 #[derive(Default)]
@@ -151,4 +155,10 @@ async fn two_thousand_streams_through_one_client_sidecar() {
     assert!(peak >= STREAMS * 95 / 100, "the streams were open together (peak {peak} of {STREAMS})");
     assert!(instances.iter().all(|i| !i.ejected), "no instance ejected: {instances:?}");
     assert_eq!(ejections, 0, "no failure was charged to the instance (no ejection asked for)");
+    for (side, kib) in [("client", per_stream((base.0, at_peak.0))), ("node", per_stream((base.1, at_peak.1)))] {
+        assert!(
+            kib <= MAX_KIB_PER_STREAM,
+            "{side} sidecar holds {kib:.1} KiB per open stream (limit {MAX_KIB_PER_STREAM})"
+        );
+    }
 }
