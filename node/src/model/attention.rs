@@ -9,7 +9,7 @@
 use rayon::prelude::*;
 
 use super::config::LlamaConfig;
-use super::kv_cache::{KvCache, LayerCache};
+use super::kv_cache::{KV_CHUNK, KvCache, LayerCache};
 
 /// Precomputed cos/sin for every position and rotated pair (interleaved
 /// pairs `(2i, 2i+1)`, llama's convention in GGUF files).
@@ -79,22 +79,26 @@ impl StepAttention<'_> {
         let caches: Vec<&KvCache> = caches.iter().map(|c| &**c).collect();
         let qkv: &[f32] = self.qkv;
         let blocks = query_blocks(self.owners);
-        // One task per (query block, head): a single decoding stream still uses every core.
-        let parts: Vec<Vec<f32>> = (0..blocks.len() * cfg.n_head)
+        let (groups, per_group) = (cfg.n_kv_head, cfg.n_head / cfg.n_kv_head);
+        // One task per (query block, KV head): the query heads sharing a KV
+        // head read each of its chunks once; a single decoding stream still
+        // has a task per KV head.
+        let parts: Vec<Vec<f32>> = (0..blocks.len() * groups)
             .into_par_iter()
             .map(|i| {
-                let ((start, len), h) = (blocks[i / cfg.n_head], i % cfg.n_head);
+                let ((start, len), g) = (blocks[i / groups], i % groups);
                 let cache = caches[self.owners[start]].layer(layer);
-                let q = |t: usize| &qkv[(start + t) * row + h * hd..][..hd];
-                let block = QueryBlock { len, first_pos: self.positions[start], g: h / (cfg.n_head / cfg.n_kv_head) };
+                let q = |t: usize, k: usize| &qkv[(start + t) * row + (g * per_group + k) * hd..][..hd];
+                let block = QueryBlock { len, first_pos: self.positions[start], g };
                 attend(cfg, &block, q, cache)
             })
             .collect();
         let mut out = vec![0f32; self.positions.len() * q_dim];
         for (i, part) in parts.iter().enumerate() {
-            let ((start, _), h) = (blocks[i / cfg.n_head], i % cfg.n_head);
-            for (t, head_out) in part.chunks_exact(hd).enumerate() {
-                out[(start + t) * q_dim + h * hd..][..hd].copy_from_slice(head_out);
+            let ((start, _), g) = (blocks[i / groups], i % groups);
+            for (r, head_out) in part.chunks_exact(hd).enumerate() {
+                let (t, k) = (r / per_group, r % per_group);
+                out[(start + t) * q_dim + (g * per_group + k) * hd..][..hd].copy_from_slice(head_out);
             }
         }
         out
@@ -133,7 +137,12 @@ struct QueryBlock {
 /// AVX2 the same code runs compiled for it. The two compile to the same
 /// operations in the same order per element (Rust neither contracts to FMA
 /// nor reassociates), so the results are identical on either.
-fn attend<'a>(cfg: &LlamaConfig, block: &QueryBlock, q: impl Fn(usize) -> &'a [f32], cache: &LayerCache) -> Vec<f32> {
+fn attend<'a>(
+    cfg: &LlamaConfig,
+    block: &QueryBlock,
+    q: impl Fn(usize, usize) -> &'a [f32],
+    cache: &LayerCache,
+) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2.
@@ -147,34 +156,40 @@ fn attend<'a>(cfg: &LlamaConfig, block: &QueryBlock, q: impl Fn(usize) -> &'a [f
 unsafe fn attend_avx2<'a>(
     cfg: &LlamaConfig,
     block: &QueryBlock,
-    q: impl Fn(usize) -> &'a [f32],
+    q: impl Fn(usize, usize) -> &'a [f32],
     cache: &LayerCache,
 ) -> Vec<f32> {
     attend_block(cfg, block, q, cache)
 }
 
-/// Keys are stored transposed, so the scores of all positions accumulate as
-/// whole vectors, one head dimension at a time; each key row is read once
-/// for the whole block. Every (token, position) score and every output
-/// element is computed by the same operations in the same order as for a
-/// block of one, so a token's output does not depend on its block.
+/// Causal attention of a query block at every query head of KV head
+/// `block.g`; returns `[len][heads per KV head][head_dim]`. Row `r` is
+/// token `r / heads` at head `r % heads`.
+///
+/// Keys come in chunks of `KV_CHUNK` positions, transposed, so a row's
+/// scores over a chunk accumulate in registers, one head dimension at a
+/// time, and each chunk is read once for all rows. Every (row, position)
+/// score and every output element is computed by the same operations in
+/// the same order as for a block of one, so a token's output does not
+/// depend on its block.
 #[inline(always)]
 fn attend_block<'a>(
     cfg: &LlamaConfig,
     block: &QueryBlock,
-    q: impl Fn(usize) -> &'a [f32],
+    q: impl Fn(usize, usize) -> &'a [f32],
     cache: &LayerCache,
 ) -> Vec<f32> {
-    let (hd, len) = (cfg.head_dim, block.len);
+    let (hd, heads) = (cfg.head_dim, cfg.n_head / cfg.n_kv_head);
+    let rows = block.len * heads;
     let scale = 1.0 / (hd as f32).sqrt();
-    let visible = |t: usize| block.first_pos + t + 1;
-    let mut scores: Vec<Vec<f32>> = (0..len).map(|t| vec![0f32; visible(t)]).collect();
-    for d in 0..hd {
-        let keys = cache.key_dim(block.g, d);
-        for (t, scores) in scores.iter_mut().enumerate() {
-            let qd = q(t)[d];
-            for (s, k) in scores.iter_mut().zip(&keys[..visible(t)]) {
-                *s += qd * k;
+    let visible = |r: usize| block.first_pos + r / heads + 1;
+    let mut scores: Vec<Vec<f32>> = (0..rows).map(|r| vec![0f32; visible(r)]).collect();
+    for c in 0..visible(rows - 1).div_ceil(KV_CHUNK) {
+        let (keys, p0) = (cache.keys(block.g, c), c * KV_CHUNK);
+        for (r, scores) in scores.iter_mut().enumerate() {
+            let n = scores.len().saturating_sub(p0).min(KV_CHUNK);
+            if n > 0 {
+                scores[p0..p0 + n].copy_from_slice(&chunk_scores(q(r / heads, r % heads), keys)[..n]);
             }
         }
     }
@@ -187,17 +202,33 @@ fn attend_block<'a>(
         }
         scores.iter_mut().for_each(|s| *s /= sum);
     }
-    let mut out = vec![0f32; len * hd];
-    for (j, v) in (0..visible(len - 1)).map(|j| (j, cache.value(j, block.g))) {
-        // Token t sees position j from t = j - first_pos on.
-        for (t, out) in out.chunks_exact_mut(hd).enumerate().skip(j.saturating_sub(block.first_pos)) {
-            let w = scores[t][j];
-            for (o, v) in out.iter_mut().zip(v) {
-                *o += w * v;
+    let mut out = vec![0f32; rows * hd];
+    for c in 0..visible(rows - 1).div_ceil(KV_CHUNK) {
+        let values = cache.values(block.g, c);
+        for (r, out) in out.chunks_exact_mut(hd).enumerate() {
+            let p0 = c * KV_CHUNK;
+            let weights = &scores[r][p0.min(scores[r].len())..];
+            for (w, v) in weights.iter().take(KV_CHUNK).zip(values.chunks_exact(hd)) {
+                for (o, v) in out.iter_mut().zip(v) {
+                    *o += w * v;
+                }
             }
         }
     }
     out
+}
+
+/// One query row's scores at a chunk's positions: `sum_d q[d] * k[d][p]`,
+/// in order of `d`, from zero.
+#[inline(always)]
+fn chunk_scores(q: &[f32], keys: &[f32]) -> [f32; KV_CHUNK] {
+    let mut acc = [0f32; KV_CHUNK];
+    for (qd, row) in q.iter().zip(keys.chunks_exact(KV_CHUNK)) {
+        for (a, k) in acc.iter_mut().zip(row) {
+            *a += qd * k;
+        }
+    }
+    acc
 }
 
 #[cfg(test)]

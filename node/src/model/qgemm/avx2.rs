@@ -1,10 +1,13 @@
 //! The AVX2 + FMA kernel, for x86-64 CPUs without AVX-512 VNNI (AMD Zen
-//! 1-3, Intel Haswell to Comet Lake): tiles of 4 weight rows by up to 3
-//! activation rows. The twelve accumulators stay in registers; activation
-//! bytes are read from L1 as instruction operands rather than held in
-//! registers (holding them spilled the accumulators: 4 × 2 tiles with
-//! activations in registers ran at 31 GMAC/s where these run at 48, Zen 3,
-//! `mesh-bench qgemm`, 32 rows).
+//! 1-3, Intel Haswell to Comet Lake): tiles of 2 pairs of weight rows by up
+//! to 3 activation rows (Q4_1; one pair for Q8, whose weights take twice
+//! the registers). A pair's two dot products share one accumulator (see
+//! `tile`): six accumulators instead of twelve, which halves the register
+//! spills to the stack per step among AVX2's sixteen registers; activation
+//! bytes are read from L1 as instruction operands. With one accumulator per
+//! row (4 × 3 tiles) the median of 4 alternating runs was 44 GMAC/s at 32
+//! rows and 43 at 160; with pairs 48 and 48 (Zen 3, 2 cores, `mesh-bench
+//! qgemm`).
 //!
 //! A step's 64 bytes are multiplied as two 32-byte halves: `vpmaddubsw`
 //! (unsigned weight byte × signed activation byte, adjacent pairs summed to
@@ -33,6 +36,9 @@ pub trait Load {
     type Bytes: Copy;
     /// Whether values carry a per-block minimum (`d * q + m`).
     const HAS_MIN: bool;
+    /// Row pairs per tile: as many as leave the accumulators in registers
+    /// next to the pairs' weights (`Bytes`) among AVX2's sixteen.
+    const PAIRS: usize;
 
     /// # Safety
     /// Requires AVX2, FMA and F16C (only called from `tile`).
@@ -48,6 +54,7 @@ pub trait Load {
 impl Load for Q4Step {
     type Bytes = [__m256i; 2];
     const HAS_MIN: bool = true;
+    const PAIRS: usize = 2;
 
     #[inline(always)]
     unsafe fn load(&self) -> ([__m256i; 2], __m128) {
@@ -73,6 +80,7 @@ impl Load for Q8Step {
     /// `[|w| lo, |w| hi, w lo, w hi]` with `w` the signed weight.
     type Bytes = [__m256i; 4];
     const HAS_MIN: bool = false;
+    const PAIRS: usize = 1;
 
     #[inline(always)]
     unsafe fn load(&self) -> ([__m256i; 4], __m128) {
@@ -109,95 +117,124 @@ pub unsafe fn block<W: WeightStep>(w: &[W], rows: usize, steps: usize, x: XRows<
     let stride = sum_stride(steps);
     // The current tile's Q4_1 minimums, gathered while its steps stream by.
     let mut mins = vec![0f32; 4 * stride];
-    for_each_tile(rows, n, 4, 3, |r, i, mw, mx| {
+    for_each_tile(rows, n, 2 * W::PAIRS, 3, |r, i, mw, mx| {
         let wr = &w[r * steps..(r + mw) * steps];
         let xr = XRows { steps: &x.steps[i * steps..(i + mx) * steps], sums: &x.sums[i * stride..(i + mx) * stride] };
         // SAFETY: the caller guarantees the CPU features.
         unsafe {
             match (mw, mx) {
-                (4, 3) => store(tile::<W, 4, 3>(wr, xr, steps, &mut mins), out, rows, r, i),
-                (4, 2) => store(tile::<W, 4, 2>(wr, xr, steps, &mut mins), out, rows, r, i),
-                (4, _) => store(tile::<W, 4, 1>(wr, xr, steps, &mut mins), out, rows, r, i),
-                (_, 3) => store(tile::<W, 1, 3>(wr, xr, steps, &mut mins), out, rows, r, i),
-                (_, 2) => store(tile::<W, 1, 2>(wr, xr, steps, &mut mins), out, rows, r, i),
-                _ => store(tile::<W, 1, 1>(wr, xr, steps, &mut mins), out, rows, r, i),
+                (4, 3) => pairs(tile::<W, 2, 3>(wr, xr, steps, &mut mins), out, rows, r, i),
+                (4, 2) => pairs(tile::<W, 2, 2>(wr, xr, steps, &mut mins), out, rows, r, i),
+                (4, _) => pairs(tile::<W, 2, 1>(wr, xr, steps, &mut mins), out, rows, r, i),
+                (2, 3) => pairs(tile::<W, 1, 3>(wr, xr, steps, &mut mins), out, rows, r, i),
+                (2, 2) => pairs(tile::<W, 1, 2>(wr, xr, steps, &mut mins), out, rows, r, i),
+                (2, _) => pairs(tile::<W, 1, 1>(wr, xr, steps, &mut mins), out, rows, r, i),
+                // A last odd row runs as a pair with itself; the copy is dropped.
+                (_, 3) => store([tile::<W, 1, 3>(wr, xr, steps, &mut mins)[0][0]], out, rows, r, i),
+                (_, 2) => store([tile::<W, 1, 2>(wr, xr, steps, &mut mins)[0][0]], out, rows, r, i),
+                _ => store([tile::<W, 1, 1>(wr, xr, steps, &mut mins)[0][0]], out, rows, r, i),
             }
         }
     });
 }
 
-/// Dot products of MW weight rows with MX activation rows:
-/// `result[r][i] = w_row(r) · x_row(i)`.
+/// Writes a tile's row pairs, the first at weight row `r`.
+fn pairs<const P: usize, const MX: usize>(sums: [[[f32; MX]; 2]; P], out: &mut [f32], rows: usize, r: usize, i: usize) {
+    for (p, pair) in sums.into_iter().enumerate() {
+        store(pair, out, rows, r + 2 * p, i);
+    }
+}
+
+/// Dot products of `P` pairs of weight rows with `MX` activation rows:
+/// `result[r][i] = w_row(r) · x_row(i)`. Given one row (an odd last row),
+/// it pairs that row with itself.
 ///
-/// Per step and row pair: the integer dot product, scaled by both blocks'
-/// scales into the accumulator. A Q4_1 minimum `m` adds `m * d_x * sum(q_x)`
-/// per block; those terms are summed once at the end, eight blocks per
+/// Per step, a row pair's two integer dot products are folded into one
+/// register (`vphaddd`: lanes 0-1 hold the first row's block a, 2-3 the
+/// second row's, 4-7 the same for block b), so one convert, one scale
+/// product and one FMA serve two rows, and a tile of 2 × 2 rows by 3 keeps
+/// its six accumulators in registers (twelve, one per row, spilled to the
+/// stack on every step). A Q4_1 minimum `m` adds `m * d_x * sum(q_x)` per
+/// block; those terms are summed once at the end, eight blocks per
 /// instruction, from the minimums gathered into `mins` on the way.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile<W: WeightStep, const MW: usize, const MX: usize>(
+unsafe fn tile<W: WeightStep, const P: usize, const MX: usize>(
     w: &[W],
     x: XRows<'_>,
     steps: usize,
     mins: &mut [f32],
-) -> [[f32; MX]; MW] {
+) -> [[[f32; MX]; 2]; P] {
     let stride = sum_stride(steps);
-    // An XStep's lanes 0-3 hold block a's scale, 4-7 block b's: the layout
-    // of the summed halves.
-    let d_idx = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    // `[d_a(r0), d_a(r0), d_a(r1), d_a(r1), d_b(r0), ...]` from the two rows'
+    // `[d_a, d_b, m_a, m_b]` interleaved: the layout of the folded products.
+    let pair_idx = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+    let given = w.len() / steps.max(1);
     // The next tile's weights follow this one's in memory. A tile's rows are
     // short (a few hundred bytes), too short for the hardware prefetcher to
     // lock on before they end, so fetch the next tile while this one runs.
-    let next = w.as_ptr().wrapping_add(MW * steps);
+    let next = w.as_ptr().wrapping_add(given * steps);
     // The hot loop indexes through pointers: slice bounds checks there cost
     // more than the arithmetic. These asserts make every index below valid.
-    assert!(w.len() >= MW * steps && x.steps.len() >= MX * steps && x.sums.len() >= MX * stride);
-    assert!(mins.len() >= MW * stride && stride >= 2 * steps);
+    assert!((given == 2 * P || (P == 1 && given == 1)) && x.steps.len() >= MX * steps);
+    assert!(x.sums.len() >= MX * stride && mins.len() >= 2 * P * stride && stride >= 2 * steps);
     let (wp, xp, mp) = (w.as_ptr(), x.steps.as_ptr(), mins.as_mut_ptr());
-    let mut acc = [[_mm256_setzero_ps(); MX]; MW];
+    let mut acc = [[_mm256_setzero_ps(); MX]; P];
     for s in 0..steps {
-        for r in 0..MW {
+        for r in 0..given {
             _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(r * steps + s).cast());
         }
-        for (r, acc) in acc.iter_mut().enumerate() {
-            // SAFETY: r < MW, s < steps, 2 * s + 1 < stride (asserted above).
-            let (wq, dm) = unsafe { Load::load(&*wp.add(r * steps + s)) };
+        for (p, acc) in acc.iter_mut().enumerate() {
+            let rows = [2 * p, (2 * p + 1).min(given - 1)];
+            // SAFETY: rows < given, s < steps, 2 * s + 1 < stride (asserted above).
+            let [(w0, dm0), (w1, dm1)] = rows.map(|r| unsafe { Load::load(&*wp.add(r * steps + s)) });
             if W::HAS_MIN {
-                unsafe { _mm_storeh_pd(mp.add(r * stride + 2 * s).cast(), _mm_castps_pd(dm)) };
+                for (r, dm) in [(2 * p, dm0), (2 * p + 1, dm1)] {
+                    unsafe { _mm_storeh_pd(mp.add(r * stride + 2 * s).cast(), _mm_castps_pd(dm)) };
+                }
             }
-            let wd = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(dm), d_idx);
+            let wd = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_unpacklo_ps(dm0, dm1)), pair_idx);
             for (i, acc) in acc.iter_mut().enumerate() {
-                let xd = unsafe { _mm256_load_ps((*xp.add(i * steps + s)).d.as_ptr()) };
                 // SAFETY: i < MX, s < steps (asserted above); XStep is 64-byte aligned.
-                let dot = unsafe {
-                    let qs = (*xp.add(i * steps + s)).qs.as_ptr();
-                    W::dot(wq, _mm256_load_si256(qs.cast()), _mm256_load_si256(qs.add(32).cast()))
+                let (xd, dot) = unsafe {
+                    let step = &*xp.add(i * steps + s);
+                    let (lo, hi) =
+                        (_mm256_load_si256(step.qs.as_ptr().cast()), _mm256_load_si256(step.qs[32..].as_ptr().cast()));
+                    (_mm256_load_ps(step.d.as_ptr()), _mm256_hadd_epi32(W::dot(w0, lo, hi), W::dot(w1, lo, hi)))
                 };
                 *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(wd, xd), *acc);
             }
         }
     }
-    let mut sums = [[0f32; MX]; MW];
-    for (r, (sums, acc)) in sums.iter_mut().zip(&acc).enumerate() {
-        for (i, (sum, &a)) in sums.iter_mut().zip(acc).enumerate() {
-            let mut total = a;
-            if W::HAS_MIN {
-                for c in (0..stride).step_by(8) {
-                    // SAFETY: both rows hold `stride` (a multiple of 8) entries.
-                    let (m, xs) = unsafe {
-                        (
-                            _mm256_loadu_ps(mins[r * stride + c..].as_ptr()),
-                            _mm256_loadu_ps(x.sums[i * stride + c..].as_ptr()),
-                        )
-                    };
-                    total = _mm256_fmadd_ps(m, xs, total);
+    let mut out = [[[0f32; MX]; 2]; P];
+    for (p, (out, acc)) in out.iter_mut().zip(&acc).enumerate() {
+        for (i, &acc) in acc.iter().enumerate() {
+            let mut lanes = [0f32; 8];
+            // SAFETY: `lanes` holds eight f32.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
+            for (half, out) in out.iter_mut().enumerate() {
+                let l = &lanes[2 * half..];
+                let mut total = (l[0] + l[1]) + (l[4] + l[5]);
+                if W::HAS_MIN {
+                    total += min_terms(&mins[(2 * p + half) * stride..][..stride], &x.sums[i * stride..][..stride]);
                 }
+                out[i] = total;
             }
-            *sum = hsum(total);
         }
     }
-    sums
+    out
 }
 
+/// `sum(m * s)` over one weight row's Q4_1 minimums and one activation
+/// row's block sums, eight blocks per instruction.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn min_terms(mins: &[f32], sums: &[f32]) -> f32 {
+    let mut total = _mm256_setzero_ps();
+    for (m, s) in mins.chunks_exact(8).zip(sums.chunks_exact(8)) {
+        // SAFETY: both chunks hold eight f32.
+        total = unsafe { _mm256_fmadd_ps(_mm256_loadu_ps(m.as_ptr()), _mm256_loadu_ps(s.as_ptr()), total) };
+    }
+    hsum(total)
+}
 /// The sum of eight lanes, always in the same order.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
