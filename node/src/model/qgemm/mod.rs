@@ -201,12 +201,14 @@ impl WeightStep for Q8Step {
 }
 
 /// Symmetric 8-bit quantization of one block: `x ≈ d * q`, `q` in -127..=127.
+#[inline(always)]
 fn quantize_block(x: &[f32; BLOCK]) -> (f32, [i8; BLOCK]) {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     let d = amax / 127.0;
     (d, quantize_with(x, d))
 }
 
+#[inline(always)]
 fn quantize_with(x: &[f32; BLOCK], d: f32) -> [i8; BLOCK] {
     let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
     let mut q = [0i8; BLOCK];
