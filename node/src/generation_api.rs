@@ -49,7 +49,7 @@ impl GenerationApi {
             default_max_tokens: self.default_max_tokens,
             vocab_size: self.vocab_size,
         };
-        let deadline = crate::deadline::from_metadata(request.metadata(), std::time::Instant::now());
+        let deadline = mesh_proto::deadline::from_metadata(request.metadata(), std::time::Instant::now());
         let request = request.into_inner();
         let request_id = request.request_id.clone();
         let mut req = validate::check(request, &rules, self.codec.as_ref()).inspect_err(|s| {

@@ -3,7 +3,6 @@
 
 pub mod backend;
 pub mod config;
-mod deadline;
 pub mod generation_api;
 pub mod loaded_model;
 pub mod metrics;

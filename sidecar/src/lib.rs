@@ -6,7 +6,6 @@
 
 pub mod admin;
 pub mod config;
-mod deadline;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;

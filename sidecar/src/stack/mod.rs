@@ -148,7 +148,7 @@ impl Call {
     pub fn new(request: tonic::Request<GenerateRequest>) -> Self {
         let received = Instant::now();
         let (metadata, _, req) = request.into_parts();
-        let deadline = crate::deadline::from_metadata(&metadata, received);
+        let deadline = mesh_proto::deadline::from_metadata(&metadata, received);
         Self(Box::new(CallParts { req, metadata, received, deadline, span: tracing::Span::none() }))
     }
 
