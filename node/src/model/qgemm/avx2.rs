@@ -205,8 +205,21 @@ unsafe fn tile<W: WeightStep, const P: usize, const MX: usize>(
             }
         }
     }
+    reduce::<W, P, MX>(&acc, mins, x.sums, stride)
+}
+
+/// Each row's total from its pair's accumulator (lanes 0-1 and 4-5 the
+/// first row's, 2-3 and 6-7 the second's, summed in the same order for
+/// either), plus its Q4_1 minimum terms.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn reduce<W: WeightStep, const P: usize, const MX: usize>(
+    acc: &[[__m256; MX]; P],
+    mins: &[f32],
+    sums: &[f32],
+    stride: usize,
+) -> [[[f32; MX]; 2]; P] {
     let mut out = [[[0f32; MX]; 2]; P];
-    for (p, (out, acc)) in out.iter_mut().zip(&acc).enumerate() {
+    for (p, (out, acc)) in out.iter_mut().zip(acc).enumerate() {
         for (i, &acc) in acc.iter().enumerate() {
             let mut lanes = [0f32; 8];
             // SAFETY: `lanes` holds eight f32.
@@ -215,7 +228,7 @@ unsafe fn tile<W: WeightStep, const P: usize, const MX: usize>(
                 let l = &lanes[2 * half..];
                 let mut total = (l[0] + l[1]) + (l[4] + l[5]);
                 if W::HAS_MIN {
-                    total += min_terms(&mins[(2 * p + half) * stride..][..stride], &x.sums[i * stride..][..stride]);
+                    total += min_terms(&mins[(2 * p + half) * stride..][..stride], &sums[i * stride..][..stride]);
                 }
                 out[i] = total;
             }
