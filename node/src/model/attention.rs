@@ -127,11 +127,12 @@ struct QueryBlock {
     len: usize,
     /// Position of the block's first token; token `t` sees `first_pos + t + 1` positions.
     first_pos: usize,
-    /// The KV head the query head reads.
+    /// The KV head whose query heads the block is attended at.
     g: usize,
 }
 
-/// Causal attention of a query block; returns `[len, head_dim]`.
+/// Causal attention of a query block at the query heads of one KV head
+/// (see `attend_block`).
 ///
 /// Built for x86-64-v2, these loops would run 4 lanes wide; on a CPU with
 /// AVX2 the same code runs compiled for it. The two compile to the same
@@ -184,7 +185,8 @@ fn attend_block<'a>(
     let scale = 1.0 / (hd as f32).sqrt();
     let visible = |r: usize| block.first_pos + r / heads + 1;
     let mut scores: Vec<Vec<f32>> = (0..rows).map(|r| vec![0f32; visible(r)]).collect();
-    for c in 0..visible(rows - 1).div_ceil(KV_CHUNK) {
+    let chunks = visible(rows - 1).div_ceil(KV_CHUNK);
+    for c in 0..chunks {
         let (keys, p0) = (cache.keys(block.g, c), c * KV_CHUNK);
         for (r, scores) in scores.iter_mut().enumerate() {
             let n = scores.len().saturating_sub(p0).min(KV_CHUNK);
@@ -203,10 +205,9 @@ fn attend_block<'a>(
         scores.iter_mut().for_each(|s| *s /= sum);
     }
     let mut out = vec![0f32; rows * hd];
-    for c in 0..visible(rows - 1).div_ceil(KV_CHUNK) {
-        let values = cache.values(block.g, c);
+    for c in 0..chunks {
+        let (values, p0) = (cache.values(block.g, c), c * KV_CHUNK);
         for (r, out) in out.chunks_exact_mut(hd).enumerate() {
-            let p0 = c * KV_CHUNK;
             let weights = &scores[r][p0.min(scores[r].len())..];
             for (w, v) in weights.iter().take(KV_CHUNK).zip(values.chunks_exact(hd)) {
                 for (o, v) in out.iter_mut().zip(v) {
