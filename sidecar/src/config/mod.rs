@@ -1,0 +1,137 @@
+//! The sidecar's configuration: one TOML file, with a few flags and
+//! environment overrides, validated at start with errors naming the key.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+mod etcd;
+mod limits;
+mod listen;
+mod routing;
+mod security;
+
+pub use etcd::EtcdSection;
+pub use limits::{ServiceLimits, TenantLimits};
+pub use listen::{Listen, NodeSection};
+pub use routing::{Outlier, Policy, Routing};
+pub use security::{ApiKey, TlsSection};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SidecarConfig {
+    pub listen: Listen,
+    /// The local node this sidecar fronts; absent for a client-only sidecar.
+    pub node: Option<NodeSection>,
+    pub etcd: EtcdSection,
+    #[serde(default)]
+    pub routing: Routing,
+    #[serde(default)]
+    pub outlier: Outlier,
+    /// Inbound bulkheads, one per service served here.
+    #[serde(default)]
+    pub services: Vec<ServiceLimits>,
+    /// Tenant limits; `default` applies to tenants not listed.
+    #[serde(default)]
+    pub tenants: BTreeMap<String, TenantLimits>,
+    #[serde(default = "default_grace", with = "humantime_serde")]
+    pub drain_grace: Duration,
+    /// Serve Prometheus metrics here (`/metrics`); port 0 picks one (logged).
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Mutual TLS between hosts. Required unless `plaintext = true`.
+    pub tls: Option<TlsSection>,
+    /// Run without TLS; must be said explicitly.
+    #[serde(default)]
+    pub plaintext: bool,
+    /// API keys of the tenants allowed to call in through this sidecar; when
+    /// empty, calls are not authenticated.
+    #[serde(default)]
+    pub api_keys: Vec<ApiKey>,
+    /// HTTP/2 settings of this sidecar's servers and of the connections it
+    /// dials (windows, stream limits, keep-alive); see `daemon::grpc::Http2`.
+    #[serde(default)]
+    pub http2: daemon::grpc::Http2,
+}
+
+fn default_grace() -> Duration {
+    Duration::from_secs(30)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {error}")]
+    Read { path: String, error: std::io::Error },
+    #[error("{path}: {error}")]
+    Parse { path: String, error: toml::de::Error },
+    #[error("{key}: {problem}")]
+    Invalid { key: String, problem: String },
+}
+
+fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), problem: problem.into() }
+}
+
+impl SidecarConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|error| ConfigError::Read { path: path.display().to_string(), error })?;
+        let cfg: Self =
+            toml::from_str(&text).map_err(|error| ConfigError::Parse { path: path.display().to_string(), error })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.etcd.validate()?;
+        if let Some((key, problem)) = self.http2.invalid() {
+            return Err(invalid(format!("http2.{key}"), problem));
+        }
+        let r = &self.routing;
+        if r.attempt_timeout.is_zero() || r.idle_timeout.is_zero() {
+            return Err(invalid("routing.attempt_timeout / routing.idle_timeout", "must be above zero"));
+        }
+        if r.max_streams_per_service == 0 {
+            return Err(invalid("routing.max_streams_per_service", "must be at least 1"));
+        }
+        if !(0.0..=1.0).contains(&r.retry_ratio) || r.retry_floor_per_sec < 0.0 {
+            return Err(invalid("routing.retry_ratio", "must be in [0, 1] (and retry_floor_per_sec >= 0)"));
+        }
+        let o = &self.outlier;
+        if o.consecutive_failures == 0 {
+            return Err(invalid("outlier.consecutive_failures", "must be at least 1"));
+        }
+        if o.max_ejected_percent > 100 {
+            return Err(invalid("outlier.max_ejected_percent", "must be at most 100"));
+        }
+        if o.base_ejection > o.max_ejection {
+            return Err(invalid("outlier.base_ejection", "must not exceed outlier.max_ejection"));
+        }
+        for (i, s) in self.services.iter().enumerate() {
+            if s.max_concurrency == 0 {
+                return Err(invalid(format!("services[{i}].max_concurrency"), "must be at least 1"));
+            }
+        }
+        for (name, t) in &self.tenants {
+            if !(t.requests_per_sec > 0.0 && t.tokens_per_min > 0.0) {
+                return Err(invalid(format!("tenants.{name}"), "requests_per_sec and tokens_per_min must be > 0"));
+            }
+        }
+        if let Some(n) = &self.node
+            && n.weight == 0
+        {
+            return Err(invalid("node.weight", "must be at least 1"));
+        }
+        security::validate(self.tls.as_ref(), self.plaintext, &self.api_keys)
+    }
+
+    pub fn etcd(&self) -> registry::EtcdConfig {
+        self.etcd.registry()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,71 @@
+use super::*;
+
+const MINIMAL: &str = r#"
+    plaintext = true
+    [listen]
+    outbound = "127.0.0.1:7100"
+    inbound = "127.0.0.1:7101"
+    [etcd]
+    endpoints = ["http://127.0.0.1:2379"]
+"#;
+
+#[test]
+fn minimal_config_gets_defaults() {
+    let cfg: SidecarConfig = toml::from_str(MINIMAL).unwrap();
+    cfg.validate().unwrap();
+    assert_eq!(cfg.routing.policy, Policy::LeastLoaded);
+    assert_eq!(cfg.outlier.consecutive_failures, 5);
+    assert_eq!(cfg.etcd.lease_ttl, Duration::from_secs(5));
+    assert_eq!(cfg.http2, daemon::grpc::Http2::default());
+    assert_eq!(cfg.http2.stream_window, 16 << 10);
+}
+
+#[test]
+fn http2_settings_are_read_and_checked() {
+    let text = format!("{MINIMAL}\n[http2]\nstream_window = 65536\nkeep_alive_interval = \"30s\"\n");
+    let cfg: SidecarConfig = toml::from_str(&text).unwrap();
+    cfg.validate().unwrap();
+    assert_eq!((cfg.http2.stream_window, cfg.http2.keep_alive_interval), (65536, Duration::from_secs(30)));
+    assert_eq!(cfg.http2.connection_window, daemon::grpc::Http2::default().connection_window);
+    let tiny = format!("{MINIMAL}\n[http2]\nstream_window = 100\n");
+    let err = toml::from_str::<SidecarConfig>(&tiny).unwrap().validate().unwrap_err().to_string();
+    assert!(err.starts_with("http2.stream_window: must be in [1024,"), "{err}");
+    let typo = format!("{MINIMAL}\n[http2]\nstream_windw = 65536\n");
+    let err = toml::from_str::<SidecarConfig>(&typo).unwrap_err().to_string();
+    assert!(err.contains("stream_windw"), "{err}");
+}
+
+#[test]
+fn unknown_keys_and_bad_values_name_the_key() {
+    let typo = format!("{MINIMAL}\n[routing]\nattempt_timeot = \"1s\"\n");
+    let err = toml::from_str::<SidecarConfig>(&typo).unwrap_err().to_string();
+    assert!(err.contains("attempt_timeot"), "{err}");
+    let bad = format!("{MINIMAL}\n[routing]\nattempt_timeout = \"soon\"\n");
+    let err = toml::from_str::<SidecarConfig>(&bad).unwrap_err().to_string();
+    assert!(err.contains("attempt_timeout") && err.contains("soon"), "{err}");
+    let zero = format!("{MINIMAL}\n[outlier]\nconsecutive_failures = 0\n");
+    let err = toml::from_str::<SidecarConfig>(&zero).unwrap().validate().unwrap_err().to_string();
+    assert!(err.starts_with("outlier.consecutive_failures"), "{err}");
+}
+
+#[test]
+fn tls_or_explicit_plaintext_is_required() {
+    let no_tls = MINIMAL.replace("plaintext = true", "");
+    let err = toml::from_str::<SidecarConfig>(&no_tls).unwrap().validate().unwrap_err().to_string();
+    assert!(err.starts_with("tls: missing"), "{err}");
+    let bad_key = format!("{MINIMAL}\n[[api_keys]]\ntenant = \"a\"\nsha256 = \"abc\"\n");
+    let err = toml::from_str::<SidecarConfig>(&bad_key).unwrap().validate().unwrap_err().to_string();
+    assert!(err.starts_with("api_keys[0].sha256"), "{err}");
+}
+
+#[test]
+fn durations_are_written_as_humantime() {
+    let parse = |v: &str| {
+        let text = format!("{MINIMAL}\n[routing]\nattempt_timeout = \"{v}\"\n");
+        toml::from_str::<SidecarConfig>(&text).map(|c| c.routing.attempt_timeout).ok()
+    };
+    assert_eq!(parse("250ms"), Some(Duration::from_millis(250)));
+    assert_eq!(parse("2s"), Some(Duration::from_secs(2)));
+    assert_eq!(parse("1m 30s"), Some(Duration::from_secs(90)));
+    assert_eq!(parse("2"), None);
+}
