@@ -24,7 +24,7 @@ use crate::metrics::SidecarMetrics;
 use crate::outbound::authenticate::{ApiKeys, Authenticate};
 use crate::outbound::balancer::Balancer;
 use crate::outbound::route::Route;
-use crate::outbound::service_slot::ServiceSlot;
+use crate::outbound::service_slot::{Known, ServiceSlot};
 use crate::stack::{Front, Next, step};
 use crate::tls::TlsMaterial;
 use crate::trace::{Hop, Trace};
@@ -34,15 +34,12 @@ use crate::wire::generation_server::GenerationServer;
 
 /// The outbound request path, first layer first.
 fn outbound_stack(cfg: &SidecarConfig, balancer: &Arc<Balancer>, metrics: &SidecarMetrics) -> Front {
-    let known = balancer.clone();
+    let registered = balancer.clone();
+    let known: Known = Arc::new(move |s| registered.knows(s));
     let generate = ServiceBuilder::new()
-        .layer(step(Trace::new(Hop::Outbound, metrics.clone())))
+        .layer(step(Trace::new(Hop::Outbound { known: known.clone() }, metrics.clone())))
         .layer(step(Authenticate(ApiKeys::new(&cfg.api_keys))))
-        .layer(step(ServiceSlot::new(
-            cfg.routing.max_streams_per_service,
-            Arc::new(move |s| known.knows(s)),
-            metrics.clone(),
-        )))
+        .layer(step(ServiceSlot::new(cfg.routing.max_streams_per_service, known, metrics.clone())))
         .service(Route::new(balancer.clone(), cfg.routing.clone(), metrics.clone()).service());
     Front::new(Next::new(generate), crate::outbound::list_models(balancer.clone()))
 }

@@ -9,17 +9,24 @@ use telemetry::propagation;
 use tonic::Status;
 
 use crate::metrics::{Latency, SidecarMetrics};
+use crate::outbound::service_slot::Known;
 use crate::stack::{Call, End, Next, Reply, Step, Watch, pass_watched};
 use crate::wire::Relayed;
 
 /// Which side of the sidecar a call goes through.
 #[derive(Clone)]
 pub enum Hop {
-    /// From a client into the mesh (`sidecar.route` spans).
-    Outbound,
+    /// From a client into the mesh (`sidecar.route` spans); calls are
+    /// counted under their service only when `known` says it is registered,
+    /// else under `unknown`, so callers naming random models cannot grow the
+    /// metric series without bound.
+    Outbound { known: Known },
     /// From the mesh into this sidecar's node (`sidecar.inbound` spans).
     Inbound { service: String },
 }
+
+/// The service label of calls to services no registry record names.
+pub const UNKNOWN_SERVICE: &str = "unknown";
 
 pub struct Trace {
     hop: Hop,
@@ -36,7 +43,7 @@ struct Counts {
 impl Trace {
     pub fn new(hop: Hop, metrics: SidecarMetrics) -> Self {
         let direction = match hop {
-            Hop::Outbound => "outbound",
+            Hop::Outbound { .. } => "outbound",
             Hop::Inbound { .. } => "inbound",
         };
         let latency = metrics.latency(direction);
@@ -46,7 +53,7 @@ impl Trace {
     fn span(&self, call: &Call) -> tracing::Span {
         let (tenant, priority) = (&call.req.tenant, call.req.priority);
         let span = match &self.hop {
-            Hop::Outbound => tracing::info_span!(
+            Hop::Outbound { .. } => tracing::info_span!(
                 "sidecar.route",
                 otel.kind = "server",
                 mesh.role = "client-side",
@@ -76,7 +83,8 @@ impl Step for Trace {
     async fn call(&self, mut call: Call, next: Next) -> Result<Reply, Status> {
         call.span = self.span(&call);
         let service = match &self.hop {
-            Hop::Outbound => call.req.model.clone(),
+            Hop::Outbound { known } if known(&call.req.model) => call.req.model.clone(),
+            Hop::Outbound { .. } => UNKNOWN_SERVICE.to_string(),
             Hop::Inbound { service } => service.clone(),
         };
         let observed = Observed {
@@ -130,18 +138,26 @@ mod tests {
     use crate::stack::testing::{call, ok_inner, read_to_end, refusing};
 
     fn requests(metrics: &SidecarMetrics, code: Code) -> u64 {
+        requests_of(metrics, "chat", code)
+    }
+
+    fn requests_of(metrics: &SidecarMetrics, service: &str, code: Code) -> u64 {
         let labels = RequestLabels {
             direction: "outbound".into(),
-            service: "chat".into(),
+            service: service.into(),
             code: telemetry::metrics::code_name(code),
         };
         metrics.requests.get_or_create(&labels).get()
     }
 
+    fn outbound(registered: &'static str) -> Hop {
+        Hop::Outbound { known: Arc::new(move |s| s == registered) }
+    }
+
     #[tokio::test]
     async fn counts_each_call_once_by_its_final_code() {
         let metrics = SidecarMetrics::new();
-        let trace = Trace::new(Hop::Outbound, metrics.clone());
+        let trace = Trace::new(outbound("chat"), metrics.clone());
         let (ok, _) = ok_inner(2);
 
         let mut finished = trace.call(call("chat"), ok.clone()).await.unwrap();
@@ -159,5 +175,27 @@ mod tests {
         assert_eq!(requests(&metrics, Code::Ok), 1);
         assert_eq!(requests(&metrics, Code::ResourceExhausted), 1);
         assert_eq!(requests(&metrics, Code::Cancelled), 1);
+    }
+
+    #[tokio::test]
+    async fn unregistered_services_share_one_label() {
+        let metrics = SidecarMetrics::new();
+        let trace = Trace::new(outbound("chat"), metrics.clone());
+        for i in 0..100 {
+            let (refuse, _) = refusing(Code::NotFound);
+            let _ = trace.call(call(&format!("random-{i}")), refuse).await;
+        }
+        assert_eq!(requests_of(&metrics, UNKNOWN_SERVICE, Code::NotFound), 100);
+        assert_eq!(
+            metrics
+                .requests
+                .get_or_create(&RequestLabels {
+                    direction: "outbound".into(),
+                    service: "random-7".into(),
+                    code: telemetry::metrics::code_name(Code::NotFound),
+                })
+                .get(),
+            0
+        );
     }
 }
