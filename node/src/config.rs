@@ -83,6 +83,10 @@ pub struct NodeConfig {
     /// Serve Prometheus metrics on this address (`/metrics`); port 0 picks one (logged).
     #[arg(long, env = "MESH_NODE_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// A file holding the bearer token scrapes of `/metrics` must send
+    /// (without it, keep --metrics-listen on loopback).
+    #[arg(long, env = "MESH_NODE_METRICS_TOKEN_FILE", requires = "metrics_listen")]
+    pub metrics_token_file: Option<PathBuf>,
 
     #[command(flatten)]
     pub trace: telemetry::TraceArgs,

@@ -53,7 +53,10 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let metrics = NodeMetrics::new(&model.name, model.compute);
     let mut addresses = Vec::new();
     if let Some(addr) = cfg.metrics_listen {
-        addresses.push(("metrics", daemon::metrics::serve(addr, |r| metrics.register(r)).await?));
+        addresses.push((
+            "metrics",
+            daemon::metrics::serve(addr, cfg.metrics_token_file.as_deref(), |r| metrics.register(r)).await?,
+        ));
     }
     let scheduler = Scheduler::start(limits, model.backend, model.codec.clone(), metrics);
     let api = GenerationApi {

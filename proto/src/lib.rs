@@ -34,6 +34,25 @@ pub mod api_key {
             .map(|b| format!("{b:02x}"))
             .collect()
     }
+
+    /// Whether `key` is the one `digest_hex` was made from, in time that
+    /// does not depend on where the digests differ.
+    pub fn matches(key: &str, digest_hex: &str) -> bool {
+        use subtle::ConstantTimeEq;
+        digest(key).as_bytes().ct_eq(digest_hex.to_ascii_lowercase().as_bytes()).into()
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn a_key_matches_only_its_digest() {
+            let d = super::digest("good-key");
+            assert!(super::matches("good-key", &d));
+            assert!(super::matches("good-key", &d.to_ascii_uppercase()));
+            assert!(!super::matches("good-kez", &d));
+            assert!(!super::matches("good-key", &d[..63]));
+        }
+    }
 }
 
 /// The caller's deadline, from the `grpc-timeout` header: the node never

@@ -60,7 +60,10 @@ pub async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
     let metrics = SidecarMetrics::new();
     let mut addresses = Vec::new();
     if let Some(addr) = cfg.metrics_listen {
-        addresses.push(("metrics", daemon::metrics::serve(addr, |r| metrics.register(r)).await?));
+        addresses.push((
+            "metrics",
+            daemon::metrics::serve(addr, cfg.metrics_token_file.as_deref(), |r| metrics.register(r)).await?,
+        ));
     }
     let tls = cfg.tls.as_ref().map(TlsMaterial::load).transpose()?;
     let dial = Dialer { tls: tls.as_ref().map(TlsMaterial::client), http2: cfg.http2 };

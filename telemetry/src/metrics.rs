@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
-use axum::http::header::CONTENT_TYPE;
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -34,21 +35,27 @@ pub fn code_name(code: tonic::Code) -> String {
     out
 }
 
+/// Who may read `/metrics`: anyone who reaches the port, or callers
+/// presenting `authorization: Bearer <token>` that `accepts` approves
+/// (the caller compares in constant time).
+pub type Access = Option<Arc<dyn Fn(&str) -> bool + Send + Sync>>;
+
 /// Serves `registry` on `addr` (`/metrics`); returns the bound address.
-pub async fn serve(addr: SocketAddr, registry: Registry) -> std::io::Result<SocketAddr> {
+pub async fn serve(addr: SocketAddr, registry: Registry, access: Access) -> std::io::Result<SocketAddr> {
     let registry = Arc::new(Mutex::new(registry));
     let app = Router::new().route(
         "/metrics",
-        get(move || {
-            let registry = registry.clone();
+        get(move |headers: HeaderMap| {
+            let (registry, access) = (registry.clone(), access.clone());
             async move {
-                let mut body = String::new();
-                let reg = registry.lock().unwrap_or_else(|p| p.into_inner());
-                match prometheus_client::encoding::text::encode(&mut body, &reg) {
-                    Ok(()) => ([(CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
-                        .into_response(),
-                    Err(_) => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "encoding failed").into_response(),
+                if let Some(accepts) = access {
+                    let bearer = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
+                    if !bearer.and_then(|h| h.strip_prefix("Bearer ")).is_some_and(|t| accepts(t.trim())) {
+                        let message = "metrics need `authorization: Bearer <token>` (the metrics token)";
+                        return (StatusCode::UNAUTHORIZED, message).into_response();
+                    }
                 }
+                encoded(&registry)
             }
         }),
     );
@@ -60,6 +67,17 @@ pub async fn serve(addr: SocketAddr, registry: Registry) -> std::io::Result<Sock
         }
     });
     Ok(bound)
+}
+
+fn encoded(registry: &Mutex<Registry>) -> axum::response::Response {
+    let mut body = String::new();
+    let reg = registry.lock().unwrap_or_else(|p| p.into_inner());
+    match prometheus_client::encoding::text::encode(&mut body, &reg) {
+        Ok(()) => {
+            ([(CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body).into_response()
+        }
+        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "encoding failed").into_response(),
+    }
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -40,8 +40,12 @@ pub struct SidecarConfig {
     #[serde(default = "default_grace", with = "humantime_serde")]
     pub drain_grace: Duration,
     /// Serve Prometheus metrics here (`/metrics`); port 0 picks one (logged).
+    /// Keep it on loopback unless scrapes present `metrics_token_file`'s token.
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
+    /// A file holding the bearer token scrapes of `/metrics` must send.
+    #[serde(default)]
+    pub metrics_token_file: Option<PathBuf>,
     /// Mutual TLS between hosts. Required unless `plaintext = true`.
     pub tls: Option<TlsSection>,
     /// Run without TLS; must be said explicitly.
