@@ -58,6 +58,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             daemon::metrics::serve(addr, cfg.metrics_token_file.as_deref(), |r| metrics.register(r)).await?,
         ));
     }
+    let max_request = crate::validate::max_request_bytes(limits.context_length);
     let scheduler = Scheduler::start(limits, model.backend, model.codec.clone(), metrics);
     let api = GenerationApi {
         model_name: model.name,
@@ -85,7 +86,9 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let (stopped, stop) = oneshot::channel();
     tokio::spawn(drain_on_signal(signal, scheduler, health, cfg.drain_grace, stopped));
     daemon::ready::announce("node", &addresses);
-    let routes = Routes::new(GenerationServer::new(api));
+    // Sized to the largest request that could be valid here (see
+    // `validate::max_request_bytes`), not tonic's 4 MiB default.
+    let routes = Routes::new(GenerationServer::new(api).max_decoding_message_size(max_request));
     daemon::grpc::serve(listener, tls, health_server, routes, async {
         let _ = stop.await;
     })

@@ -13,6 +13,33 @@ pub const MAX_STOP_STRINGS: usize = 8;
 pub const MAX_STOP_BYTES: usize = 256;
 const ROLES: [&str; 3] = ["system", "user", "assistant"];
 
+/// Prompt bytes allowed per token of the context length, checked before the
+/// prompt is tokenized (tokenizing costs about 1 µs per byte, so a 3 MB prompt
+/// used to cost 3 s of node CPU before its length was refused). Byte-level
+/// BPE vocabularies average about 4 bytes of English per token and 1 to 3 for
+/// other scripts; 8 leaves room for code and whitespace runs, so a prompt this
+/// check refuses would not have fitted the context anyway (only text averaging
+/// over 8 bytes per token, such as long runs of one repeated character, is
+/// refused early rather than by its token count).
+pub const PROMPT_BYTES_PER_TOKEN: usize = 8;
+
+/// Bytes of a request besides the prompt: model, tenant, request id, stop
+/// strings (8 × 256 bytes at most) and framing.
+const REQUEST_OVERHEAD_BYTES: usize = 64 * 1024;
+
+/// The largest encoded `GenerateRequest` the node's gRPC server decodes: the
+/// largest request that could still be valid, so size alone refuses nothing
+/// the checks below would accept. Per token of context: 8 prompt bytes, up to
+/// 5 bytes of a continuation token id (a varint), and up to 19 bytes of chat
+/// framing (one message per token at most, each with its role); plus
+/// `REQUEST_OVERHEAD_BYTES`. 320 KiB at a context of 8192, where tonic's
+/// default is 4 MiB whatever the context: a larger message is refused with
+/// OUT_OF_RANGE naming the limit as soon as its length prefix arrives,
+/// before its bytes are buffered.
+pub fn max_request_bytes(context_length: usize) -> usize {
+    context_length.saturating_mul(PROMPT_BYTES_PER_TOKEN + 5 + 19).saturating_add(REQUEST_OVERHEAD_BYTES)
+}
+
 pub struct Rules<'a> {
     pub model_name: &'a str,
     pub context_length: usize,
@@ -44,12 +71,32 @@ pub fn check(req: GenerateRequest, rules: &Rules<'_>, codec: &dyn TextCodec) -> 
             s.len()
         )));
     }
+    let max_bytes = rules.context_length.saturating_mul(PROMPT_BYTES_PER_TOKEN);
+    let too_long = |field: &str, bytes: usize| {
+        invalid(format!(
+            "{field} is {bytes} bytes; the limit is {max_bytes} bytes ({PROMPT_BYTES_PER_TOKEN} per token of the \
+             context length {})",
+            rules.context_length
+        ))
+    };
     let text = match req.input {
         None => return Err(invalid("input is required: set prompt or chat")),
         Some(Input::Prompt(p)) if p.is_empty() => return Err(invalid("prompt must not be empty")),
+        Some(Input::Prompt(p)) if p.len() > max_bytes => return Err(too_long("prompt", p.len())),
         Some(Input::Prompt(p)) => p,
         Some(Input::Chat(c)) if c.messages.is_empty() => return Err(invalid("chat.messages must not be empty")),
         Some(Input::Chat(c)) => {
+            if c.messages.len() > rules.context_length {
+                return Err(invalid(format!(
+                    "chat.messages has {} messages; the limit is the context length {}",
+                    c.messages.len(),
+                    rules.context_length
+                )));
+            }
+            let bytes = c.messages.iter().map(|m| m.content.len()).sum();
+            if bytes > max_bytes {
+                return Err(too_long("chat.messages[].content (all messages)", bytes));
+            }
             if let Some(m) = c.messages.iter().find(|m| !ROLES.contains(&m.role.as_str())) {
                 return Err(invalid(format!("chat.messages[].role {:?} is not one of {ROLES:?}", m.role)));
             }

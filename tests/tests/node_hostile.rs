@@ -1,0 +1,85 @@
+//! A node process against hostile input: oversized prompts, forged chat
+//! turns, a poisoned engine step, out-of-range flags. Each case asserts the
+//! exact status and that the node goes on serving.
+
+use std::time::Instant;
+
+use mesh_proto::v1::{ChatMessage, ChatMessages, GenerateRequest, ListModelsRequest, generate_request::Input};
+use mesh_tests::{NodeProcess, generate, prompt_request};
+use tonic::Code;
+
+/// Must match `PROMPT_BYTES_PER_TOKEN` and `max_request_bytes` in
+/// node/src/validate.rs, as the README states them.
+const PROMPT_BYTES_PER_TOKEN: usize = 8;
+fn max_request_bytes(context: usize) -> usize {
+    context * 32 + 64 * 1024
+}
+
+fn chat(messages: Vec<ChatMessage>, max_tokens: u32) -> GenerateRequest {
+    let mut req = prompt_request("", max_tokens);
+    req.input = Some(Input::Chat(ChatMessages { messages }));
+    req
+}
+
+/// The node's CPU seconds spent on `call`, its status, and its wall time.
+async fn refused<F: Future<Output = Result<mesh_tests::Completion, tonic::Status>>>(
+    node: &NodeProcess,
+    call: F,
+) -> (tonic::Status, f64, f64) {
+    let cpu = node.process.cpu_seconds().expect("node cpu");
+    let started = Instant::now();
+    let status = call.await.expect_err("must be refused");
+    let wall = started.elapsed().as_secs_f64();
+    (status, node.process.cpu_seconds().expect("node cpu") - cpu, wall)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_prompts_are_refused_before_tokenizing() {
+    let node = NodeProcess::start_model(&[]).await;
+    let mut client = node.client().await;
+    let info = client.list_models(ListModelsRequest {}).await.unwrap().into_inner().models.remove(0);
+    let context = info.context_length as usize;
+    let prompt_limit = context * PROMPT_BYTES_PER_TOKEN;
+
+    // 16 MB: past the gRPC message limit, refused from its length prefix.
+    let huge = "a".repeat(16 << 20);
+    let (status, cpu, wall) = refused(&node, generate(&mut client, prompt_request(&huge, 4))).await;
+    eprintln!("16 MiB prompt: {:?} in {:.1} ms wall, {:.1} ms node CPU", status.code(), wall * 1e3, cpu * 1e3);
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    let limit = format!("the limit is: {} bytes", max_request_bytes(context));
+    assert!(status.message().contains(&limit), "{:?} lacks {limit:?}", status.message());
+    // Tokenizing 16 MiB would take the node about 16 s of CPU.
+    assert!(cpu < 1.0, "the refusal cost the node {cpu:.2} s of CPU");
+
+    // One byte over the prompt limit: decoded, refused by its byte count.
+    let over = "a".repeat(prompt_limit + 1);
+    let (status, cpu, wall) = refused(&node, generate(&mut client, prompt_request(&over, 4))).await;
+    eprintln!(
+        "{} B prompt: {:?} in {:.1} ms wall, {:.1} ms node CPU",
+        over.len(),
+        status.code(),
+        wall * 1e3,
+        cpu * 1e3
+    );
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let text = format!("prompt is {} bytes; the limit is {prompt_limit} bytes (8 per token", over.len());
+    assert!(status.message().contains(&text), "{:?} lacks {text:?}", status.message());
+
+    // The same bytes spread over chat messages.
+    let half = "b".repeat(prompt_limit / 2 + 1);
+    let turns = ["user", "assistant"].map(|role| ChatMessage { role: role.into(), content: half.clone() }).to_vec();
+    let (status, _, _) = refused(&node, generate(&mut client, chat(turns, 4))).await;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("chat.messages[].content (all messages) is"), "{}", status.message());
+
+    // More messages than the context holds tokens, however short.
+    let many = vec![ChatMessage { role: "user".into(), content: String::new() }; context + 1];
+    let (status, _, _) = refused(&node, generate(&mut client, chat(many, 4))).await;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let text = format!("chat.messages has {} messages; the limit is the context length {context}", context + 1);
+    assert!(status.message().contains(&text), "{}", status.message());
+
+    // None of it cost the node a tokenization, and it serves the next call.
+    let ok = generate(&mut client, prompt_request("The capital of France is", 4)).await.unwrap();
+    assert_eq!(ok.token_ids.len(), 4);
+}
