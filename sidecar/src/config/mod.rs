@@ -11,6 +11,7 @@ use serde::Deserialize;
 mod etcd;
 mod limits;
 mod listen;
+mod ranges;
 mod routing;
 mod security;
 
@@ -97,6 +98,7 @@ impl SidecarConfig {
         let r = &self.routing;
         if r.attempt_timeout.is_zero() || r.idle_timeout.is_zero() {
             return Err(invalid("routing.attempt_timeout / routing.idle_timeout", "must be above zero"));
+        ranges::check(self)?;
         }
         if r.max_streams_per_service == 0 {
             return Err(invalid("routing.max_streams_per_service", "must be at least 1"));

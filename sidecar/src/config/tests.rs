@@ -69,3 +69,22 @@ fn durations_are_written_as_humantime() {
     assert_eq!(parse("1m 30s"), Some(Duration::from_secs(90)));
     assert_eq!(parse("2"), None);
 }
+
+#[test]
+fn numbers_that_would_overflow_later_are_refused_naming_the_key() {
+    let refused = |section: &str, line: &str| {
+        let text = format!("{MINIMAL}\n{section}\n{line}\n");
+        toml::from_str::<SidecarConfig>(&text).unwrap().validate().unwrap_err().to_string()
+    };
+    let err = refused("[routing]", "attempt_timeout = \"5000000000000000000s\"");
+    assert!(err.starts_with("routing.attempt_timeout: must be at most 604800s"), "{err}");
+    let err = refused("[tenants.acme]", "requests_per_sec = 1e-300\ntokens_per_min = 100.0");
+    assert!(err.starts_with("tenants.acme.requests_per_sec: must be a number in"), "{err}");
+    let err = refused("[outlier]", "success_rate_margin = nan");
+    assert!(err.starts_with("outlier.success_rate_margin"), "{err}");
+    let err = refused(
+        "[[services]]",
+        "name = \"chat\"\nmax_concurrency = 1000000000000\nmax_queue = 1\nmax_queue_wait = \"1s\"",
+    );
+    assert!(err.starts_with("services[0].max_concurrency: must be at most 1000000"), "{err}");
+}
