@@ -1,10 +1,15 @@
 //! A development CA and per-host certificates for mutual TLS between hosts.
 //! Production fleets should use their own PKI; these are for labs and tests.
+//! Each certificate carries the holder's workload identity as its one URI
+//! SAN, `spiffe://mesh/host/<host>/role/<role>`: listeners authorize on it
+//! (`daemon::tls::Allow`), so the role is chosen when the certificate is
+//! issued, not claimed by the caller.
 
 use std::net::IpAddr;
 use std::path::Path;
 
 use anyhow::Context;
+use daemon::tls::WorkloadId;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
@@ -43,8 +48,9 @@ pub fn create_ca(dir: &Path) -> anyhow::Result<()> {
 }
 
 /// Writes `{name}.pem` and `{name}.key` into `out`, signed by the CA in
-/// `ca_dir`, valid for `sans` (IP addresses or DNS names) as server and client.
-pub fn issue(ca_dir: &Path, name: &str, sans: &[String], out: &Path) -> anyhow::Result<()> {
+/// `ca_dir`, valid for `sans` (IP addresses or DNS names) as server and
+/// client, and carrying `id` as its identity.
+pub fn issue(ca_dir: &Path, name: &str, id: &WorkloadId, sans: &[String], out: &Path) -> anyhow::Result<()> {
     let ca_key_pem = std::fs::read_to_string(ca_dir.join("ca.key")).context("reading ca.key")?;
     let ca_key = KeyPair::from_pem(&ca_key_pem)?;
     let issuer = Issuer::new(ca_params(), ca_key);
@@ -58,6 +64,7 @@ pub fn issue(ca_dir: &Path, name: &str, sans: &[String], out: &Path) -> anyhow::
             Ok(ip) => Ok(SanType::IpAddress(ip)),
             Err(_) => Ok(SanType::DnsName(s.clone().try_into()?)),
         })
+        .chain(std::iter::once(Ok(SanType::URI(id.to_string().try_into()?))))
         .collect::<Result<_, rcgen::Error>>()?;
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];

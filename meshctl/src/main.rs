@@ -67,6 +67,14 @@ enum Command {
         san: Vec<String>,
         #[arg(long)]
         out: PathBuf,
+        /// What the holder is (sidecar, client, node, operator): the role in
+        /// its identity `spiffe://mesh/host/<host>/role/<role>`. Default
+        /// sidecar, what every mesh host runs.
+        #[arg(long, default_value = "sidecar")]
+        role: daemon::tls::Role,
+        /// The host in its identity (default: --name).
+        #[arg(long)]
+        host: Option<String>,
     },
     /// Services, instances and their records, read from etcd; with
     /// `--sidecar`, that sidecar's live view (load, in-flight, ejections).
@@ -147,9 +155,11 @@ async fn main() -> anyhow::Result<()> {
             certs::create_ca(out)?;
             println!("wrote {0}/ca.pem and {0}/ca.key", out.display());
         }
-        Command::CertsIssue { ref ca_dir, ref name, ref san, ref out } => {
-            certs::issue(ca_dir, name, san, out)?;
-            println!("wrote {0}/{name}.pem and {0}/{name}.key", out.display());
+        Command::CertsIssue { ref ca_dir, ref name, ref san, ref out, role, ref host } => {
+            let id = daemon::tls::WorkloadId::new(host.as_deref().unwrap_or(name), role)
+                .map_err(|e| anyhow::anyhow!("--host (default --name): {e}"))?;
+            certs::issue(ca_dir, name, &id, san, out)?;
+            println!("wrote {0}/{name}.pem and {0}/{name}.key for {id}", out.display());
         }
         Command::Status { ref sidecar, json, .. } if sidecar.is_some() => {
             sidecar_status(sidecar.as_deref().unwrap_or_default(), json).await?

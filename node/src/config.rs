@@ -100,6 +100,11 @@ pub struct NodeConfig {
     /// sidecars may call.
     #[arg(long, env = "MESH_NODE_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
+    /// Serve only this identity (`spiffe://mesh/host/<host>/role/sidecar`:
+    /// the node's own sidecar); repeatable; others get PERMISSION_DENIED.
+    /// Without it, any certificate from --tls-client-ca is served.
+    #[arg(long = "tls-allow-peer", env = "MESH_NODE_TLS_ALLOW_PEER", value_delimiter = ',', requires = "tls_client_ca")]
+    pub tls_allow_peer: Vec<daemon::tls::PeerPattern>,
 
     /// Matmul kernel for the CPU; defaults to the fastest this CPU supports
     /// (avx512, then avx2, then scalar). Forcing one the CPU lacks is an error.

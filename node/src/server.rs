@@ -9,6 +9,7 @@ use mesh_proto::v1::generation_server::GenerationServer;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic::service::Routes;
+use tonic::service::interceptor::InterceptedService;
 
 use crate::config::{BackendKind, NodeConfig};
 use crate::generation_api::GenerationApi;
@@ -88,7 +89,10 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     daemon::ready::announce("node", &addresses);
     // Sized to the largest request that could be valid here (see
     // `validate::max_request_bytes`), not tonic's 4 MiB default.
-    let routes = Routes::new(GenerationServer::new(api).max_decoding_message_size(max_request));
+    // Only the `--tls-allow-peer` identities, when given (the node's own sidecar).
+    let allow = daemon::tls::Allow::only(cfg.tls_allow_peer.clone()).interceptor();
+    let generation = GenerationServer::new(api).max_decoding_message_size(max_request);
+    let routes = Routes::new(InterceptedService::new(generation, allow));
     daemon::grpc::serve(listener, tls, health_server, routes, async {
         let _ = stop.await;
     })

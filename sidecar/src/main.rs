@@ -43,7 +43,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let cfg = match SidecarConfig::load(&cli.config).map(|c| apply(c, &cli)) {
+    let cfg = match SidecarConfig::load(&cli.config).map(|c| apply(c, &cli)).and_then(SidecarConfig::checked) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("bad configuration: {e}");

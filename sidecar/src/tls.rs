@@ -1,7 +1,9 @@
 //! Mutual TLS between hosts (rustls, through tonic): the inbound side
-//! requires a client certificate signed by the mesh CA; outbound
-//! connections to other sidecars and to the node present this host's.
+//! requires a client certificate signed by the mesh CA, and then serves
+//! only the identities in `tls.inbound_peers`; outbound connections to
+//! other sidecars and to the node present this host's.
 
+use daemon::tls::Allow;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
 use crate::config::{ConfigError, TlsSection};
@@ -12,6 +14,8 @@ pub struct TlsMaterial {
     identity: Identity,
     /// Serve the outbound (client-facing) listener over TLS too.
     pub outbound: bool,
+    /// Who the inbound side serves, once the handshake has passed.
+    pub inbound_peers: Allow,
 }
 
 impl TlsMaterial {
@@ -22,7 +26,8 @@ impl TlsMaterial {
         };
         let ca = Certificate::from_pem(read("ca", &section.ca)?);
         let identity = Identity::from_pem(read("cert", &section.cert)?, read("key", &section.key)?);
-        Ok(Self { ca, identity, outbound: section.outbound })
+        let inbound_peers = Allow::only(section.inbound_peers());
+        Ok(Self { ca, identity, outbound: section.outbound, inbound_peers })
     }
 
     /// For a listener other sidecars (or this sidecar) call: their

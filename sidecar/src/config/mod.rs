@@ -49,9 +49,15 @@ pub struct SidecarConfig {
     pub metrics_token_file: Option<PathBuf>,
     /// Mutual TLS between hosts. Required unless `plaintext = true`.
     pub tls: Option<TlsSection>,
-    /// Run without TLS; must be said explicitly.
+    /// Run without TLS; must be said explicitly, and then every listener
+    /// must be on loopback (there are no identities, so whoever reaches a
+    /// plaintext listener is trusted as a sidecar).
     #[serde(default)]
     pub plaintext: bool,
+    /// Allow plaintext listeners off loopback (a network the operator
+    /// trusts end to end); the sidecar logs a warning at start.
+    #[serde(default)]
+    pub insecure_plaintext_anywhere: bool,
     /// API keys of the tenants allowed to call in through this sidecar; when
     /// empty, calls are not authenticated.
     #[serde(default)]
@@ -131,7 +137,25 @@ impl SidecarConfig {
         {
             return Err(invalid("node.weight", "must be at least 1"));
         }
-        security::validate(self.tls.as_ref(), self.plaintext, &self.api_keys)
+        security::validate(&self.plaintext_listeners(), &self.api_keys)
+    }
+
+    fn plaintext_listeners(&self) -> security::Plaintext<'_> {
+        security::Plaintext {
+            tls: self.tls.as_ref(),
+            plaintext: self.plaintext,
+            anywhere: self.insecure_plaintext_anywhere,
+            outbound: self.listen.outbound,
+            inbound: self.node.as_ref().map(|_| self.listen.inbound),
+        }
+    }
+
+    /// Validates again after flags changed it, and warns about every
+    /// plaintext listener off loopback (`insecure_plaintext_anywhere`).
+    pub fn checked(self) -> Result<Self, ConfigError> {
+        self.validate()?;
+        self.plaintext_listeners().warn();
+        Ok(self)
     }
 
     pub fn etcd(&self) -> registry::EtcdConfig {

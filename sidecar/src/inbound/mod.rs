@@ -1,12 +1,14 @@
-//! The inbound side: the gate in front of this sidecar's own node. Its
-//! layers, in order, are assembled in `server.rs`: trace, accept (drain),
-//! charge the tenant, admission (the bulkhead), the node. Every refusal is
-//! fast and says when to come back.
+//! The inbound side: the gate in front of this sidecar's own node. Before
+//! the stack, `identity` checks who calls and fixes the tenant; the
+//! stack's layers, in order, are assembled in `server.rs`: trace, accept
+//! (drain), charge the tenant, admission (the bulkhead), the node. Every
+//! refusal is fast and says when to come back.
 
 pub mod accept;
 pub mod admission;
 pub mod bulkhead;
 pub mod charge;
+pub mod identity;
 pub mod node;
 pub mod start;
 pub mod tenants;

@@ -1,6 +1,6 @@
 //! Starting the inbound side: reach the node, learn what it serves, serve
-//! the inbound stack in front of it, mirror its health, and register it in
-//! the mesh.
+//! the inbound stack in front of it (behind the listener's identity rule),
+//! mirror its health, and register it in the mesh.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,6 +17,7 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::{HealthCheckRequest, health_check_response};
 
 use super::bulkhead::Bulkhead;
+use super::identity::Authorized;
 use crate::config::{NodeSection, ServiceLimits, SidecarConfig};
 use crate::registration;
 use crate::stack::Front;
@@ -66,7 +67,10 @@ pub async fn serve(
     let (health, health_service) = Health::new();
     health.set(true).await;
     tokio::spawn(mirror_node_health(node.channel.clone(), health.clone(), stop.clone()));
-    let routes = Routes::new(GenerationServer::new(front));
+    // Plaintext has no identities to check (and is on loopback unless the
+    // config says otherwise); with TLS, only `tls.inbound_peers` are served.
+    let allow = tls.map(|t| t.inbound_peers.clone()).unwrap_or_default();
+    let routes = Routes::new(GenerationServer::new(Authorized::new(front, allow)));
     let shutdown = async move {
         let _ = stop.wait_for(|s| *s).await;
     };

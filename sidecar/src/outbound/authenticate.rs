@@ -1,16 +1,39 @@
 //! Authentication, where calls enter the mesh (the outbound side): an API
 //! key names the caller's tenant and the services it may use. Config holds
-//! only SHA-256 digests; keys are never stored or logged.
+//! only SHA-256 digests; keys are never stored or logged. The tenant then
+//! travels to the instance as a claim ([`TENANT_CLAIM`]) that its inbound
+//! side believes only because this sidecar's certificate says `role/sidecar`.
 
 use std::collections::HashMap;
 
 use tonic::Status;
-use tonic::metadata::MetadataMap;
+use tonic::metadata::{MetadataMap, MetadataValue};
 
 use mesh_proto::api_key::digest;
 
 use crate::config::ApiKey;
 use crate::stack::{Call, Next, Reply, Step, pass};
+
+/// The metadata an edge sidecar states the call's tenant in.
+pub const TENANT_CLAIM: &str = "x-mesh-tenant";
+
+/// Longest tenant name: it is a metadata value and a map key.
+const MAX_TENANT: usize = 128;
+
+/// A tenant must fit in a metadata value: printable ASCII, bounded.
+pub fn check_tenant(tenant: &str) -> Result<(), String> {
+    if tenant.len() > MAX_TENANT || !tenant.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!("must be at most {MAX_TENANT} printable ASCII characters, no spaces"));
+    }
+    Ok(())
+}
+
+/// States `tenant` on a call to an instance (checked by [`Authenticate`]).
+pub fn attach_claim(tenant: &str, meta: &mut MetadataMap) {
+    if let Ok(v) = MetadataValue::try_from(tenant) {
+        meta.insert(TENANT_CLAIM, v);
+    }
+}
 
 /// The layer: a key's tenant replaces whatever tenant the caller claims.
 pub struct Authenticate(pub ApiKeys);
@@ -20,6 +43,7 @@ impl Step for Authenticate {
         if let Some(tenant) = self.0.check(&call.metadata, &call.req.model)? {
             call.req.tenant = tenant;
         }
+        check_tenant(&call.req.tenant).map_err(|e| Status::invalid_argument(format!("tenant: {e}")))?;
         pass(next, call).await
     }
 }
@@ -78,5 +102,15 @@ mod tests {
         assert_eq!(k.check(&bearer("guess"), "chat").unwrap_err().code(), tonic::Code::Unauthenticated);
         assert_eq!(k.check(&MetadataMap::new(), "chat").unwrap_err().code(), tonic::Code::Unauthenticated);
         assert_eq!(ApiKeys::new(&[]).check(&MetadataMap::new(), "chat").unwrap(), None);
+    }
+
+    #[test]
+    fn a_tenant_is_a_claim_that_fits_in_metadata() {
+        assert!(check_tenant("acme-1").is_ok() && check_tenant("").is_ok());
+        assert!(check_tenant("a b").unwrap_err().contains("printable ASCII"));
+        assert!(check_tenant(&"x".repeat(129)).is_err());
+        let mut meta = MetadataMap::new();
+        attach_claim("acme", &mut meta);
+        assert_eq!(meta.get(TENANT_CLAIM).unwrap(), "acme");
     }
 }

@@ -124,6 +124,7 @@ impl Route {
         let mut request =
             Request::new(GenerateRequest { continuation_token_ids: continuation.to_vec(), ..req.clone() });
         telemetry::propagation::inject(&span, request.metadata_mut());
+        crate::outbound::authenticate::attach_claim(&req.tenant, request.metadata_mut());
         let mut limit = self.routing.attempt_timeout;
         if let Some(d) = deadline {
             let left = d.saturating_duration_since(started);
