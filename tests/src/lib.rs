@@ -16,6 +16,7 @@ pub mod etcd;
 pub mod mesh;
 pub mod netns;
 pub mod otlp;
+pub mod pki;
 pub mod proxy;
 
 /// A port that was free a moment ago (see `harness::free_port`).

@@ -1,41 +1,14 @@
 //! Mutual TLS between sidecars and to the node, certificates from
 //! `meshctl`, and API keys where calls enter the mesh.
 
-use std::path::{Path, PathBuf};
-
 use mesh_proto::v1::GenerateRequest;
 use mesh_proto::v1::generation_client::GenerationClient;
 use mesh_tests::etcd::Etcd;
 use mesh_tests::mesh::SidecarProcess;
-use mesh_tests::{NodeProcess, bin_dir, free_port, prompt_request};
+use mesh_tests::pki::{Pki, meshctl};
+use mesh_tests::{NodeProcess, prompt_request};
 use tonic::Code;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
-
-async fn meshctl(args: &[&str]) {
-    let out = tokio::process::Command::new(bin_dir().join("meshctl")).args(args).output().await.unwrap();
-    assert!(out.status.success(), "meshctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// A CA and certificates for `names`, all valid for 127.0.0.1.
-async fn pki(names: &[&str]) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("mesh-pki-{}-{}", std::process::id(), free_port()));
-    let d = dir.to_str().unwrap();
-    meshctl(&["certs-ca", "--out", d]).await;
-    for n in names {
-        meshctl(&["certs-issue", "--ca-dir", d, "--name", n, "--san", "127.0.0.1,localhost", "--out", d]).await;
-    }
-    dir
-}
-
-fn tls_section(dir: &Path, name: &str) -> String {
-    let p = |f: &str| dir.join(f).display().to_string();
-    format!(
-        "[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
-        p("ca.pem"),
-        p(&format!("{name}.pem")),
-        p(&format!("{name}.key"))
-    )
-}
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
 fn chat(max_tokens: u32) -> GenerateRequest {
     GenerateRequest { model: "chat".into(), ..prompt_request("secure", max_tokens) }
@@ -56,10 +29,11 @@ async fn call(client: &mut GenerationClient<Channel>, key: Option<&str>) -> Resu
 
 #[tokio::test(flavor = "multi_thread")]
 async fn mutual_tls_between_hosts_and_api_keys_at_the_edge() {
-    let dir = pki(&["node-host", "client-host", "intruder"]).await;
+    let pki = Pki::new().await;
+    // Both hosts run a sidecar; the intruder is a client host's certificate.
+    pki.issue("node-host", "sidecar").await.issue("client-host", "sidecar").await.issue("intruder", "client").await;
     let etcd = Etcd::start().await;
-    let p = |f: &str| dir.join(f).display().to_string();
-    let (cert, key, ca) = (p("node-host.pem"), p("node-host.key"), p("ca.pem"));
+    let (cert, key, ca) = (pki.path("node-host.pem"), pki.path("node-host.key"), pki.path("ca.pem"));
     let node = NodeProcess::start(&[
         "--backend",
         "synthetic",
@@ -73,10 +47,10 @@ async fn mutual_tls_between_hosts_and_api_keys_at_the_edge() {
         &ca,
     ])
     .await;
-    let b = SidecarProcess::start(&etcd, Some(&node), &tls_section(&dir, "node-host")).await;
+    let b = SidecarProcess::start(&etcd, Some(&node), &pki.tls_section("node-host")).await;
     let keys = format!(
         "{}[[api_keys]]\ntenant = \"acme\"\nsha256 = \"{}\"\nservices = [\"chat\"]\n[[api_keys]]\ntenant = \"other\"\nsha256 = \"{}\"\nservices = [\"code\"]\n",
-        tls_section(&dir, "client-host"),
+        pki.tls_section("client-host"),
         hash("good-key").await,
         hash("code-only").await
     );
@@ -109,22 +83,13 @@ async fn mutual_tls_between_hosts_and_api_keys_at_the_edge() {
         };
         assert!(refused, "{addr} served plaintext");
     }
-    // A certificate from the same CA is accepted (the check is the chain, not the name).
-    let id = Identity::from_pem(std::fs::read(p("intruder.pem")).unwrap(), std::fs::read(p("intruder.key")).unwrap());
-    let with_cert =
-        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(std::fs::read(&ca).unwrap())).identity(id);
-    let ch = Channel::from_shared(format!("https://{inbound}"))
-        .unwrap()
-        .tls_config(with_cert)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    assert_eq!(call(&mut GenerationClient::new(ch), None).await.unwrap(), 3);
-    let _ = std::fs::remove_dir_all(&dir);
+    // A certificate from the same CA passes the handshake, but the inbound
+    // side serves sidecars only: a client host's identity is refused, named.
+    let refused = call(&mut GenerationClient::new(pki.channel(inbound, "intruder")), None).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    assert!(refused.message().contains("spiffe://mesh/host/intruder/role/client may not call here"), "{refused:?}");
 }
 
 async fn hash(key: &str) -> String {
-    let out = tokio::process::Command::new(bin_dir().join("meshctl")).args(["hash-key", key]).output().await.unwrap();
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
+    meshctl(&["hash-key", key]).await.trim().to_string()
 }
