@@ -1,5 +1,7 @@
 //! A real etcd on free loopback ports with its own data directory, removed
-//! when dropped.
+//! when dropped; plain, or serving TLS to clients that present a
+//! certificate of its CA (`--client-cert-auth`), with auth enabled on
+//! request.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -7,32 +9,74 @@ use std::time::Duration;
 
 use tokio::process::Command;
 
-use crate::{Result, Spawned, free_port, http_get};
+pub use registry::etcd::auth::MeshGrant;
+
+use crate::{Error, Result, Spawned, free_port, http_get};
 
 /// How long etcd may take to serve.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// etcd's server TLS: its certificate and key, and the CA whose client
+/// certificates it requires (`--trusted-ca-file`, `--client-cert-auth`).
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
 
 pub struct Etcd {
     bin: PathBuf,
     process: Option<Spawned>,
     client_port: u16,
     peer_port: u16,
+    /// Plain HTTP `/health` (and `/metrics`), probed whatever the client port speaks.
+    metrics_port: u16,
     data_dir: PathBuf,
+    tls: Option<EtcdTls>,
 }
 
 impl Etcd {
     /// Starts `bin` (etcd 3.4 or later) and waits until it is healthy.
     pub async fn start(bin: &Path) -> Result<Etcd> {
-        let (client_port, peer_port) = (free_port()?, free_port()?);
+        Self::start_with(bin, None).await
+    }
+
+    /// Starts `bin` serving clients over TLS only, to those presenting a
+    /// certificate signed by `tls.ca`.
+    pub async fn start_tls(bin: &Path, tls: EtcdTls) -> Result<Etcd> {
+        Self::start_with(bin, Some(tls)).await
+    }
+
+    async fn start_with(bin: &Path, tls: Option<EtcdTls>) -> Result<Etcd> {
+        let (client_port, peer_port, metrics_port) = (free_port()?, free_port()?, free_port()?);
         let data_dir = std::env::temp_dir().join(format!("mesh-etcd-{}-{client_port}", std::process::id()));
-        let mut etcd = Etcd { bin: bin.to_path_buf(), process: None, client_port, peer_port, data_dir };
+        let bin = bin.to_path_buf();
+        let mut etcd = Etcd { bin, process: None, client_port, peer_port, metrics_port, data_dir, tls };
         etcd.launch().await?;
         Ok(etcd)
     }
 
-    /// `http://127.0.0.1:PORT`, for clients.
+    /// `http://127.0.0.1:PORT` (`https://` with TLS), for clients.
     pub fn url(&self) -> String {
-        format!("http://{}", self.client_addr())
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.client_addr())
+    }
+
+    /// Turns on etcd's auth: a `root` user with `root_password`, and a
+    /// user and role `grant.user` that may read and write only under
+    /// `grant.prefix`. `admin` connects (its TLS files, with
+    /// `--client-cert-auth`).
+    pub async fn enable_auth(
+        &self,
+        admin: registry::TlsFiles,
+        root_password: &str,
+        grant: &MeshGrant<'_>,
+    ) -> Result<()> {
+        let mut config = registry::EtcdConfig::new(vec![self.url()]);
+        config.tls = Some(admin);
+        let enabled = registry::etcd::auth::enable(&config, root_password, grant).await;
+        enabled.map_err(|e| Error::io("etcd", "enabling auth", std::io::Error::other(e)))
     }
 
     /// Kills etcd (SIGKILL) and waits until it is gone.
@@ -64,16 +108,22 @@ impl Etcd {
 
     async fn launch(&mut self) -> Result<()> {
         let (url, peer) = (self.url(), format!("http://127.0.0.1:{}", self.peer_port));
+        let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, self.metrics_port));
         let mut cmd = Command::new(&self.bin);
         cmd.args(["--name", "mesh", "--data-dir"])
             .arg(&self.data_dir)
             .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &format!("mesh={peer}")]);
+            .args(["--initial-cluster", &format!("mesh={peer}")])
+            .args(["--listen-metrics-urls", &format!("http://{metrics}")]);
+        if let Some(tls) = &self.tls {
+            cmd.arg("--cert-file").arg(&tls.cert).arg("--key-file").arg(&tls.key);
+            cmd.arg("--trusted-ca-file").arg(&tls.ca).arg("--client-cert-auth");
+        }
         let mut process = Spawned::spawn("etcd", cmd)?;
         // Ready when `/health` says so (a served read through raft), not
         // when a log line does: etcd's log wording is not an interface.
-        let addr = self.client_addr();
+        let addr = metrics;
         process.probed(START_TIMEOUT, || healthy(addr)).await?;
         self.process = Some(process);
         Ok(())

@@ -20,7 +20,7 @@ mod ready;
 mod sidecar;
 
 pub use error::Error;
-pub use etcd::Etcd;
+pub use etcd::{Etcd, EtcdTls, MeshGrant};
 pub use http::http_get;
 pub use locate::{bin_dir, default_model, free_port, workspace_bin};
 pub use node::Node;

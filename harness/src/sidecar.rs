@@ -21,6 +21,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct SidecarConfig {
     /// etcd's client URL.
     pub etcd: String,
+    /// More keys of `[etcd]` (TLS files, user), one per line.
+    pub etcd_keys: String,
     /// The node it fronts (its inbound side), if any.
     pub node: Option<SocketAddr>,
     /// More TOML, appended: `[routing]`, `[[services]]`, `[outlier]`, `[tls]`...
@@ -30,12 +32,18 @@ pub struct SidecarConfig {
 impl SidecarConfig {
     /// A client-side sidecar of the mesh at `etcd`.
     pub fn new(etcd: impl Into<String>) -> SidecarConfig {
-        SidecarConfig { etcd: etcd.into(), node: None, extra: String::new() }
+        SidecarConfig { etcd: etcd.into(), etcd_keys: String::new(), node: None, extra: String::new() }
     }
 
     /// The same, fronting the node at `node`.
     pub fn fronting(self, node: SocketAddr) -> SidecarConfig {
         SidecarConfig { node: Some(node), ..self }
+    }
+
+    /// The same, with `keys` (TOML lines) added to `[etcd]`.
+    pub fn with_etcd(mut self, keys: &str) -> SidecarConfig {
+        self.etcd_keys.push_str(keys);
+        self
     }
 
     /// The same, with `toml` appended.
@@ -56,8 +64,8 @@ impl SidecarConfig {
         };
         format!(
             "drain_grace = \"5s\"\n{plaintext}[listen]\noutbound = \"127.0.0.1:0\"\ninbound = \"127.0.0.1:0\"\n\
-             [etcd]\nendpoints = [\"{}\"]\nlease_ttl = \"2s\"\n{node}{}",
-            self.etcd, self.extra
+             [etcd]\nendpoints = [\"{}\"]\nlease_ttl = \"2s\"\n{}{node}{}",
+            self.etcd, self.etcd_keys, self.extra
         )
     }
 }

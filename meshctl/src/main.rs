@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use etcd::EtcdArgs;
 use mesh_proto::v1::InstancesRequest;
 use mesh_proto::v1::generation_client::GenerationClient;
 use mesh_proto::v1::sidecar_admin_client::SidecarAdminClient;
@@ -13,7 +14,7 @@ use mesh_proto::v1::{
     ChatMessage, ChatMessages, FinishReason, GenerateRequest, ListModelsRequest, SamplingParams,
     generate_request::Input,
 };
-use registry::{EtcdConfig, EtcdRegistry, InstanceRecord, Registry, TlsFiles};
+use registry::{EtcdConfig, EtcdRegistry, InstanceRecord, Registry};
 
 #[derive(Parser)]
 #[command(name = "meshctl", version, about = "Operator CLI for the model-serving mesh.")]
@@ -103,45 +104,13 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         weight: u32,
     },
-}
-
-#[derive(clap::Args)]
-struct EtcdArgs {
-    /// etcd endpoints, comma-separated.
-    #[arg(long, env = "MESH_ETCD", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
-    etcd: Vec<String>,
-    #[arg(long, env = "MESH_ETCD_PREFIX", default_value = "/mesh/v1/")]
-    prefix: String,
-    /// Lease TTL in seconds.
-    #[arg(long, default_value_t = 5)]
-    lease_ttl: u64,
-    /// CA certificate (PEM) to reach etcd over TLS.
-    #[arg(long, env = "MESH_ETCD_CA")]
-    etcd_ca: Option<PathBuf>,
-    /// Client certificate and key (PEM) for etcd's client-cert auth.
-    #[arg(long, env = "MESH_ETCD_CERT", requires = "etcd_key")]
-    etcd_cert: Option<PathBuf>,
-    #[arg(long, env = "MESH_ETCD_KEY", requires = "etcd_cert")]
-    etcd_key: Option<PathBuf>,
-    #[arg(long, env = "MESH_ETCD_USER", requires = "etcd_password")]
-    etcd_user: Option<String>,
-    #[arg(long, env = "MESH_ETCD_PASSWORD", hide_env_values = true)]
-    etcd_password: Option<String>,
-}
-
-impl EtcdArgs {
-    fn config(&self) -> EtcdConfig {
-        let mut c = EtcdConfig::new(self.etcd.clone());
-        c.prefix = self.prefix.clone();
-        c.lease_ttl = std::time::Duration::from_secs(self.lease_ttl.max(1));
-        c.tls =
-            self.etcd_ca.clone().map(|ca| TlsFiles { ca, identity: self.etcd_cert.clone().zip(self.etcd_key.clone()) });
-        c.user = self.etcd_user.clone().zip(self.etcd_password.clone());
-        c
-    }
+    /// Turn on etcd's auth for the mesh: a `root` user, and a user and role
+    /// that may read and write only under the prefix.
+    EtcdEnableAuth(etcd::EnableAuth),
 }
 
 mod certs;
+mod etcd;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -170,6 +139,7 @@ async fn main() -> anyhow::Result<()> {
             rec.weight = weight;
             register(etcd.config(), rec).await?
         }
+        Command::EtcdEnableAuth(ref args) => etcd::enable_auth(args).await?,
         Command::Models => {
             let mut client = connect().await?;
             for m in client.list_models(ListModelsRequest {}).await?.into_inner().models {

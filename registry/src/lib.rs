@@ -28,19 +28,22 @@ mod view;
 use std::future::Future;
 use std::sync::Arc;
 
-pub use etcd::{EtcdConfig, EtcdRegistry, Stats, TlsFiles};
+pub use etcd::{Credentials, EtcdConfig, EtcdRegistry, Stats, TlsFiles};
 pub use memory::MemoryRegistry;
 pub use record::{InstanceRecord, SCHEMA_VERSION};
 pub use view::{Change, View};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    #[error("etcd: {0}")]
+    #[error("etcd: {}", etcd::explain(.0))]
     Etcd(#[from] etcd_client::Error),
     #[error("invalid record: {0}")]
     InvalidRecord(String),
+    /// A TLS or password file of the etcd connection.
     #[error("cannot read {path}: {error}")]
-    Tls { path: String, error: std::io::Error },
+    Unreadable { path: String, error: std::io::Error },
+    #[error("{0}")]
+    Config(String),
     #[error("etcd did not answer within {0:?}")]
     Timeout(std::time::Duration),
     #[error("the registry has shut down")]

@@ -1,30 +1,24 @@
 //! The etcd registry: one lease-keeping registrar and one watcher per
 //! process, both background tasks that outlive any etcd outage.
 
+pub mod auth;
+mod connection;
 mod lease;
 mod stats;
 mod watcher;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Certificate, ConnectOptions, Identity, TlsOptions};
 pub use etcd_client::{Client, GetOptions};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{InstanceRecord, Registry, RegistryError, View};
+pub(crate) use connection::explain;
+pub use connection::{Credentials, TlsFiles};
 use lease::Command;
 pub use lease::RegistrarState;
 pub use stats::Stats;
-
-/// Client certificate files for etcd over TLS.
-#[derive(Debug, Clone)]
-pub struct TlsFiles {
-    pub ca: PathBuf,
-    /// Client certificate and key, for etcd's `--client-cert-auth`.
-    pub identity: Option<(PathBuf, PathBuf)>,
-}
 
 #[derive(Debug, Clone)]
 pub struct EtcdConfig {
@@ -33,7 +27,7 @@ pub struct EtcdConfig {
     pub prefix: String,
     pub lease_ttl: Duration,
     pub tls: Option<TlsFiles>,
-    pub user: Option<(String, String)>,
+    pub credentials: Option<Credentials>,
     /// Longest wait for one etcd call before it counts as a failure.
     pub request_timeout: Duration,
     /// Backoff between reconnection attempts: base and cap.
@@ -60,7 +54,7 @@ impl EtcdConfig {
             prefix: "/mesh/v1/".into(),
             lease_ttl: Duration::from_secs(5),
             tls: None,
-            user: None,
+            credentials: None,
             request_timeout: Duration::from_secs(3),
             backoff: (Duration::from_millis(100), Duration::from_secs(3)),
             keep_alive_interval: KEEP_ALIVE_INTERVAL,
@@ -72,30 +66,6 @@ impl EtcdConfig {
     pub fn with_stats(mut self, stats: Arc<Stats>) -> Self {
         self.stats = stats;
         self
-    }
-
-    fn options(&self) -> Result<ConnectOptions, RegistryError> {
-        // HTTP/2 keep-alives notice a dead etcd while the watch waits. Only
-        // while streams are open: etcd's default enforcement counts pings on
-        // an idle connection as abuse.
-        let mut opts = ConnectOptions::new()
-            .with_connect_timeout(self.request_timeout)
-            .with_keep_alive(self.keep_alive_interval, self.request_timeout)
-            .with_keep_alive_while_idle(false);
-        if let Some((user, password)) = &self.user {
-            opts = opts.with_user(user, password);
-        }
-        if let Some(tls) = &self.tls {
-            let read = |p: &PathBuf| {
-                std::fs::read(p).map_err(|error| RegistryError::Tls { path: p.display().to_string(), error })
-            };
-            let mut t = TlsOptions::new().ca_certificate(Certificate::from_pem(read(&tls.ca)?));
-            if let Some((cert, key)) = &tls.identity {
-                t = t.identity(Identity::from_pem(read(cert)?, read(key)?));
-            }
-            opts = opts.with_tls(t);
-        }
-        Ok(opts)
     }
 
     /// A fresh client, or an error within `request_timeout`.
@@ -128,7 +98,7 @@ impl EtcdRegistry {
     /// Starts the registrar and the watcher. Never fails because etcd is
     /// away: both keep retrying in the background.
     pub fn start(config: EtcdConfig) -> Result<Self, RegistryError> {
-        config.options()?; // unreadable TLS files are a configuration error, found now
+        config.options()?; // unreadable TLS or password files are configuration errors, found now
         let config = Arc::new(config);
         let stats = config.stats.clone();
         let (commands, state) = lease::spawn(config.clone());

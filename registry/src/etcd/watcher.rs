@@ -112,7 +112,11 @@ impl Watcher {
         self.config.stats.watch_broke();
         let now = tokio::time::Instant::now().into_std();
         if self.outage.occur(now) {
-            tracing::warn!(error = %e, "registry: etcd unreachable; keeping the last view");
+            let what = match e.is_refusal() {
+                true => "etcd refused this client (its certificate, user or role)",
+                false => "etcd unreachable",
+            };
+            tracing::warn!(error = %e, "registry: {what}; keeping the last view");
         } else if let Some(n) = self.outage.summary_due(now, SUMMARY_INTERVAL) {
             let all = self.outage.count();
             tracing::warn!(error = %e, "registry: etcd still unreachable ({n} failed attempts in the last {SUMMARY_INTERVAL:?}, {all} in all)");

@@ -207,10 +207,11 @@ impl Registrar {
     }
 
     /// A failed keep-alive: retried after a jittered backoff, counted as a
-    /// failed registration only once the lease may have run out.
+    /// failed registration only once the lease may have run out, or at
+    /// once when etcd refused (no permission for the lease or the records).
     fn broke(&mut self, held: &mut Held, e: RegistryError, backoff: &mut Backoff) {
         held.unlink(backoff.next_delay());
-        if !self.is_registered() {
+        if !self.is_registered() || e.is_refusal() {
             return self.lost(e);
         }
         if self.link_trouble.occur(Instant::now().into_std()) {
