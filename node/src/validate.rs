@@ -6,7 +6,7 @@ use mesh_proto::v1::{GenerateRequest, Priority, generate_request::Input};
 use tonic::Status;
 
 use crate::scheduler::Request;
-use crate::text::{ChatTurn, TextCodec};
+use crate::text::{ChatTurn, SpecialTokens, TextCodec, TextError};
 
 /// Most stop strings per request, and bytes per stop string.
 pub const MAX_STOP_STRINGS: usize = 8;
@@ -71,41 +71,8 @@ pub fn check(req: GenerateRequest, rules: &Rules<'_>, codec: &dyn TextCodec) -> 
             s.len()
         )));
     }
-    let max_bytes = rules.context_length.saturating_mul(PROMPT_BYTES_PER_TOKEN);
-    let too_long = |field: &str, bytes: usize| {
-        invalid(format!(
-            "{field} is {bytes} bytes; the limit is {max_bytes} bytes ({PROMPT_BYTES_PER_TOKEN} per token of the \
-             context length {})",
-            rules.context_length
-        ))
-    };
-    let text = match req.input {
-        None => return Err(invalid("input is required: set prompt or chat")),
-        Some(Input::Prompt(p)) if p.is_empty() => return Err(invalid("prompt must not be empty")),
-        Some(Input::Prompt(p)) if p.len() > max_bytes => return Err(too_long("prompt", p.len())),
-        Some(Input::Prompt(p)) => p,
-        Some(Input::Chat(c)) if c.messages.is_empty() => return Err(invalid("chat.messages must not be empty")),
-        Some(Input::Chat(c)) => {
-            if c.messages.len() > rules.context_length {
-                return Err(invalid(format!(
-                    "chat.messages has {} messages; the limit is the context length {}",
-                    c.messages.len(),
-                    rules.context_length
-                )));
-            }
-            let bytes = c.messages.iter().map(|m| m.content.len()).sum();
-            if bytes > max_bytes {
-                return Err(too_long("chat.messages[].content (all messages)", bytes));
-            }
-            if let Some(m) = c.messages.iter().find(|m| !ROLES.contains(&m.role.as_str())) {
-                return Err(invalid(format!("chat.messages[].role {:?} is not one of {ROLES:?}", m.role)));
-            }
-            let turns: Vec<ChatTurn> =
-                c.messages.into_iter().map(|m| ChatTurn { role: m.role, content: m.content }).collect();
-            codec.render_chat(&turns).map_err(|e| invalid(format!("chat.messages: {e}")))?
-        }
-    };
-    let mut prompt = codec.encode(&text).map_err(|e| Status::internal(e.to_string()))?;
+    let special = if req.allow_special_tokens { SpecialTokens::Parsed } else { SpecialTokens::AsText };
+    let mut prompt = encode_input(req.input, special, rules, codec)?;
     if prompt.is_empty() {
         return Err(invalid("prompt encodes to zero tokens"));
     }
@@ -157,6 +124,55 @@ pub fn check(req: GenerateRequest, rules: &Rules<'_>, codec: &dyn TextCodec) -> 
         priority,
         deadline: None,
         span: tracing::Span::none(),
+    })
+}
+
+/// The prompt's tokens: its bytes checked first (tokenizing is the costly
+/// part), then the raw prompt or the chat rendered and tokenized.
+fn encode_input(
+    input: Option<Input>,
+    special: SpecialTokens,
+    rules: &Rules<'_>,
+    codec: &dyn TextCodec,
+) -> Result<Vec<u32>, Status> {
+    let max_bytes = rules.context_length.saturating_mul(PROMPT_BYTES_PER_TOKEN);
+    let too_long = |field: &str, bytes: usize| {
+        invalid(format!(
+            "{field} is {bytes} bytes; the limit is {max_bytes} bytes ({PROMPT_BYTES_PER_TOKEN} per token of the \
+             context length {})",
+            rules.context_length
+        ))
+    };
+    let encoded = match input {
+        None => return Err(invalid("input is required: set prompt or chat")),
+        Some(Input::Prompt(p)) if p.is_empty() => return Err(invalid("prompt must not be empty")),
+        Some(Input::Prompt(p)) if p.len() > max_bytes => return Err(too_long("prompt", p.len())),
+        Some(Input::Prompt(p)) => codec.encode(&p, special),
+        Some(Input::Chat(c)) if c.messages.is_empty() => return Err(invalid("chat.messages must not be empty")),
+        Some(Input::Chat(c)) => {
+            if c.messages.len() > rules.context_length {
+                return Err(invalid(format!(
+                    "chat.messages has {} messages; the limit is the context length {}",
+                    c.messages.len(),
+                    rules.context_length
+                )));
+            }
+            let bytes = c.messages.iter().map(|m| m.content.len()).sum();
+            if bytes > max_bytes {
+                return Err(too_long("chat.messages[].content (all messages)", bytes));
+            }
+            if let Some(m) = c.messages.iter().find(|m| !ROLES.contains(&m.role.as_str())) {
+                return Err(invalid(format!("chat.messages[].role {:?} is not one of {ROLES:?}", m.role)));
+            }
+            let turns: Vec<ChatTurn> =
+                c.messages.into_iter().map(|m| ChatTurn { role: m.role, content: m.content }).collect();
+            codec.encode_chat(&turns, special)
+        }
+    };
+    // A template that refuses the turns (say, roles that must alternate) is the caller's to fix.
+    encoded.map_err(|e| match e {
+        TextError::Template(_) => invalid(format!("chat.messages: {e}")),
+        e => Status::internal(e.to_string()),
     })
 }
 

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use candle_core::{Device, Tensor};
 use node::model::qgemm::Kernel;
 use node::model::{KvCache, LlamaModel, StepChunk};
-use node::text::{ChatTurn, GgufText, TextCodec};
+use node::text::{ChatTurn, GgufText, SpecialTokens, TextCodec};
 
 const STEPS: usize = 24;
 
@@ -58,8 +58,7 @@ fn load(kernel: Kernel) -> (LlamaModel, GgufText) {
 }
 
 fn chat(codec: &GgufText, q: &str) -> Vec<u32> {
-    let text = codec.render_chat(&[ChatTurn { role: "user".into(), content: q.into() }]).unwrap();
-    codec.encode(&text).unwrap()
+    codec.encode_chat(&[ChatTurn { role: "user".into(), content: q.into() }], SpecialTokens::AsText).unwrap()
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {

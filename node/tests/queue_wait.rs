@@ -13,6 +13,7 @@ use mesh_proto::metadata as md;
 use node::loaded_model::LoadedModel;
 use node::metrics::NodeMetrics;
 use node::scheduler::{AdmitError, Limits, Request, Scheduler};
+use node::text::SpecialTokens;
 use tonic::Code;
 
 const BOUND: Duration = Duration::from_secs(1);
@@ -20,7 +21,7 @@ const STEP: Duration = Duration::from_millis(100);
 
 fn node() -> (Scheduler, Vec<u32>) {
     let model = LoadedModel::synthetic("synthetic".into(), 1.0 / STEP.as_secs_f64(), 256);
-    let prompt = model.codec.encode("one two three four").unwrap();
+    let prompt = model.codec.encode("one two three four", SpecialTokens::AsText).unwrap();
     assert_eq!(prompt.len(), 4);
     let limits = Limits {
         max_running: 1000,

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use candle_transformers::generation::Sampling;
 use node::scheduler::{Request, Scheduler};
-use node::text::TextCodec;
+use node::text::{SpecialTokens, TextCodec};
 
 use super::PROMPT;
 
@@ -56,7 +56,7 @@ pub async fn decode_rate(scheduler: &Scheduler, prompt: &[u32], streams: usize, 
 
 /// A 128-token prompt made of the benchmark prompt's tokens.
 pub fn long_prompt(codec: &Arc<dyn TextCodec>) -> anyhow::Result<Vec<u32>> {
-    let base = codec.encode(PROMPT)?;
+    let base = codec.encode(PROMPT, SpecialTokens::AsText)?;
     Ok((0..128).map(|i| base[i % base.len()]).collect())
 }
 
@@ -88,7 +88,7 @@ pub async fn ttft_under_load(
     codec: &Arc<dyn TextCodec>,
     samples: usize,
 ) -> anyhow::Result<(f64, f64)> {
-    let background = codec.encode(PROMPT)?;
+    let background = codec.encode(PROMPT, SpecialTokens::AsText)?;
     let mut keep = Vec::new();
     for _ in 0..31 {
         let (mut rx, _) = scheduler.submit(greedy(&background, 4000)).map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -16,7 +16,7 @@ use node::backend::GgufBackend;
 use node::model::LlamaModel;
 use node::model::qgemm::Kernel;
 use node::scheduler::{Limits, Scheduler};
-use node::text::{GgufText, TextCodec};
+use node::text::{GgufText, SpecialTokens, TextCodec};
 
 /// The model and decode length: all `mesh-bench upstream` takes.
 #[derive(clap::Args)]
@@ -100,7 +100,7 @@ async fn bench_kernel(args: &Args, kernel: Kernel, upstream: f64, peak: f64) -> 
     };
     let metrics = node::metrics::NodeMetrics::new("bench", kernel.name());
     let scheduler = Scheduler::start(limits, Box::new(GgufBackend::new(Arc::new(model))), codec.clone(), metrics);
-    let prompt = codec.encode(PROMPT)?;
+    let prompt = codec.encode(PROMPT, SpecialTokens::AsText)?;
 
     let single = measure::decode_rate(&scheduler, &prompt, 1, args.run.tokens).await?;
     println!("node, 1 stream: {single:.1} tokens/s  ({:.2}x upstream)", single / upstream);

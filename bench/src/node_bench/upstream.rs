@@ -15,7 +15,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use candle_transformers::models::quantized_llama::ModelWeights;
-use node::text::{GgufText, TextCodec};
+use node::text::{GgufText, SpecialTokens, TextCodec};
 
 use super::{ModelArgs, PROMPT};
 
@@ -62,7 +62,7 @@ pub fn tokens_per_sec(path: &Path, tokens: usize) -> anyhow::Result<f64> {
     let content = gguf_file::Content::read(&mut file)?;
     let codec = GgufText::from_metadata(&content.metadata)?;
     let mut model = ModelWeights::from_gguf(content, &mut file, &device)?;
-    let prompt = codec.encode(PROMPT)?;
+    let prompt = codec.encode(PROMPT, SpecialTokens::AsText)?;
     let mut sampler = LogitsProcessor::from_sampling(0, Sampling::ArgMax);
     let logits = model.forward(&Tensor::new(prompt.as_slice(), &device)?.unsqueeze(0)?, 0)?;
     let mut next = sampler.sample(&logits.squeeze(0)?)?;

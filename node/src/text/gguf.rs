@@ -17,7 +17,8 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
 
-use super::{ChatTemplate, ChatTurn, TextCodec, TextError};
+use super::special::{Piece, SpecialStrings, unescape};
+use super::{ChatTemplate, ChatTurn, SpecialTokens, TextCodec, TextError};
 
 /// GGUF `tokenizer.ggml.token_type` values that mark special tokens.
 const TOKEN_TYPE_CONTROL: i32 = 3;
@@ -27,7 +28,11 @@ const TOKEN_TYPE_USER_DEFINED: i32 = 4;
 const LLAMA3_SPLIT: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 pub struct GgufText {
+    /// Reads special-token text as the special tokens.
     tokenizer: Tokenizer,
+    /// The same vocabulary reading special-token text as text.
+    as_text: Tokenizer,
+    specials: SpecialStrings,
     bos: Option<u32>,
     eos: Vec<u32>,
     chat: Option<ChatTemplate>,
@@ -77,6 +82,16 @@ impl GgufText {
             .map(|(t, tok)| AddedToken::from(tok.clone(), *t == TOKEN_TYPE_CONTROL))
             .collect();
         tokenizer.add_special_tokens(&special);
+        let mut as_text = tokenizer.clone();
+        as_text.set_encode_special_tokens(true);
+        let specials = SpecialStrings::new(
+            special
+                .iter()
+                .filter(|t| t.special)
+                .filter_map(|t| Some((t.content.clone(), tokenizer.token_to_id(&t.content)?)))
+                .collect(),
+        )
+        .map_err(TextError::Tokenizer)?;
 
         let id = |k: &str| md.get(k).and_then(|v| v.to_u32().ok());
         let bos = id("tokenizer.ggml.bos_token_id");
@@ -92,7 +107,7 @@ impl GgufText {
             )?),
             None => None,
         };
-        Ok(Self { tokenizer, bos: bos.filter(|_| add_bos), eos, chat })
+        Ok(Self { tokenizer, as_text, specials, bos: bos.filter(|_| add_bos), eos, chat })
     }
 }
 
@@ -117,10 +132,57 @@ fn err(e: candle_core::Error) -> TextError {
     TextError::Unsupported(e.to_string())
 }
 
+impl GgufText {
+    fn template(&self) -> Result<&ChatTemplate, TextError> {
+        self.chat.as_ref().ok_or_else(|| TextError::Template("the model file has no tokenizer.chat_template".into()))
+    }
+
+    /// Appends the tokens of `text` to `ids`.
+    fn tokenize(&self, text: &str, special: SpecialTokens, ids: &mut Vec<u32>) -> Result<(), TextError> {
+        let tokenizer = match special {
+            SpecialTokens::AsText => &self.as_text,
+            SpecialTokens::Parsed => &self.tokenizer,
+        };
+        let enc = tokenizer.encode(text, false).map_err(|e| TextError::Tokenizer(e.to_string()))?;
+        ids.extend_from_slice(enc.get_ids());
+        Ok(())
+    }
+
+    /// The chat with the callers' special-token text kept as text and the
+    /// template's markers special (see `special`).
+    fn encode_chat_as_text(&self, turns: &[ChatTurn]) -> Result<Vec<u32>, TextError> {
+        let mut originals = Vec::new();
+        let escaped: Vec<ChatTurn> = turns
+            .iter()
+            .map(|t| ChatTurn {
+                role: t.role.clone(),
+                content: self.specials.escape(&t.content, &mut originals).into_owned(),
+            })
+            .collect();
+        let rendered = self.template()?.render(&escaped)?;
+        let mut ids: Vec<u32> = self.bos.into_iter().collect();
+        for piece in self.specials.pieces(&rendered) {
+            match piece {
+                Piece::Special(id) => ids.push(id),
+                Piece::Text(t) => self.tokenize(&unescape(t, &originals), SpecialTokens::AsText, &mut ids)?,
+            }
+        }
+        Ok(ids)
+    }
+}
+
 impl TextCodec for GgufText {
-    fn encode(&self, text: &str) -> Result<Vec<u32>, TextError> {
-        let enc = self.tokenizer.encode(text, false).map_err(|e| TextError::Tokenizer(e.to_string()))?;
-        Ok(self.bos.into_iter().chain(enc.get_ids().iter().copied()).collect())
+    fn encode(&self, text: &str, special: SpecialTokens) -> Result<Vec<u32>, TextError> {
+        let mut ids: Vec<u32> = self.bos.into_iter().collect();
+        self.tokenize(text, special, &mut ids)?;
+        Ok(ids)
+    }
+
+    fn encode_chat(&self, turns: &[ChatTurn], special: SpecialTokens) -> Result<Vec<u32>, TextError> {
+        match special {
+            SpecialTokens::AsText => self.encode_chat_as_text(turns),
+            SpecialTokens::Parsed => self.encode(&self.template()?.render(turns)?, special),
+        }
     }
 
     fn decode(&self, ids: &[u32]) -> Result<String, TextError> {
@@ -129,12 +191,5 @@ impl TextCodec for GgufText {
 
     fn eos_ids(&self) -> &[u32] {
         &self.eos
-    }
-
-    fn render_chat(&self, turns: &[ChatTurn]) -> Result<String, TextError> {
-        match &self.chat {
-            Some(t) => t.render(turns),
-            None => Err(TextError::Template("the model file has no tokenizer.chat_template".into())),
-        }
     }
 }

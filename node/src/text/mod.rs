@@ -3,6 +3,7 @@
 
 mod chat;
 mod gguf;
+mod special;
 pub mod synthetic_words;
 
 pub use chat::ChatTemplate;
@@ -26,13 +27,27 @@ pub enum TextError {
     Unsupported(String),
 }
 
+/// What special-token text (`<|im_start|>`, `<|endoftext|>`) in a caller's
+/// prompt or chat contents becomes. The chat template's own markers are
+/// special tokens either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpecialTokens {
+    /// The tokens of the text, as any other text: the default, so a caller
+    /// cannot forge a turn or end a sequence early.
+    AsText,
+    /// The special tokens it names (`allow_special_tokens` in the request).
+    Parsed,
+}
+
 /// Turns text into token ids and back, and chat turns into a prompt.
 pub trait TextCodec: Send + Sync {
-    fn encode(&self, text: &str) -> Result<Vec<u32>, TextError>;
+    fn encode(&self, text: &str, special: SpecialTokens) -> Result<Vec<u32>, TextError>;
+    /// The turns rendered with the model's chat template and tokenized,
+    /// followed by the assistant's generation prompt.
+    fn encode_chat(&self, turns: &[ChatTurn], special: SpecialTokens) -> Result<Vec<u32>, TextError>;
     fn decode(&self, ids: &[u32]) -> Result<String, TextError>;
     /// Tokens that end a generation.
     fn eos_ids(&self) -> &[u32];
-    fn render_chat(&self, turns: &[ChatTurn]) -> Result<String, TextError>;
 }
 
 /// Turns a growing list of token ids into text deltas that never split a
@@ -82,8 +97,11 @@ mod tests {
     /// A codec whose tokens are single bytes, to split characters on purpose.
     struct Bytes;
     impl TextCodec for Bytes {
-        fn encode(&self, text: &str) -> Result<Vec<u32>, TextError> {
+        fn encode(&self, text: &str, _: SpecialTokens) -> Result<Vec<u32>, TextError> {
             Ok(text.bytes().map(u32::from).collect())
+        }
+        fn encode_chat(&self, _: &[ChatTurn], _: SpecialTokens) -> Result<Vec<u32>, TextError> {
+            unreachable!()
         }
         fn decode(&self, ids: &[u32]) -> Result<String, TextError> {
             let bytes: Vec<u8> = ids.iter().map(|&i| i as u8).collect();
@@ -92,17 +110,18 @@ mod tests {
         fn eos_ids(&self) -> &[u32] {
             &[]
         }
-        fn render_chat(&self, _: &[ChatTurn]) -> Result<String, TextError> {
-            unreachable!()
-        }
     }
 
     #[test]
     fn multibyte_characters_are_emitted_whole() {
         let mut dec = IncrementalDecoder::default();
         let text = "a€b😀";
-        let deltas: Vec<String> =
-            Bytes.encode(text).unwrap().into_iter().map(|id| dec.push(&Bytes, id).unwrap()).collect();
+        let deltas: Vec<String> = Bytes
+            .encode(text, SpecialTokens::AsText)
+            .unwrap()
+            .into_iter()
+            .map(|id| dec.push(&Bytes, id).unwrap())
+            .collect();
         assert_eq!(deltas.concat(), text);
         assert_eq!(deltas.iter().filter(|d| !d.is_empty()).count(), 4, "{deltas:?}");
     }

@@ -1,6 +1,6 @@
 //! The synthetic backend's codec: one token per word of a fixed word list.
 
-use super::{ChatTurn, TextCodec, TextError};
+use super::{ChatTurn, SpecialTokens, TextCodec, TextError};
 
 /// Size of the synthetic vocabulary.
 pub const VOCAB: usize = WORDS.len();
@@ -46,7 +46,8 @@ pub struct WordCodec;
 impl TextCodec for WordCodec {
     /// Any word counts as one token; unknown words map onto the list by hash,
     /// so prompt lengths in tokens equal their word counts.
-    fn encode(&self, text: &str) -> Result<Vec<u32>, TextError> {
+    /// (The word list has no special tokens: `special` changes nothing.)
+    fn encode(&self, text: &str, _: SpecialTokens) -> Result<Vec<u32>, TextError> {
         Ok(text
             .split_whitespace()
             .map(|w| match WORDS.iter().position(|k| *k == w) {
@@ -72,7 +73,8 @@ impl TextCodec for WordCodec {
         &[0]
     }
 
-    fn render_chat(&self, turns: &[ChatTurn]) -> Result<String, TextError> {
-        Ok(turns.iter().map(|t| format!("{} {} ", t.role, t.content)).collect())
+    fn encode_chat(&self, turns: &[ChatTurn], special: SpecialTokens) -> Result<Vec<u32>, TextError> {
+        let text: String = turns.iter().map(|t| format!("{} {} ", t.role, t.content)).collect();
+        self.encode(&text, special)
     }
 }
