@@ -40,6 +40,8 @@ pub fn model_path() -> PathBuf {
 pub struct NodeProcess {
     pub process: Spawned,
     pub addr: SocketAddr,
+    /// Its metrics address, when started with `--metrics-listen`.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl NodeProcess {
@@ -47,7 +49,7 @@ impl NodeProcess {
     pub async fn start(args: &[&str]) -> NodeProcess {
         let bin = harness::workspace_bin("mesh-node", None, "cargo build --release").expect("mesh-node");
         let node = harness::Node::start("mesh-node", &bin, args).await.expect("starting mesh-node");
-        NodeProcess { process: node.process, addr: node.addr }
+        NodeProcess { process: node.process, addr: node.addr, metrics: node.metrics }
     }
 
     /// Starts a node serving the default GGUF model.

@@ -49,6 +49,16 @@ impl SidecarProcess {
         &mut self.sidecar.process
     }
 
+    /// The process, to read its pid or log.
+    pub fn spawned(&self) -> &Spawned {
+        &self.sidecar.process
+    }
+
+    /// Its metrics address, when its config has `metrics_listen`.
+    pub fn metrics(&self) -> Option<SocketAddr> {
+        self.sidecar.metrics
+    }
+
     /// Log lines containing `text`.
     pub fn logged(&self, text: &str) -> usize {
         self.sidecar.process.logged(text)

@@ -99,9 +99,22 @@ fn install_script_places_binaries_units_and_configs() {
 
 #[test]
 fn example_sidecar_configs_are_valid() {
-    for name in ["sidecar-chat.toml", "sidecar-client.toml"] {
-        let cfg = sidecar::config::SidecarConfig::load(&deploy().join("config").join(name))
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert!(cfg.tls.is_some() && !cfg.plaintext, "{name} must use TLS between hosts");
+    // The files they name (certificates, the etcd password) are read at
+    // start: placed in a stand-in for /etc/mesh.
+    let etc = temp("etc");
+    std::fs::create_dir_all(etc.join("tls")).unwrap();
+    for f in ["tls/ca.pem", "tls/host.pem", "tls/host.key", "etcd-password"] {
+        std::fs::write(etc.join(f), "placeholder\n").unwrap();
     }
+    for name in ["sidecar-chat.toml", "sidecar-client.toml"] {
+        let text = std::fs::read_to_string(deploy().join("config").join(name)).unwrap();
+        let path = etc.join(name);
+        std::fs::write(&path, text.replace("/etc/mesh", etc.to_str().unwrap())).unwrap();
+        let cfg = sidecar::config::SidecarConfig::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(cfg.tls.is_some() && !cfg.plaintext, "{name} must use TLS between hosts");
+        let etcd = cfg.etcd();
+        assert!(etcd.tls.is_some_and(|t| t.identity.is_some()), "{name} must reach etcd with a client certificate");
+        assert!(etcd.credentials.is_some(), "{name} must reach etcd as a user");
+    }
+    let _ = std::fs::remove_dir_all(&etc);
 }

@@ -1,6 +1,7 @@
 //! Hosts in network namespaces (an etcd host, two GPU hosts, a client
 //! host) run exactly the command lines of deploy/systemd with the configs of
-//! deploy/config (paths moved into a per-host directory), with mutual TLS.
+//! deploy/config (paths moved into a per-host directory), with mutual TLS,
+//! and etcd over TLS with client certificates and auth.
 //! A client streams completions through its sidecar; one GPU host's link is
 //! cut and restored.
 
@@ -68,7 +69,8 @@ fn unit_command(unit: &str, instance: &str, dir: &HostDir) -> (Vec<String>, Hash
 enum Ready {
     /// A mesh daemon's ready line (see `harness`), from this role.
     Announced(&'static str),
-    /// etcd's `/health`, asked from its own host (the test runs outside the lab's network).
+    /// etcd's `/health` on its loopback metrics URL, asked from its own
+    /// host (the test runs outside the lab's network).
     EtcdHealth,
 }
 
@@ -83,7 +85,7 @@ async fn start(lab: &Lab, host: &str, unit: &str, instance: &str, dir: &HostDir,
         Ready::Announced(role) => process.announced(role, timeout).await.map(drop),
         Ready::EtcdHealth => {
             let healthy = || async {
-                let out = run(lab, host, "curl", &["-s", "http://10.77.0.1:2379/health"]).await;
+                let out = run(lab, host, "curl", &["-s", "http://127.0.0.1:2381/health"]).await;
                 String::from_utf8_lossy(&out.stdout).contains(r#""health":"true""#)
             };
             process.probed(timeout, healthy).await
@@ -119,6 +121,33 @@ async fn complete(lab: &Lab, key: &str) -> std::process::Output {
         ],
     )
     .await
+}
+
+/// DEPLOY.md's one-time step on the etcd host: `root`, and the user `mesh`
+/// limited to the mesh's prefix, whose password every host's config names.
+async fn enable_etcd_auth(lab: &Lab, dir: &HostDir) {
+    std::fs::write(dir.0.join("etcd-root-password"), "root-multi-host\n").unwrap();
+    let p = |f: &str| dir.0.join(f).to_str().unwrap().to_string();
+    let (ca, cert, key) = (p("tls/ca.pem"), p("tls/host.pem"), p("tls/host.key"));
+    let (root, mesh) = (p("etcd-root-password"), p("etcd-password"));
+    let meshctl = bin_dir().join("meshctl");
+    let args = [
+        "etcd-enable-auth",
+        "--etcd",
+        "https://10.77.0.1:2379",
+        "--etcd-ca",
+        &ca,
+        "--etcd-cert",
+        &cert,
+        "--etcd-key",
+        &key,
+        "--root-password-file",
+        &root,
+        "--mesh-password-file",
+        &mesh,
+    ];
+    let out = run(lab, "etcd", meshctl.to_str().unwrap(), &args).await;
+    assert!(out.status.success(), "meshctl etcd-enable-auth: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 async fn instances_seen(lab: &Lab) -> String {
@@ -166,11 +195,13 @@ async fn two_gpu_hosts_behind_mutual_tls_survive_a_cut_link() {
             .unwrap();
         assert!(issued.success());
         std::fs::copy(pki.join("ca.pem"), dir.0.join("tls/ca.pem")).unwrap();
+        std::fs::write(dir.0.join("etcd-password"), "mesh-multi-host\n").unwrap();
         dirs.insert(host, dir);
     }
 
     let lab = Lab::new(&HOSTS);
     let _etcd = start(&lab, "etcd", "mesh-etcd.service", "", &dirs["etcd"], Ready::EtcdHealth).await;
+    enable_etcd_auth(&lab, &dirs["etcd"]).await;
     let mut procs: Vec<Spawned> = Vec::new();
     for gpu in ["gpu1", "gpu2"] {
         procs.push(start(&lab, gpu, "mesh-node@.service", "chat", &dirs[gpu], Ready::Announced("node")).await);

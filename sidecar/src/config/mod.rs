@@ -98,13 +98,13 @@ impl SidecarConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.etcd.validate()?;
+        ranges::check(self)?;
         if let Some((key, problem)) = self.http2.invalid() {
             return Err(invalid(format!("http2.{key}"), problem));
         }
         let r = &self.routing;
         if r.attempt_timeout.is_zero() || r.idle_timeout.is_zero() {
             return Err(invalid("routing.attempt_timeout / routing.idle_timeout", "must be above zero"));
-        ranges::check(self)?;
         }
         if r.max_streams_per_service == 0 {
             return Err(invalid("routing.max_streams_per_service", "must be at least 1"));
