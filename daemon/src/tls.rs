@@ -19,11 +19,23 @@ pub fn read_pem(what: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("cannot read the {what} {}", path.display()))
 }
 
+/// How long a client may take over its TLS handshake before the connection
+/// is dropped. tonic has no default: a peer that connects and never
+/// finishes (or never starts) would hold a socket and a task forever. A
+/// loopback or LAN handshake takes milliseconds; 10 s leaves room for a
+/// loaded host and a slow WAN link.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A server TLS config of `identity`, with the mesh's handshake timeout.
+pub fn server_tls(identity: Identity) -> ServerTlsConfig {
+    ServerTlsConfig::new().identity(identity).timeout(HANDSHAKE_TIMEOUT)
+}
+
 /// Serves as `cert`/`key`; with `client_ca`, also requires each client to
 /// present a certificate that chains to it (mutual TLS).
 pub fn server_config(cert: &Path, key: &Path, client_ca: Option<&Path>) -> anyhow::Result<ServerTlsConfig> {
     let identity = Identity::from_pem(read_pem("TLS certificate", cert)?, read_pem("TLS private key", key)?);
-    let mut tls = ServerTlsConfig::new().identity(identity);
+    let mut tls = server_tls(identity);
     if let Some(ca) = client_ca {
         tls = tls.client_ca_root(Certificate::from_pem(read_pem("TLS client CA", ca)?));
     }

@@ -50,8 +50,10 @@ enum Command {
     },
     /// List the models a server serves, with their limits.
     Models,
-    /// Print the SHA-256 of an API key, for a sidecar's `[[api_keys]]`.
-    HashKey { key: String },
+    /// Print the SHA-256 of an API key read from stdin (one line), for a
+    /// sidecar's `[[api_keys]]`; never from argv, which other users of the
+    /// host can read in the process list and shells keep in history.
+    HashKey,
     /// Create a development CA (`ca.pem`, `ca.key`) in DIR.
     CertsCa {
         #[arg(long)]
@@ -119,7 +121,7 @@ async fn main() -> anyhow::Result<()> {
         GenerationClient::connect(cli.addr.clone()).await.with_context(|| format!("connecting to {}", cli.addr))
     };
     match cli.command {
-        Command::HashKey { ref key } => println!("{}", mesh_proto::api_key::digest(key)),
+        Command::HashKey => println!("{}", mesh_proto::api_key::digest(&key_from_stdin()?)),
         Command::CertsCa { ref out } => {
             certs::create_ca(out)?;
             println!("wrote {0}/ca.pem and {0}/ca.key", out.display());
@@ -261,4 +263,13 @@ async fn sidecar_status(addr: &str, json: bool) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The first line of stdin, trimmed; refused when empty.
+fn key_from_stdin() -> anyhow::Result<String> {
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).context("reading the key from stdin")?;
+    let key = line.trim();
+    anyhow::ensure!(!key.is_empty(), "no key on stdin: run `printf %s KEY | meshctl hash-key`");
+    Ok(key.to_string())
 }

@@ -80,6 +80,12 @@ pub struct NodeConfig {
     #[arg(long, env = "MESH_NODE_SYNTHETIC_TOKENS_PER_SEC", default_value_t = 50.0, value_parser = positive_f64)]
     pub synthetic_tokens_per_sec: f64,
 
+    /// For fault-isolation tests only: the synthetic backend panics in any
+    /// step that reads a prompt containing these words (matched as the
+    /// synthetic word ids, so use several words).
+    #[arg(long, env = "MESH_NODE_SYNTHETIC_PANIC_MARKER")]
+    pub synthetic_panic_marker: Option<String>,
+
     /// Serve Prometheus metrics on this address (`/metrics`); port 0 picks one (logged).
     #[arg(long, env = "MESH_NODE_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,

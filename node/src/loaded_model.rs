@@ -9,7 +9,7 @@ use candle_core::Device;
 use crate::backend::{Backend, GgufBackend, SyntheticBackend};
 use crate::model::qgemm::Kernel;
 use crate::model::{LlamaModel, metadata_string};
-use crate::text::{GgufText, TextCodec, WordCodec, synthetic_words};
+use crate::text::{GgufText, SpecialTokens, TextCodec, WordCodec, synthetic_words};
 
 pub struct LoadedModel {
     pub name: String,
@@ -52,13 +52,15 @@ impl LoadedModel {
         })
     }
 
-    /// Deterministic words at `tokens_per_sec` per stream, no weights.
-    pub fn synthetic(name: String, tokens_per_sec: f64, context_length: usize) -> Self {
+    /// Deterministic words at `tokens_per_sec` per stream, no weights; a
+    /// step reading a prompt with `panic_marker`'s words panics (for tests).
+    pub fn synthetic(name: String, tokens_per_sec: f64, context_length: usize, panic_marker: Option<&str>) -> Self {
+        let marker = panic_marker.map(|m| WordCodec.encode(m, SpecialTokens::AsText).unwrap_or_default());
         Self {
             name,
             kind: "synthetic",
             codec: Arc::new(WordCodec),
-            backend: Box::new(SyntheticBackend::new(tokens_per_sec)),
+            backend: Box::new(SyntheticBackend::new(tokens_per_sec, marker.unwrap_or_default())),
             context_length,
             vocab_size: synthetic_words::VOCAB,
             compute: "none",

@@ -29,6 +29,8 @@ pub struct NodeMetrics {
     pub inter_token: Histogram,
     pub batch_size: Histogram,
     pub generated_tokens: Counter,
+    /// Forward steps that failed or panicked, retries included.
+    pub engine_step_failures: Counter,
     pub running: Gauge,
     pub queued: Gauge,
     pub kv_tokens_free: Gauge,
@@ -50,6 +52,7 @@ impl NodeMetrics {
             inter_token: latency_histogram(),
             batch_size: count_histogram(),
             generated_tokens: Counter::default(),
+            engine_step_failures: Counter::default(),
             running: Gauge::default(),
             queued: Gauge::default(),
             kv_tokens_free: Gauge::default(),
@@ -70,6 +73,11 @@ impl NodeMetrics {
         r.register("inter_token_seconds", "Between two tokens of one stream", self.inter_token.clone());
         r.register("batch_size", "Sequences fed per forward step", self.batch_size.clone());
         r.register("generated_tokens", "Tokens sampled", self.generated_tokens.clone());
+        r.register(
+            "engine_step_failures",
+            "Forward steps that failed or panicked (a failed batch is retried one sequence at a time)",
+            self.engine_step_failures.clone(),
+        );
         r.register("running_sequences", "Sequences in the running batch", self.running.clone());
         r.register("queued_requests", "Admitted requests waiting for a batch slot", self.queued.clone());
         r.register("kv_tokens_free", "KV-cache tokens not committed to a request", self.kv_tokens_free.clone());

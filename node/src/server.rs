@@ -42,6 +42,7 @@ pub fn load_model(cfg: &NodeConfig) -> anyhow::Result<LoadedModel> {
             cfg.model_name.clone().unwrap_or_else(|| "synthetic".into()),
             cfg.synthetic_tokens_per_sec,
             cfg.context_length.unwrap_or(4096) as usize,
+            cfg.synthetic_panic_marker.as_deref(),
         ),
     })
 }

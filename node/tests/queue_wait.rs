@@ -20,7 +20,7 @@ const BOUND: Duration = Duration::from_secs(1);
 const STEP: Duration = Duration::from_millis(100);
 
 fn node() -> (Scheduler, Vec<u32>) {
-    let model = LoadedModel::synthetic("synthetic".into(), 1.0 / STEP.as_secs_f64(), 256);
+    let model = LoadedModel::synthetic("synthetic".into(), 1.0 / STEP.as_secs_f64(), 256, None);
     let prompt = model.codec.encode("one two three four", SpecialTokens::AsText).unwrap();
     assert_eq!(prompt.len(), 4);
     let limits = Limits {

@@ -33,13 +33,13 @@ impl TlsMaterial {
     /// For a listener other sidecars (or this sidecar) call: their
     /// certificate must chain to the mesh CA.
     pub fn mutual_server(&self) -> ServerTlsConfig {
-        ServerTlsConfig::new().identity(self.identity.clone()).client_ca_root(self.ca.clone())
+        daemon::tls::server_tls(self.identity.clone()).client_ca_root(self.ca.clone())
     }
 
     /// For the client-facing listener: server authentication only (callers
     /// prove who they are with API keys).
     pub fn server(&self) -> ServerTlsConfig {
-        ServerTlsConfig::new().identity(self.identity.clone())
+        daemon::tls::server_tls(self.identity.clone())
     }
 
     pub fn client(&self) -> ClientTlsConfig {

@@ -4,8 +4,9 @@
 
 use std::time::Instant;
 
+use mesh_proto::v1::FinishReason;
 use mesh_proto::v1::{ChatMessage, ChatMessages, GenerateRequest, ListModelsRequest, generate_request::Input};
-use mesh_tests::{NodeProcess, generate, prompt_request};
+use mesh_tests::{Completion, NodeProcess, generate, prompt_request, scrape};
 use tonic::Code;
 
 /// Must match `PROMPT_BYTES_PER_TOKEN` and `max_request_bytes` in
@@ -105,4 +106,39 @@ async fn chat_content_cannot_forge_a_turn_unless_allowed() {
     let special = generate(&mut client, raw(true)).await.unwrap();
     assert_eq!(prompt_tokens(&special), 1);
     assert!(prompt_tokens(&text) > 1, "{text:?}");
+}
+
+/// Words that make the synthetic backend panic (`--synthetic-panic-marker`).
+const MARKER: &str = "poison pill here";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_panicking_step_fails_only_its_sequence() {
+    let args = ["--backend", "synthetic", "--synthetic-tokens-per-sec", "100", "--metrics-listen", "127.0.0.1:0"];
+    let node = NodeProcess::start(&[&args[..], &["--synthetic-panic-marker", MARKER]].concat()).await;
+    let mut client = node.client().await;
+    // Streams already decoding when the poisoned prompt joins their batch.
+    let mut streams = Vec::new();
+    for _ in 0..4 {
+        let mut stream = client.generate(prompt_request("the mesh serves tokens", 30)).await.unwrap().into_inner();
+        let mut done = Completion::default();
+        done.absorb(stream.message().await.unwrap().expect("first token"));
+        streams.push((stream, done));
+    }
+    let poisoned = generate(&mut client, prompt_request(&format!("the mesh {MARKER} tokens"), 30)).await;
+    let status = poisoned.expect_err("the poisoned request fails");
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    assert!(status.message().starts_with("engine step failed: panic: synthetic backend"), "{}", status.message());
+
+    for (mut stream, mut done) in streams {
+        while let Some(msg) = stream.message().await.expect("a stream beside the poisoned one") {
+            done.absorb(msg);
+        }
+        assert_eq!((done.token_ids.len(), done.finish_reason), (30, FinishReason::Length as i32), "{done:?}");
+    }
+    let after = generate(&mut client, prompt_request("every node batches requests", 5)).await.unwrap();
+    assert_eq!(after.token_ids.len(), 5);
+    // The batched step, then the poisoned sequence alone.
+    let metrics = scrape(&node.metrics.expect("metrics address").to_string()).await;
+    assert_eq!(metrics.get("mesh_node_engine_step_failures_total"), Some(&2.0), "{metrics:?}");
+    assert!(node.process.logged("engine step failed") >= 2);
 }

@@ -5,7 +5,7 @@ use mesh_proto::v1::GenerateRequest;
 use mesh_proto::v1::generation_client::GenerationClient;
 use mesh_tests::etcd::Etcd;
 use mesh_tests::mesh::SidecarProcess;
-use mesh_tests::pki::{Pki, meshctl};
+use mesh_tests::pki::Pki;
 use mesh_tests::{NodeProcess, prompt_request};
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
@@ -90,6 +90,17 @@ async fn mutual_tls_between_hosts_and_api_keys_at_the_edge() {
     assert!(refused.message().contains("spiffe://mesh/host/intruder/role/client may not call here"), "{refused:?}");
 }
 
+/// `meshctl hash-key`, the key on stdin.
 async fn hash(key: &str) -> String {
-    meshctl(&["hash-key", key]).await.trim().to_string()
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new(mesh_tests::bin_dir().join("meshctl"))
+        .arg("hash-key")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("meshctl");
+    child.stdin.take().expect("stdin").write_all(key.as_bytes()).await.expect("writing the key");
+    let out = child.wait_with_output().await.expect("meshctl hash-key");
+    assert!(out.status.success(), "meshctl hash-key failed");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }

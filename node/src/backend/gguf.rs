@@ -1,6 +1,7 @@
 //! The real model: a GGUF llama with one KV cache per sequence.
 
 use std::collections::HashMap;
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::sync::Arc;
 
 use candle_core::Tensor;
@@ -29,11 +30,21 @@ impl Backend for GgufBackend {
             .map(|s| StepChunk { tokens: s.tokens, start_pos: s.start_pos, want_logits: s.want_logits })
             .collect();
         let mut refs: Vec<&mut KvCache> = taken.iter_mut().collect();
-        let out = self.model.forward(&chunks, &mut refs).map_err(|e| e.to_string());
-        for (s, cache) in seqs.iter().zip(taken) {
+        // Caught here only to put the caches back, without the positions
+        // the failed step wrote (see `Backend::step`); then raised again.
+        let out = catch_unwind(AssertUnwindSafe(|| self.model.forward(&chunks, &mut refs)));
+        drop(refs);
+        let failed = !matches!(out, Ok(Ok(_)));
+        for (s, mut cache) in seqs.iter().zip(taken) {
+            if failed {
+                cache.truncate(s.start_pos);
+            }
             self.caches.insert(s.id, cache);
         }
-        out
+        match out {
+            Ok(out) => out.map_err(|e| e.to_string()),
+            Err(panic) => resume_unwind(panic),
+        }
     }
 
     fn release(&mut self, id: u64) {

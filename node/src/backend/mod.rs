@@ -25,7 +25,10 @@ pub struct SeqStep<'a> {
 /// A model (or a stand-in for one) that advances many sequences per step.
 pub trait Backend: Send {
     /// Feeds every sequence's new tokens; returns `[m, vocab]` logits for
-    /// the sequences with `want_logits`, in the order given.
+    /// the sequences with `want_logits`, in the order given. A step that
+    /// fails (error or panic) must leave every sequence as it was before
+    /// it, so the engine can run the same sequences again, one at a time, to
+    /// find the one at fault.
     fn step(&mut self, seqs: &[SeqStep<'_>]) -> Result<Option<Tensor>, String>;
 
     /// Frees everything held for a sequence that has left the batch.

@@ -5,6 +5,9 @@
 //! batched GPU decode roughly does), and each sequence's next word depends
 //! only on its prompt and position, so a stream continued elsewhere from
 //! its first tokens goes on exactly as it would have.
+//!
+//! For fault-isolation tests only, it can be told to panic in any step that
+//! reads a prompt containing a marker (`--synthetic-panic-marker`).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -19,14 +22,31 @@ pub struct SyntheticBackend {
     next_step_at: Instant,
     /// Per sequence: a hash of its prompt.
     seeds: HashMap<u64, u64>,
+    /// Token ids whose appearance in a prompt chunk makes the step panic.
+    panic_marker: Vec<u32>,
 }
 
 impl SyntheticBackend {
-    pub fn new(tokens_per_sec: f64) -> Self {
+    /// `panic_marker`: the word ids of the test marker (empty: never panic).
+    pub fn new(tokens_per_sec: f64, panic_marker: Vec<u32>) -> Self {
         Self {
             step_time: Duration::from_secs_f64(1.0 / tokens_per_sec),
             next_step_at: Instant::now(),
             seeds: HashMap::new(),
+            panic_marker,
+        }
+    }
+
+    /// Panics if a prompt chunk of `seqs` holds the marker, before anything
+    /// changes: as the backend contract asks, a failed step advances nothing.
+    fn panic_on_marker(&self, seqs: &[SeqStep<'_>]) {
+        let n = self.panic_marker.len();
+        let poisoned = |s: &SeqStep<'_>| {
+            let prompt = &s.tokens[..s.prompt_len.saturating_sub(s.start_pos).min(s.tokens.len())];
+            n > 0 && prompt.windows(n).any(|w| w == self.panic_marker)
+        };
+        if let Some(s) = seqs.iter().find(|s| poisoned(s)) {
+            panic!("synthetic backend: sequence {} holds the test panic marker", s.id);
         }
     }
 }
@@ -38,6 +58,7 @@ impl Backend for SyntheticBackend {
             std::thread::sleep(self.next_step_at - now);
         }
         self.next_step_at = Instant::now().max(self.next_step_at) + self.step_time;
+        self.panic_on_marker(seqs);
         let vocab = synthetic_words::VOCAB;
         let mut logits = Vec::new();
         for s in seqs {

@@ -84,6 +84,14 @@ impl KvCache {
         self.capacity - self.len()
     }
 
+    /// Forgets every position from `len` on (those of a failed step; layers
+    /// a step did not reach keep fewer).
+    pub fn truncate(&mut self, len: usize) {
+        for l in &mut self.layers {
+            l.len = l.len.min(len);
+        }
+    }
+
     pub fn layer(&self, i: usize) -> &LayerCache {
         &self.layers[i]
     }

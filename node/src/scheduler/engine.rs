@@ -10,7 +10,7 @@ use std::time::Instant;
 use mesh_proto::v1::FinishReason;
 use tonic::Status;
 
-use super::{Sequence, Shared};
+use super::{Sequence, Shared, isolate};
 use crate::backend::{Backend, SeqStep};
 use crate::text::TextCodec;
 
@@ -147,11 +147,11 @@ impl Engine {
     fn step(&mut self) {
         let limits = &self.shared.limits;
         let mut budget = limits.max_step_tokens;
-        let mut prefilled = 0;
         // Decoding sequences first (one token each), then prefill chunks in
         // arrival order while the budget lasts.
         let mut order: Vec<usize> = (0..self.running.len()).collect();
         order.sort_by_key(|&i| !self.running[i].0.is_decoding());
+        // Per step: (running index, tokens fed, whether they are prompt tokens).
         let mut fed = Vec::with_capacity(order.len());
         let mut steps = Vec::with_capacity(order.len());
         for i in order {
@@ -163,9 +163,8 @@ impl Engine {
             let (tokens, start_pos, want_logits) = seq.next_chunk(take);
             if !seq.is_decoding() {
                 budget -= tokens.len();
-                prefilled += tokens.len();
             }
-            fed.push((i, tokens.len(), want_logits));
+            fed.push((i, tokens.len(), !seq.is_decoding()));
             steps.push(SeqStep {
                 id: seq.id,
                 tokens,
@@ -176,43 +175,42 @@ impl Engine {
             });
         }
         self.shared.metrics.batch_size.observe(steps.len() as f64);
-        let result = self.backend.step(&steps);
+        let outcomes = isolate::run(self.backend.as_mut(), &steps, &self.shared.metrics);
         let ended = Instant::now();
         let interval = self.last_step.replace(ended).map(|prev| ended - prev);
         drop(steps);
-        let logits = match result {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(error = %e, "forward step failed; failing its sequences");
-                for (seq, started) in std::mem::take(&mut self.running) {
-                    self.shared.metrics.count(tonic::Code::Internal);
-                    self.leave(seq, Some(started), |s| s.fail(Status::internal(format!("model step failed: {e}"))));
-                }
-                return;
-            }
-        };
-        // Before the sequences advance, so a backlog count never goes below zero.
-        self.shared.stepped(prefilled, interval);
-        let mut row = 0;
+        // Before the sequences advance, so a backlog count never goes below
+        // zero; a failed sequence's chunk was not read (it leaves unfed).
+        let prefilled = fed.iter().zip(&outcomes).filter(|((_, _, p), o)| *p && o.is_ok()).map(|((_, n, _), _)| n);
+        self.shared.stepped(prefilled.sum(), interval);
         let mut finished = Vec::new();
-        for (i, n, want_logits) in fed {
+        for ((i, n, _), outcome) in fed.into_iter().zip(outcomes) {
             let seq = &mut self.running[i].0;
-            seq.advance(n);
-            if !want_logits {
-                continue;
-            }
-            let outcome = match logits.as_ref().map(|l| l.get(row)) {
-                Some(Ok(r)) => seq.sample(&r, self.codec.as_ref(), limits.context_length, &self.shared.metrics),
-                Some(Err(e)) => Err(e.to_string()),
-                None => Err("backend returned no logits".into()),
+            let (codec, metrics) = (self.codec.as_ref(), &self.shared.metrics);
+            let ended = match outcome {
+                Err(e) => Err(format!("engine step failed: {e}")),
+                Ok(None) => {
+                    seq.advance(n);
+                    continue;
+                }
+                Ok(Some(row)) => {
+                    seq.advance(n);
+                    isolate::catch(|| seq.sample(&row, codec, limits.context_length, metrics))
+                        .map_err(|e| format!("sampling failed: {e}"))
+                }
             };
-            row += 1;
-            match outcome {
+            match ended {
                 Ok(None) => {}
                 Ok(Some(reason)) => finished.push((i, Ok(reason))),
                 Err(e) => finished.push((i, Err(e))),
             }
         }
+        self.retire(finished);
+    }
+
+    /// Takes the sequences that ended in a step out of the batch: `finished`
+    /// holds their running indexes and how they ended.
+    fn retire(&mut self, mut finished: Vec<(usize, Result<FinishReason, String>)>) {
         finished.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
         for (i, outcome) in finished {
             let (seq, started) = self.running.swap_remove(i);
@@ -223,7 +221,7 @@ impl Engine {
                 }
                 Err(e) => {
                     self.shared.metrics.count(tonic::Code::Internal);
-                    self.leave(seq, Some(started), |s| s.fail(Status::internal(format!("sampling failed: {e}"))))
+                    self.leave(seq, Some(started), |s| s.fail(Status::internal(e)))
                 }
             }
         }

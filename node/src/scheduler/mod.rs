@@ -4,6 +4,7 @@
 //! at once even while a step is running.
 
 mod engine;
+mod isolate;
 mod refusal;
 mod sequence;
 mod stop;

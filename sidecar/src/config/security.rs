@@ -98,7 +98,7 @@ impl Plaintext<'_> {
 #[serde(deny_unknown_fields)]
 pub struct ApiKey {
     pub tenant: String,
-    /// SHA-256 of the key, hex (`meshctl hash-key KEY`); keys are never stored.
+    /// SHA-256 of the key, hex (`printf %s KEY | meshctl hash-key`); keys are never stored.
     pub sha256: String,
     /// Services this tenant may call; empty means all.
     #[serde(default)]
@@ -127,7 +127,10 @@ pub(super) fn validate(plain: &Plaintext<'_>, api_keys: &[ApiKey]) -> Result<(),
     }
     for (i, k) in api_keys.iter().enumerate() {
         if k.sha256.len() != 64 || !k.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(invalid(format!("api_keys[{i}].sha256"), "must be 64 hex digits (meshctl hash-key KEY)"));
+            return Err(invalid(
+                format!("api_keys[{i}].sha256"),
+                "must be 64 hex digits (printf %s KEY | meshctl hash-key)",
+            ));
         }
         if let Err(e) = crate::outbound::authenticate::check_tenant(&k.tenant) {
             return Err(invalid(format!("api_keys[{i}].tenant"), e));
