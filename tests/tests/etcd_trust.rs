@@ -17,10 +17,16 @@ use mesh_tests::{NodeProcess, bin_dir, free_port, generate, prompt_request};
 use registry::{Credentials, EtcdConfig, TlsFiles};
 
 const PREFIX: &str = "/mesh/v1/";
-/// etcd's TLS alert when a client certificate is missing or not of its CA.
-const BAD_CERT: &str = "error=etcd: transport error: connection error: received fatal alert: BadCertificate";
-const BAD_PASSWORD: &str = "error=etcd: etcdserver: authentication failed, invalid user ID or password";
-const NO_ROLE: &str = "error=etcd: etcdserver: permission denied";
+/// etcd's TLS alert when a client certificate is missing or not of its CA;
+/// under TLS 1.3 the client may have sent its first request before the
+/// alert arrives, and then reads a closed connection instead.
+const BAD_CERT: &[&str] = &[
+    "error=etcd: transport error: connection error: received fatal alert: BadCertificate",
+    "error=etcd: operation was canceled: transport error: connection closed",
+    "error=etcd: transport error: connection error: stream closed because of a broken pipe",
+];
+const BAD_PASSWORD: &[&str] = &["error=etcd: etcdserver: authentication failed, invalid user ID or password"];
+const NO_ROLE: &[&str] = &["error=etcd: etcdserver: permission denied"];
 
 async fn meshctl<S: AsRef<OsStr>>(args: impl IntoIterator<Item = S>) -> std::process::Output {
     tokio::process::Command::new(bin_dir().join("meshctl")).args(args).output().await.unwrap()
@@ -150,7 +156,7 @@ async fn etcd_with_client_certificates_and_rbac_admits_only_the_mesh_user() {
         let refused = sidecar(&format!("sidecar with {what}"), &url, Some(&node), &keys).await;
         let line = refusal(&refused).await;
         eprintln!("{what}: {line}");
-        assert!(line.contains(wanted), "{what}: {line}");
+        assert!(wanted.iter().any(|w| line.contains(w)), "{what}: {line}");
     }
     let seen = client.instances().await.unwrap();
     assert_eq!(seen.len(), 1, "only the sidecar with the right certificate and password registered: {seen:?}");
