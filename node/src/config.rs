@@ -36,19 +36,19 @@ pub struct NodeConfig {
     pub model_name: Option<String>,
 
     /// Sequences decoded together in one step.
-    #[arg(long, env = "MESH_NODE_MAX_RUNNING", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "MESH_NODE_MAX_RUNNING", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=MAX_COUNT))]
     pub max_running: u32,
 
     /// Admitted requests that may wait for a running slot.
-    #[arg(long, env = "MESH_NODE_MAX_QUEUED", default_value_t = 128)]
+    #[arg(long, env = "MESH_NODE_MAX_QUEUED", default_value_t = 128, value_parser = clap::value_parser!(u32).range(0..=MAX_COUNT))]
     pub max_queued: u32,
 
     /// KV-cache tokens (prompt + max_tokens of every admitted request) the node commits at most.
-    #[arg(long, env = "MESH_NODE_MAX_KV_TOKENS", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "MESH_NODE_MAX_KV_TOKENS", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..=MAX_TOKENS))]
     pub max_kv_tokens: u64,
 
     /// Prompt tokens prefilled per step, so running streams keep streaming during long prompts.
-    #[arg(long, env = "MESH_NODE_MAX_STEP_TOKENS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "MESH_NODE_MAX_STEP_TOKENS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=MAX_COUNT))]
     pub max_step_tokens: u32,
 
     /// Longest a request may wait in the node before its prompt starts being
@@ -59,25 +59,25 @@ pub struct NodeConfig {
     /// bulkhead's 5 s `max_queue_wait`, so a saturated node answers "busy"
     /// while the caller still has time to go elsewhere, and is never timed
     /// out and charged as a failing instance.
-    #[arg(long, env = "MESH_NODE_MAX_QUEUE_WAIT", default_value = "3s", value_parser = positive_duration)]
+    #[arg(long, env = "MESH_NODE_MAX_QUEUE_WAIT", default_value = "3s", value_parser = queue_wait)]
     pub max_queue_wait: Duration,
 
     /// max_tokens for requests that leave it 0.
-    #[arg(long, env = "MESH_NODE_DEFAULT_MAX_TOKENS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "MESH_NODE_DEFAULT_MAX_TOKENS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=MAX_COUNT))]
     pub default_max_tokens: u32,
 
     /// Context length cap; defaults to the model's own.
-    #[arg(long, env = "MESH_NODE_CONTEXT_LENGTH")]
+    #[arg(long, env = "MESH_NODE_CONTEXT_LENGTH", value_parser = clap::value_parser!(u32).range(1..=MAX_COUNT))]
     pub context_length: Option<u32>,
 
     /// On SIGTERM, how long in-flight streams may run before they are cancelled:
     /// a duration with its unit, as `30s`, `500ms` or `1m 30s` (a bare number is
     /// refused: say the unit).
-    #[arg(long, env = "MESH_NODE_DRAIN_GRACE", default_value = "30s", value_parser = duration)]
+    #[arg(long, env = "MESH_NODE_DRAIN_GRACE", default_value = "30s", value_parser = drain_grace)]
     pub drain_grace: Duration,
 
     /// Tokens per second per stream of the synthetic backend.
-    #[arg(long, env = "MESH_NODE_SYNTHETIC_TOKENS_PER_SEC", default_value_t = 50.0, value_parser = positive_f64)]
+    #[arg(long, env = "MESH_NODE_SYNTHETIC_TOKENS_PER_SEC", default_value_t = 50.0, value_parser = tokens_per_sec)]
     pub synthetic_tokens_per_sec: f64,
 
     /// For fault-isolation tests only: the synthetic backend panics in any
@@ -109,7 +109,12 @@ pub struct NodeConfig {
     /// Serve only this identity (`spiffe://mesh/host/<host>/role/sidecar`:
     /// the node's own sidecar); repeatable; others get PERMISSION_DENIED.
     /// Without it, any certificate from --tls-client-ca is served.
-    #[arg(long = "tls-allow-peer", env = "MESH_NODE_TLS_ALLOW_PEER", value_delimiter = ',', requires = "tls_client_ca")]
+    #[arg(
+        long = "tls-allow-peer",
+        env = "MESH_NODE_TLS_ALLOW_PEER",
+        value_delimiter = ',',
+        requires = "tls_client_ca"
+    )]
     pub tls_allow_peer: Vec<daemon::tls::PeerPattern>,
 
     /// Matmul kernel for the CPU; defaults to the fastest this CPU supports
@@ -142,16 +147,45 @@ fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (a duration like 30s, 500ms or 1m 30s)"))
 }
 
-fn positive_duration(s: &str) -> Result<Duration, String> {
+/// Every flag is range-checked when parsed (clap then exits 2 naming the
+/// flag), so no value reaches arithmetic that would overflow or panic: a
+/// deadline `Instant + Duration`, a `Duration` from float seconds.
+///
+/// Counts (sequences, queued requests, tokens per step or request, context
+/// length): 1 Mi, beyond any one node's memory.
+const MAX_COUNT: i64 = 1 << 20;
+/// KV tokens committed: 4 Gi, beyond any one node's memory.
+const MAX_TOKENS: u64 = 1 << 32;
+/// The longest `--max-queue-wait`: one hour, past any caller's patience.
+const MAX_QUEUE_WAIT: Duration = Duration::from_secs(3600);
+/// The longest `--drain-grace`: one day, past any deploy's stop timeout.
+const MAX_DRAIN_GRACE: Duration = Duration::from_secs(24 * 3600);
+/// Synthetic tokens per second per stream: a token per 1000 s to a token per µs.
+const TOKENS_PER_SEC: std::ops::RangeInclusive<f64> = 0.001..=1_000_000.0;
+
+fn duration_within(s: &str, min: Duration, max: Duration) -> Result<Duration, String> {
     let d = duration(s)?;
-    if d.is_zero() {
-        return Err(format!("{s:?} must be above zero"));
+    if d < min || d > max {
+        let show = |d| humantime::format_duration(d).to_string();
+        return Err(format!("{s:?} is out of range: from {} to {}", show(min), show(max)));
     }
     Ok(d)
 }
 
-fn positive_f64(s: &str) -> Result<f64, String> {
-    s.parse::<f64>().ok().filter(|v| *v > 0.0 && v.is_finite()).ok_or_else(|| format!("{s:?} is not a number > 0"))
+fn queue_wait(s: &str) -> Result<Duration, String> {
+    duration_within(s, Duration::from_millis(1), MAX_QUEUE_WAIT)
+}
+
+fn drain_grace(s: &str) -> Result<Duration, String> {
+    duration_within(s, Duration::ZERO, MAX_DRAIN_GRACE)
+}
+
+fn tokens_per_sec(s: &str) -> Result<f64, String> {
+    let (lo, hi) = (TOKENS_PER_SEC.start(), TOKENS_PER_SEC.end());
+    s.parse::<f64>()
+        .ok()
+        .filter(|v| TOKENS_PER_SEC.contains(v))
+        .ok_or_else(|| format!("{s:?} is out of range: a number from {lo} to {hi}"))
 }
 
 #[cfg(test)]
@@ -171,7 +205,7 @@ mod tests {
         assert_eq!(cfg.drain_grace, Duration::from_millis(300));
         assert_eq!(cfg.max_queue_wait, Duration::from_secs(3));
         let err = NodeConfig::try_parse_from(["mesh-node", "--max-queue-wait", "0s"]).unwrap_err().to_string();
-        assert!(err.contains("--max-queue-wait") && err.contains("above zero"), "{err}");
+        assert!(err.contains("--max-queue-wait") && err.contains("out of range: from 1ms to 1h"), "{err}");
     }
 
     #[test]

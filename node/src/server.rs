@@ -88,10 +88,10 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let (stopped, stop) = oneshot::channel();
     tokio::spawn(drain_on_signal(signal, scheduler, health, cfg.drain_grace, stopped));
     daemon::ready::announce("node", &addresses);
-    // Sized to the largest request that could be valid here (see
-    // `validate::max_request_bytes`), not tonic's 4 MiB default.
     // Only the `--tls-allow-peer` identities, when given (the node's own sidecar).
     let allow = daemon::tls::Allow::only(cfg.tls_allow_peer.clone()).interceptor();
+    // Sized to the largest request that could be valid here (see
+    // `validate::max_request_bytes`), not tonic's 4 MiB default.
     let generation = GenerationServer::new(api).max_decoding_message_size(max_request);
     let routes = Routes::new(InterceptedService::new(generation, allow));
     daemon::grpc::serve(listener, tls, health_server, routes, async {

@@ -142,3 +142,31 @@ async fn a_panicking_step_fails_only_its_sequence() {
     assert_eq!(metrics.get("mesh_node_engine_step_failures_total"), Some(&2.0), "{metrics:?}");
     assert!(node.process.logged("engine step failed") >= 2);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn out_of_range_flags_exit_2_naming_the_flag() {
+    let bin = harness::workspace_bin("mesh-node", None, "cargo build --release").expect("mesh-node");
+    let cases: [(&[&str], &[(&str, &str)], &str); 11] = [
+        (&["--drain-grace", "inf"], &[], "--drain-grace"),
+        (&["--drain-grace", "100000000000000000000s"], &[], "--drain-grace"),
+        (&["--drain-grace", "18446744073709551615s"], &[], "--drain-grace"),
+        (&[], &[("MESH_NODE_DRAIN_GRACE", "2d")], "--drain-grace"),
+        (&["--max-queue-wait", "18446744073709551615s"], &[], "--max-queue-wait"),
+        (&["--synthetic-tokens-per-sec", "1e-300"], &[], "--synthetic-tokens-per-sec"),
+        (&["--synthetic-tokens-per-sec", "NaN"], &[], "--synthetic-tokens-per-sec"),
+        (&["--max-kv-tokens", "18446744073709551615"], &[], "--max-kv-tokens"),
+        (&["--context-length", "0"], &[], "--context-length"),
+        (&["--max-queued", "4294967295"], &[], "--max-queued"),
+        (&["--max-step-tokens", "-1"], &[], "--max-step-tokens"),
+    ];
+    for (args, env, flag) in cases {
+        let mut cmd = tokio::process::Command::new(&bin);
+        cmd.args(["--backend", "synthetic", "--listen", "127.0.0.1:0"]).args(args).envs(env.iter().copied());
+        let run = cmd.kill_on_drop(true).output();
+        let out = tokio::time::timeout(std::time::Duration::from_secs(10), run).await;
+        let out = out.unwrap_or_else(|_| panic!("{args:?} {env:?}: the node started")).unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?} {env:?}: {stderr}");
+        assert!(stderr.contains(flag) && !stderr.contains("panicked"), "{args:?} {env:?}: {stderr}");
+    }
+}
