@@ -143,10 +143,13 @@ async fn a_panicking_step_fails_only_its_sequence() {
     assert!(node.process.logged("engine step failed") >= 2);
 }
 
+/// Arguments, environment, and the flag the error must name.
+type FlagCase = (&'static [&'static str], &'static [(&'static str, &'static str)], &'static str);
+
 #[tokio::test(flavor = "multi_thread")]
 async fn out_of_range_flags_exit_2_naming_the_flag() {
     let bin = harness::workspace_bin("mesh-node", None, "cargo build --release").expect("mesh-node");
-    let cases: [(&[&str], &[(&str, &str)], &str); 11] = [
+    let cases: [FlagCase; 11] = [
         (&["--drain-grace", "inf"], &[], "--drain-grace"),
         (&["--drain-grace", "100000000000000000000s"], &[], "--drain-grace"),
         (&["--drain-grace", "18446744073709551615s"], &[], "--drain-grace"),
@@ -157,7 +160,7 @@ async fn out_of_range_flags_exit_2_naming_the_flag() {
         (&["--max-kv-tokens", "18446744073709551615"], &[], "--max-kv-tokens"),
         (&["--context-length", "0"], &[], "--context-length"),
         (&["--max-queued", "4294967295"], &[], "--max-queued"),
-        (&["--max-step-tokens", "-1"], &[], "--max-step-tokens"),
+        (&["--max-step-tokens=-1"], &[], "--max-step-tokens"),
     ];
     for (args, env, flag) in cases {
         let mut cmd = tokio::process::Command::new(&bin);
