@@ -13,6 +13,11 @@ pub mod v1 {
 pub mod metadata {
     /// On a refusal: how long the caller should wait before retrying, in milliseconds.
     pub const RETRY_AFTER_MS: &str = "retry-after-ms";
+    /// On an INTERNAL end: the request itself broke the engine (its step
+    /// failed even when run alone), not the instance. A sidecar neither
+    /// charges the instance nor moves or retries the request elsewhere,
+    /// where it would fail again and get healthy instances ejected.
+    pub const REQUEST_FAULT: &str = "x-mesh-request-fault";
     /// On every `Generate` response: sequences the node is running now.
     pub const LOAD_RUNNING: &str = "x-mesh-load-running";
     /// On every `Generate` response: requests waiting in the node's queue.

@@ -128,6 +128,8 @@ async fn a_panicking_step_fails_only_its_sequence() {
     let status = poisoned.expect_err("the poisoned request fails");
     assert_eq!(status.code(), Code::Internal, "{status:?}");
     assert!(status.message().starts_with("engine step failed: panic: synthetic backend"), "{}", status.message());
+    // Marked as the request's own fault: a sidecar neither charges the node nor retries it elsewhere.
+    assert!(status.metadata().contains_key(mesh_proto::metadata::REQUEST_FAULT), "{status:?}");
 
     for (mut stream, mut done) in streams {
         while let Some(msg) = stream.message().await.expect("a stream beside the poisoned one") {

@@ -221,7 +221,7 @@ impl Engine {
                 }
                 Err(e) => {
                     self.shared.metrics.count(tonic::Code::Internal);
-                    self.leave(seq, Some(started), |s| s.fail(Status::internal(e)))
+                    self.leave(seq, Some(started), |s| s.fail(request_fault(e)))
                 }
             }
         }
@@ -235,4 +235,12 @@ impl Engine {
         self.shared.release(&seq, started.map(|s| s.elapsed()));
         last_words(*seq);
     }
+}
+
+/// INTERNAL, marked as this request's own fault (`REQUEST_FAULT`): its step
+/// failed when run alone, so another instance would fail it too.
+fn request_fault(message: String) -> Status {
+    let mut status = Status::internal(message);
+    status.metadata_mut().insert(mesh_proto::metadata::REQUEST_FAULT, tonic::metadata::MetadataValue::from_static("1"));
+    status
 }

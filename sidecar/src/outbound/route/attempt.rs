@@ -31,7 +31,7 @@ enum Failed {
 /// What a status says about the instance that returned it. A failure of
 /// the sidecar's own making is never the instance's.
 pub(super) fn classify(status: &Status) -> Outcome {
-    if of_our_making(status) {
+    if of_our_making(status) || request_fault(status) {
         return Outcome::Neutral;
     }
     match status.code() {
@@ -60,12 +60,19 @@ pub(super) fn of_our_making(status: &Status) -> bool {
     false
 }
 
+/// Whether the instance says the request itself broke it (`REQUEST_FAULT`):
+/// the same request would fail anywhere.
+pub(super) fn request_fault(status: &Status) -> bool {
+    status.metadata().contains_key(md::REQUEST_FAULT)
+}
+
 /// Whether another instance may answer differently (before the first token).
 fn retryable(status: &Status) -> bool {
-    matches!(
-        status.code(),
-        Code::Unavailable | Code::Internal | Code::Unknown | Code::ResourceExhausted | Code::Aborted
-    )
+    !request_fault(status)
+        && matches!(
+            status.code(),
+            Code::Unavailable | Code::Internal | Code::Unknown | Code::ResourceExhausted | Code::Aborted
+        )
 }
 
 impl Route {
@@ -211,5 +218,14 @@ mod tests {
         assert_eq!(classify(&full), Outcome::Neutral);
         assert!(retryable(&full));
         assert_eq!(classify(&Status::cancelled("caller left")), Outcome::Neutral);
+    }
+
+    #[test]
+    fn a_request_that_breaks_the_engine_is_neither_charged_nor_retried() {
+        let mut poisoned = Status::internal("engine step failed: panic");
+        poisoned.metadata_mut().insert(md::REQUEST_FAULT, "1".parse().unwrap());
+        assert_eq!(classify(&poisoned), Outcome::Neutral);
+        assert!(!retryable(&poisoned));
+        assert!(retryable(&Status::internal("engine step failed: panic")));
     }
 }
