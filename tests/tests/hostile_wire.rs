@@ -17,6 +17,9 @@ use tonic::transport::Channel;
 
 const METRICS: [&str; 2] = ["--metrics-listen", "127.0.0.1:0"];
 
+/// Words that make the node's synthetic engine panic in the step that reads them.
+const POISON: &str = "poison pill here";
+
 /// Streams opened and reset at once on one connection.
 const RESETS: usize = 10_000;
 
@@ -34,9 +37,8 @@ struct Mesh {
 impl Mesh {
     async fn start() -> Mesh {
         let etcd = Etcd::start().await;
-        let node =
-            NodeProcess::start(&["--backend", "synthetic", "--model-name", "chat", "--metrics-listen", "127.0.0.1:0"])
-                .await;
+        let args = ["--backend", "synthetic", "--model-name", "chat", "--metrics-listen", "127.0.0.1:0"];
+        let node = NodeProcess::start(&[&args[..], &["--synthetic-panic-marker", POISON]].concat()).await;
         let b = SidecarProcess::start_with_args(&etcd, Some(&node), "", &METRICS).await;
         let a = SidecarProcess::start_with_args(&etcd, None, "", &METRICS).await;
         a.wait_for_instances("chat", 1).await;
@@ -135,11 +137,33 @@ async fn hostile_bytes_on_every_port_leave_every_process_serving() {
         huge_metadata(name, addr).await;
         mesh.serves(&format!("1 MB of metadata on {name}")).await;
     }
+    poisoned_requests(&mesh).await;
     assert!(mesh.a.instances().await.iter().all(|i| !i.ejected), "an instance was ejected");
     let metrics = mesh_tests::scrape(&mesh.a.metrics().unwrap().to_string()).await;
     let ejections: f64 =
         metrics.iter().filter(|(k, _)| k.starts_with("mesh_sidecar_ejections_total")).map(|(_, v)| v).sum();
     assert_eq!(ejections, 0.0, "no instance is ejected by any of it");
+}
+
+/// Requests that break the engine end INTERNAL at the caller, and the
+/// instance is not charged: 20 such failures in a row would be past the
+/// outlier threshold (5) were they counted.
+async fn poisoned_requests(mesh: &Mesh) {
+    let mut client = mesh.a.client().await;
+    let prompt = format!("the mesh {POISON} tokens");
+    for _ in 0..20 {
+        let req = mesh_proto::v1::GenerateRequest { model: "chat".into(), ..prompt_request(&prompt, 3) };
+        let status = match client.generate(req).await {
+            Err(status) => status,
+            Ok(reply) => reply.into_inner().message().await.expect_err("a poisoned request fails"),
+        };
+        assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+    }
+    mesh.serves("20 requests that break the engine").await;
+    let metrics = mesh_tests::scrape(&mesh.a.metrics().unwrap().to_string()).await;
+    let skipped: f64 =
+        metrics.iter().filter(|(k, _)| k.starts_with("mesh_sidecar_ejections_skipped_total")).map(|(_, v)| v).sum();
+    assert_eq!(skipped, 0.0, "the instance was charged for requests that broke the engine");
 }
 
 /// Opens `RESETS` streams on one HTTP/2 connection, resetting each at
