@@ -43,8 +43,15 @@ pub mod api_key {
     /// Whether `key` is the one `digest_hex` was made from, in time that
     /// does not depend on where the digests differ.
     pub fn matches(key: &str, digest_hex: &str) -> bool {
+        same_digest(&digest(key), &digest_hex.to_ascii_lowercase())
+    }
+
+    /// Whether two lowercase hex digests are equal, in time that does not
+    /// depend on where they differ (for checking one presented key's digest
+    /// against many configured ones without hashing it again each time).
+    pub fn same_digest(a: &str, b: &str) -> bool {
         use subtle::ConstantTimeEq;
-        digest(key).as_bytes().ct_eq(digest_hex.to_ascii_lowercase().as_bytes()).into()
+        a.as_bytes().ct_eq(b.as_bytes()).into()
     }
 
     #[cfg(test)]

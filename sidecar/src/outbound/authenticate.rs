@@ -7,7 +7,7 @@
 use tonic::Status;
 use tonic::metadata::{MetadataMap, MetadataValue};
 
-use mesh_proto::api_key::matches;
+use mesh_proto::api_key::{digest, same_digest};
 
 use crate::config::ApiKey;
 use crate::stack::{Call, Next, Reply, Step, pass};
@@ -52,14 +52,16 @@ pub struct ApiKeys {
 
 impl ApiKeys {
     pub fn new(keys: &[ApiKey]) -> Self {
-        Self { keys: keys.to_vec() }
+        let lowercase = |k: &ApiKey| ApiKey { sha256: k.sha256.to_ascii_lowercase(), ..k.clone() };
+        Self { keys: keys.iter().map(lowercase).collect() }
     }
 
     /// The entry `key` belongs to. Every digest is compared, each in
     /// constant time, so the answer's timing says nothing about how close a
     /// guess came to any configured key.
     fn find(&self, key: &str) -> Option<&ApiKey> {
-        self.keys.iter().fold(None, |found, k| if matches(key, &k.sha256) { Some(k) } else { found })
+        let presented = digest(key);
+        self.keys.iter().fold(None, |found, k| if same_digest(&presented, &k.sha256) { Some(k) } else { found })
     }
 
     /// Returns the caller's tenant; every call passes when no keys are configured.
@@ -86,8 +88,6 @@ impl ApiKeys {
 
 #[cfg(test)]
 mod tests {
-    use mesh_proto::api_key::digest;
-
     use super::*;
 
     fn keys() -> ApiKeys {
