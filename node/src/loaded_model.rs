@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use candle_core::Device;
 
-use crate::backend::{Backend, GgufBackend, SyntheticBackend};
+use crate::backend::{Backend, GgufBackend, PagedBackend, SyntheticBackend};
 use crate::model::qgemm::Kernel;
 use crate::model::{LlamaModel, metadata_string};
 use crate::text::{GgufText, SpecialTokens, TextCodec, WordCodec, synthetic_words};
@@ -25,8 +25,15 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
-    /// Loads a llama GGUF; `name` defaults to the file's stem.
-    pub fn gguf(path: &Path, name: Option<String>, device: &Device, kernel: Kernel) -> anyhow::Result<Self> {
+    /// Loads a llama GGUF; `name` defaults to the file's stem. On a device
+    /// its KV pool holds `kv.0` tokens of at most `kv.1` sequences.
+    pub fn gguf(
+        path: &Path,
+        name: Option<String>,
+        device: &Device,
+        kernel: Kernel,
+        kv: (usize, usize),
+    ) -> anyhow::Result<Self> {
         let (model, content) = LlamaModel::load(path, device, kernel)?;
         let compute = if device.is_cpu() { kernel.name() } else { "device" };
         let codec = GgufText::from_metadata(&content.metadata)?;
@@ -41,11 +48,12 @@ impl LoadedModel {
             compute,
             "model loaded"
         );
+        let backend = backend(model, kv)?;
         Ok(Self {
             name,
             kind: "gguf",
             codec: Arc::new(codec),
-            backend: Box::new(GgufBackend::new(Arc::new(model))),
+            backend,
             context_length: cfg.context_length,
             vocab_size: cfg.vocab_size,
             compute,
@@ -66,4 +74,18 @@ impl LoadedModel {
             compute: "none",
         }
     }
+}
+
+/// Host caches on the CPU; the block pool on a device, allocated here, so a
+/// budget the device cannot hold fails at start.
+fn backend(model: LlamaModel, kv: (usize, usize)) -> anyhow::Result<Box<dyn Backend>> {
+    if model.device().is_cpu() {
+        return Ok(Box::new(GgufBackend::new(Arc::new(model))));
+    }
+    let formats = model.device_formats().unwrap_or_default();
+    let backend = PagedBackend::new(Arc::new(model), kv.0, kv.1)
+        .map_err(|e| anyhow::anyhow!("cannot allocate the KV pool for --max-kv-tokens {}: {e}", kv.0))?;
+    let (bytes, positions) = backend.pool_size();
+    tracing::info!(%formats, kv_pool_mib = bytes >> 20, kv_pool_positions = positions, "model on the device");
+    Ok(Box::new(backend))
 }

@@ -36,7 +36,8 @@ pub fn load_model(cfg: &NodeConfig) -> anyhow::Result<LoadedModel> {
             let kernel = Kernel::choose(cfg.kernel).map_err(anyhow::Error::msg)?;
             let available = Kernel::names(&Kernel::available());
             tracing::info!(kernel = kernel.name(), %available, "matmul kernel chosen");
-            LoadedModel::gguf(path, cfg.model_name.clone(), &device(cfg)?, kernel)?
+            let kv = (cfg.max_kv_tokens as usize, cfg.max_running as usize);
+            LoadedModel::gguf(path, cfg.model_name.clone(), &device(cfg)?, kernel, kv)?
         }
         BackendKind::Synthetic => LoadedModel::synthetic(
             cfg.model_name.clone().unwrap_or_else(|| "synthetic".into()),

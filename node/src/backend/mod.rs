@@ -1,9 +1,11 @@
 //! What the scheduler drives: one forward step over many sequences.
 
 mod gguf;
+mod paged;
 mod synthetic;
 
 pub use gguf::GgufBackend;
+pub use paged::PagedBackend;
 pub use synthetic::SyntheticBackend;
 
 use candle_core::Tensor;

@@ -6,10 +6,13 @@
 //! Attention is plain Rust over f32 slices: at this model size a few candle
 //! ops per sequence and layer would cost more in dispatch than the arithmetic.
 
+use candle_core::Tensor;
 use rayon::prelude::*;
 
+use super::ModelError;
 use super::config::LlamaConfig;
 use super::kv_cache::{KV_CHUNK, KvCache, LayerCache};
+use super::step::{StepKv, StepPlan};
 
 /// Precomputed cos/sin for every position and rotated pair (interleaved
 /// pairs `(2i, 2i+1)`, llama's convention in GGUF files).
@@ -35,6 +38,14 @@ impl Rope {
         Self { cos, sin, pairs }
     }
 
+    /// The cos and sin tables as `[positions, pairs]` tensors on `device`
+    /// (for `candle_nn::rotary_emb::rope_i`).
+    pub fn tables(&self, device: &candle_core::Device) -> candle_core::Result<(Tensor, Tensor)> {
+        let positions = self.cos.len() / self.pairs.max(1);
+        let table = |t: &[f32]| Tensor::from_slice(t, (positions, self.pairs), device);
+        Ok((table(&self.cos)?, table(&self.sin)?))
+    }
+
     /// Rotates every `head_dim`-wide head of `x` in place for position `pos`.
     pub fn apply(&self, x: &mut [f32], head_dim: usize, pos: usize) {
         let cos = &self.cos[pos * self.pairs..(pos + 1) * self.pairs];
@@ -46,6 +57,26 @@ impl Rope {
                 pair[1] = x0 * sin[i] + x1 * cos[i];
             }
         }
+    }
+}
+
+/// A step's attention against per-sequence host caches (`caches[i]` holds
+/// chunk `i`'s sequence).
+pub struct HostAttention<'a, 'c> {
+    pub cfg: &'a LlamaConfig,
+    pub rope: &'a Rope,
+    pub caches: &'a mut [&'c mut KvCache],
+    pub plan: &'a StepPlan,
+}
+
+impl StepKv for HostAttention<'_, '_> {
+    fn attend(&mut self, layer: usize, qkv: Tensor) -> Result<Tensor, ModelError> {
+        let device = qkv.device().clone();
+        let mut qkv = qkv.flatten_all()?.to_vec1::<f32>()?;
+        let (positions, owners) = (&self.plan.positions, &self.plan.owners);
+        let attn =
+            StepAttention { cfg: self.cfg, rope: self.rope, qkv: &mut qkv, positions, owners }.run(layer, self.caches);
+        Ok(Tensor::from_vec(attn, (positions.len(), self.cfg.n_embd), &device)?)
     }
 }
 

@@ -1,7 +1,9 @@
 //! Linear layers: the quantized CPU kernel of `qgemm`, or candle's
 //! `QMatMul` on an accelerator.
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use std::borrow::Cow;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{Device, Module, Result, Tensor};
 
 use super::qgemm::{Kernel, QMatrix};
@@ -21,9 +23,7 @@ impl Linear {
             candle_core::bail!("stacked weights differ in input width: {dims:?}");
         }
         if !device.is_cpu() {
-            let f32s: Vec<Tensor> = parts.iter().map(|p| p.dequantize(&Device::Cpu)).collect::<Result<_>>()?;
-            let w = Tensor::cat(&f32s, 0)?;
-            return Ok(Self::Device(QMatMul::from_qtensor(QTensor::quantize_onto(&w, GgmlDType::Q8_0, device)?)?));
+            return Ok(Self::Device(QMatMul::from_qtensor(on_device(&parts, device)?)?));
         }
         let rows: usize = dims.iter().map(|d| d.0).sum();
         let same = |t: GgmlDType| parts.iter().all(|p| p.dtype() == t);
@@ -47,6 +47,16 @@ impl Linear {
         }))
     }
 
+    /// The weights' format on the device ("q4_1", "f32"); `None` on the CPU.
+    pub fn device_format(&self) -> Option<String> {
+        let name = match self {
+            Self::Device(QMatMul::QTensor(t)) => format!("{:?}", t.dtype()),
+            Self::Device(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => format!("{:?}", t.dtype()),
+            Self::Cpu(_) => return None,
+        };
+        Some(name.to_lowercase())
+    }
+
     /// `x` is `[n, in]`; returns `[n, out]`. `kernel` multiplies on the CPU.
     pub fn forward(&self, x: &Tensor, kernel: Kernel) -> Result<Tensor> {
         match self {
@@ -58,4 +68,23 @@ impl Linear {
             }
         }
     }
+}
+
+/// Stacked weights on an accelerator in the file's own quantization, which
+/// candle's CUDA kernels multiply directly (every GGML block format); parts
+/// of mixed formats are re-quantized to Q8_0 together.
+fn on_device(parts: &[QTensor], device: &Device) -> Result<QTensor> {
+    let dtype = parts[0].dtype();
+    let rows: usize = parts.iter().map(|p| p.shape().dims2().map(|d| d.0)).sum::<Result<usize>>()?;
+    let cols = parts[0].shape().dims2()?.1;
+    if parts.iter().all(|p| p.dtype() == dtype) {
+        let mut raw = Vec::new();
+        for p in parts {
+            raw.extend_from_slice(&p.data()?);
+        }
+        return QTensor::new(QStorage::from_data(Cow::Owned(raw), device, dtype)?, (rows, cols));
+    }
+    let f32s: Vec<Tensor> = parts.iter().map(|p| p.dequantize(&Device::Cpu)).collect::<Result<_>>()?;
+    tracing::info!(?dtype, "weights of mixed formats re-quantized to q8_0 for the device");
+    QTensor::quantize_onto(&Tensor::cat(&f32s, 0)?, GgmlDType::Q8_0, device)
 }

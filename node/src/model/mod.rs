@@ -5,19 +5,22 @@ mod attention;
 mod config;
 mod kv_cache;
 mod linear;
+pub mod paged;
 pub mod qgemm;
+mod step;
 
 use std::{fs::File, path::Path};
 
 use candle_core::quantized::gguf_file;
 use candle_core::{D, DType, Device, Tensor};
 
-use attention::{Rope, StepAttention};
+use attention::{HostAttention, Rope};
 pub use config::LlamaConfig;
 pub(crate) use config::string as metadata_string;
 pub use kv_cache::KvCache;
 use linear::Linear;
 use qgemm::Kernel;
+pub use step::{StepChunk, StepKv, StepPlan, check_fits as step_fits};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -29,15 +32,6 @@ pub enum ModelError {
     Unsupported(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
-}
-
-/// New tokens of one sequence in a step.
-pub struct StepChunk<'a> {
-    pub tokens: &'a [u32],
-    /// Position of `tokens[0]`; equals the tokens already in the cache.
-    pub start_pos: usize,
-    /// Whether the caller needs next-token logits after this chunk.
-    pub want_logits: bool,
 }
 
 struct Layer {
@@ -107,6 +101,33 @@ impl LlamaModel {
         &self.cfg
     }
 
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// RoPE's `(cos, sin)` tables `[positions, pairs]` on the model's device;
+    /// the device attention rotates whole heads.
+    pub fn rope_tables(&self) -> Result<(Tensor, Tensor), ModelError> {
+        if self.cfg.rope_dim != self.cfg.head_dim {
+            return Err(ModelError::Unsupported(format!(
+                "RoPE over {} of {} head dimensions on a device",
+                self.cfg.rope_dim, self.cfg.head_dim
+            )));
+        }
+        Ok(self.rope.tables(&self.device)?)
+    }
+
+    /// On a device, each weight format of the linear layers and how many
+    /// layers use it ("q4_1 x120, q8_0 x1"); `None` on the CPU.
+    pub fn device_formats(&self) -> Option<String> {
+        let mut counts = std::collections::BTreeMap::new();
+        let linears = self.layers.iter().flat_map(|l| [&l.qkv, &l.wo, &l.gate_up, &l.down]);
+        for linear in linears.chain([&self.lm_head]) {
+            *counts.entry(linear.device_format()?).or_insert(0) += 1;
+        }
+        Some(counts.iter().map(|(f, n)| format!("{f} x{n}")).collect::<Vec<_>>().join(", "))
+    }
+
     /// The kernel of the linear layers on the CPU.
     pub fn kernel(&self) -> Kernel {
         self.kernel
@@ -120,45 +141,32 @@ impl LlamaModel {
         c.n_layer * (attn + ffn) + c.n_embd * c.vocab_size
     }
 
-    /// Runs one step: every chunk's tokens go through the network together,
-    /// each appended to its own cache (`caches[i]` belongs to `chunks[i]`).
-    /// Returns `[m, vocab]` logits for the chunks that want them, in order.
+    /// Runs one step against per-sequence host caches: every chunk's tokens
+    /// go through the network together, each appended to its own cache
+    /// (`caches[i]` belongs to `chunks[i]`). Returns `[m, vocab]` logits for
+    /// the chunks that want them, in order.
     pub fn forward(&self, chunks: &[StepChunk<'_>], caches: &mut [&mut KvCache]) -> Result<Option<Tensor>, ModelError> {
-        let cfg = &self.cfg;
-        let mut ids = Vec::new();
-        let mut positions = Vec::new();
-        let mut owners = Vec::new();
-        let mut logit_rows = Vec::new();
-        for (i, chunk) in chunks.iter().enumerate() {
-            if caches[i].len() != chunk.start_pos || caches[i].room() < chunk.tokens.len() {
-                return Err(ModelError::Unsupported(format!(
-                    "chunk of {} tokens at {} does not fit a cache holding {} with room for {}",
-                    chunk.tokens.len(),
-                    chunk.start_pos,
-                    caches[i].len(),
-                    caches[i].room()
-                )));
-            }
-            ids.extend_from_slice(chunk.tokens);
-            positions.extend(chunk.start_pos..chunk.start_pos + chunk.tokens.len());
-            owners.extend(std::iter::repeat_n(i, chunk.tokens.len()));
-            if chunk.want_logits && !chunk.tokens.is_empty() {
-                logit_rows.push((ids.len() - 1) as u32);
-            }
+        for (chunk, cache) in chunks.iter().zip(caches.iter()) {
+            step_fits(chunk, cache.len(), cache.room())?;
         }
-        if ids.is_empty() {
+        let plan = StepPlan::new(chunks);
+        let mut kv = HostAttention { cfg: &self.cfg, rope: &self.rope, caches, plan: &plan };
+        self.run(&plan, &mut kv)
+    }
+
+    /// Runs one planned step through every layer; `kv` stores the new keys
+    /// and values and attends (on the host or on the model's device).
+    pub fn run(&self, plan: &StepPlan, kv: &mut dyn StepKv) -> Result<Option<Tensor>, ModelError> {
+        if plan.ids.is_empty() {
             return Ok(None);
         }
-        let n = ids.len();
-        let ids = Tensor::from_vec(ids, n, &self.device)?;
+        let cfg = &self.cfg;
+        let ids = Tensor::new(plan.ids.as_slice(), &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?;
         let eps = cfg.rms_eps;
         for (l, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let mut qkv = layer.qkv.forward(&h, self.kernel)?.flatten_all()?.to_vec1::<f32>()?;
-            let attn = StepAttention { cfg, rope: &self.rope, qkv: &mut qkv, positions: &positions, owners: &owners }
-                .run(l, caches);
-            let attn = Tensor::from_vec(attn, (n, cfg.n_embd), &self.device)?;
+            let attn = kv.attend(l, layer.qkv.forward(&h, self.kernel)?)?;
             x = (x + layer.wo.forward(&attn, self.kernel)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
             let gate_up = layer.gate_up.forward(&h, self.kernel)?;
@@ -166,10 +174,10 @@ impl LlamaModel {
             let act = (gate_up.narrow(1, 0, ffn)?.silu()? * gate_up.narrow(1, ffn, ffn)?)?;
             x = (x + layer.down.forward(&act, self.kernel)?)?;
         }
-        if logit_rows.is_empty() {
+        if plan.logit_rows.is_empty() {
             return Ok(None);
         }
-        let rows = Tensor::from_vec(logit_rows.clone(), logit_rows.len(), &self.device)?;
+        let rows = Tensor::new(plan.logit_rows.as_slice(), &self.device)?;
         let x = x.index_select(&rows, 0)?;
         let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
         Ok(Some(self.lm_head.forward(&x, self.kernel)?.to_dtype(DType::F32)?))

@@ -1,0 +1,114 @@
+//! The KV cache on the model's device: per layer, one preallocated pool of
+//! fixed-size blocks shared by every sequence, and attention over it
+//! written in candle ops, so the same code runs on a GPU and on the CPU
+//! (where tests check it against the host attention).
+//!
+//! The pool is sized once from the node's KV budget, and admission commits
+//! a sequence's whole capacity before it runs, so a running sequence always
+//! finds its blocks: "full" stays RESOURCE_EXHAUSTED at admission, never an
+//! out-of-memory error in the middle of a step.
+
+mod attend;
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+
+pub use attend::PagedAttention;
+
+use super::{LlamaConfig, ModelError};
+
+/// Positions per block: small enough that a sequence wastes at most 15
+/// slots, large enough that block tables stay short.
+pub const BLOCK_TOKENS: usize = 16;
+
+/// One sequence's blocks, in position order, and the positions stored.
+pub struct SeqBlocks {
+    blocks: Vec<u32>,
+    len: usize,
+}
+
+impl SeqBlocks {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn room(&self) -> usize {
+        self.blocks.len() * BLOCK_TOKENS - self.len
+    }
+
+    /// The pool row of position `pos`.
+    fn slot(&self, pos: usize) -> u32 {
+        self.blocks[pos / BLOCK_TOKENS] * BLOCK_TOKENS as u32 + (pos % BLOCK_TOKENS) as u32
+    }
+}
+
+/// Every layer's keys and values of every sequence, on one device.
+pub struct KvPool {
+    /// Per layer `[blocks * BLOCK_TOKENS, kv_dim]`.
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    free: Vec<u32>,
+    seqs: HashMap<u64, SeqBlocks>,
+}
+
+impl KvPool {
+    /// Room for `tokens` committed tokens held by at most `sequences`
+    /// sequences (each may leave one block partly empty).
+    pub fn new(cfg: &LlamaConfig, tokens: usize, sequences: usize, device: &Device) -> Result<Self, ModelError> {
+        let blocks = tokens.div_ceil(BLOCK_TOKENS) + sequences;
+        let rows = blocks * BLOCK_TOKENS;
+        let layer = || Tensor::zeros((rows, cfg.kv_dim()), DType::F32, device);
+        let k = (0..cfg.n_layer).map(|_| layer()).collect::<Result<Vec<_>, _>>()?;
+        let v = (0..cfg.n_layer).map(|_| layer()).collect::<Result<Vec<_>, _>>()?;
+        let free = (0..blocks as u32).rev().collect();
+        Ok(Self { k, v, free, seqs: HashMap::new() })
+    }
+
+    /// Device memory the pool holds.
+    pub fn bytes(&self) -> usize {
+        self.k.iter().chain(&self.v).map(|t| t.elem_count() * 4).sum()
+    }
+
+    /// Positions the pool holds in all (used or free).
+    pub fn capacity_tokens(&self) -> usize {
+        self.k.first().map_or(0, |t| t.dim(0).unwrap_or(0))
+    }
+
+    /// Gives sequence `id` blocks for `capacity` positions, once.
+    pub fn reserve(&mut self, id: u64, capacity: usize) -> Result<&SeqBlocks, ModelError> {
+        if !self.seqs.contains_key(&id) {
+            let need = capacity.div_ceil(BLOCK_TOKENS);
+            if need > self.free.len() {
+                return Err(ModelError::Unsupported(format!(
+                    "KV pool has {} free blocks; a sequence of {capacity} positions needs {need}",
+                    self.free.len()
+                )));
+            }
+            let blocks = self.free.split_off(self.free.len() - need);
+            self.seqs.insert(id, SeqBlocks { blocks, len: 0 });
+        }
+        Ok(&self.seqs[&id])
+    }
+
+    pub fn seq(&self, id: u64) -> Option<&SeqBlocks> {
+        self.seqs.get(&id)
+    }
+
+    /// Counts `n` more positions of `id` as stored (after a step succeeded).
+    pub fn advance(&mut self, id: u64, n: usize) {
+        if let Some(s) = self.seqs.get_mut(&id) {
+            s.len += n;
+        }
+    }
+
+    pub fn release(&mut self, id: u64) {
+        if let Some(s) = self.seqs.remove(&id) {
+            self.free.extend(s.blocks);
+        }
+    }
+}
