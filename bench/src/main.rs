@@ -20,6 +20,10 @@ enum Command {
     /// Single-stream decode rate of candle's quantized_llama as this binary
     /// was built (one JSON line; the yardstick of `node --upstream-bin`).
     Upstream(node_bench::ModelArgs),
+    /// The node's engine on a GPU: decode alone and batched, TTFT under
+    /// load, memory bandwidth, the CPU aggregate beside it, greedy output
+    /// against the CPU (scripts/gpu-check.sh).
+    Device(node_bench::device::Args),
     /// The node's matmul kernels alone: GMAC/s per kernel and batch size.
     Qgemm(node_bench::qgemm::Args),
     /// Drive Generate load (closed or open loop) against a node or sidecar
@@ -39,6 +43,7 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Node(args) => node_bench::run(args).await,
         Command::Upstream(args) => node_bench::upstream::run(args),
+        Command::Device(args) => node_bench::device::run(args).await,
         Command::Qgemm(args) => node_bench::qgemm::run(args),
         Command::Load(args) => bench::load::cli::run(args).await,
         Command::Scenario(scenario) => bench::scenario::run(scenario).await,

@@ -54,15 +54,15 @@ pub async fn decode_rate(scheduler: &Scheduler, prompt: &[u32], streams: usize, 
     Ok(counted as f64 / end.duration_since(start).as_secs_f64().max(1e-9))
 }
 
-/// A 128-token prompt made of the benchmark prompt's tokens.
-pub fn long_prompt(codec: &Arc<dyn TextCodec>) -> anyhow::Result<Vec<u32>> {
+/// A `len`-token prompt made of the benchmark prompt's tokens.
+pub fn long_prompt(codec: &Arc<dyn TextCodec>, len: usize) -> anyhow::Result<Vec<u32>> {
     let base = codec.encode(PROMPT, SpecialTokens::AsText)?;
-    Ok((0..128).map(|i| base[i % base.len()]).collect())
+    Ok((0..len).map(|i| base[i % base.len()]).collect())
 }
 
 /// Milliseconds to the first token of `prompt`, `samples` times one after
 /// another; sorted.
-async fn ttfts(scheduler: &Scheduler, prompt: &[u32], samples: usize) -> anyhow::Result<Vec<f64>> {
+pub async fn ttfts(scheduler: &Scheduler, prompt: &[u32], samples: usize) -> anyhow::Result<Vec<f64>> {
     let mut ttft = Vec::new();
     for _ in 0..samples {
         let start = Instant::now();
@@ -77,30 +77,41 @@ async fn ttfts(scheduler: &Scheduler, prompt: &[u32], samples: usize) -> anyhow:
 
 /// Prompt tokens/s of a 128-token prompt prefilled alone (median of `samples`).
 pub async fn prefill_rate(scheduler: &Scheduler, codec: &Arc<dyn TextCodec>, samples: usize) -> anyhow::Result<f64> {
-    let ttft = ttfts(scheduler, &long_prompt(codec)?, samples.max(1)).await?;
+    let ttft = ttfts(scheduler, &long_prompt(codec, 128)?, samples.max(1)).await?;
     Ok(128.0 / (percentile(&ttft, 0.5) / 1e3))
 }
 
-/// Time to first token of 128-token prompts, one at a time, while 31
-/// streams keep decoding. Returns (p50, p99) in milliseconds.
+/// What `ttft_under_load` measures: `prompt`-token prompts, one at a time,
+/// while `streams` others keep decoding (up to `tokens` each).
+pub struct UnderLoad {
+    pub prompt: usize,
+    pub streams: usize,
+    pub tokens: usize,
+}
+
+/// Time to first token under load (see `UnderLoad`). Returns (p50, p99)
+/// in milliseconds.
 pub async fn ttft_under_load(
     scheduler: &Scheduler,
     codec: &Arc<dyn TextCodec>,
     samples: usize,
+    load: &UnderLoad,
 ) -> anyhow::Result<(f64, f64)> {
     let background = codec.encode(PROMPT, SpecialTokens::AsText)?;
     let mut keep = Vec::new();
-    for _ in 0..31 {
-        let (mut rx, _) = scheduler.submit(greedy(&background, 4000)).map_err(|e| anyhow::anyhow!("{e}"))?;
-        rx.recv().await; // decoding has started
+    for _ in 0..load.streams {
+        let (rx, _) = scheduler.submit(greedy(&background, load.tokens)).map_err(|e| anyhow::anyhow!("{e}"))?;
         keep.push(rx);
     }
-    let ttft = ttfts(scheduler, &long_prompt(codec)?, samples).await?;
+    for rx in &mut keep {
+        rx.recv().await; // decoding has started
+    }
+    let ttft = ttfts(scheduler, &long_prompt(codec, load.prompt)?, samples).await?;
     drop(keep);
     Ok((percentile(&ttft, 0.5), percentile(&ttft, 0.99)))
 }
 
 /// Nearest-rank percentile of sorted values.
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
 }

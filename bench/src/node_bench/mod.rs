@@ -3,6 +3,8 @@
 //! every matmul kernel this CPU supports, against the upstream single-stream
 //! figure, all in one run so the ratios compare like with like.
 
+pub mod device;
+mod device_compare;
 mod measure;
 pub mod qgemm;
 pub mod upstream;
@@ -122,7 +124,8 @@ async fn bench_kernel(args: &Args, kernel: Kernel, upstream: f64, peak: f64) -> 
         prefill / upstream
     );
     if args.ttft_samples > 0 {
-        let (p50, p99) = measure::ttft_under_load(&scheduler, &codec, args.ttft_samples).await?;
+        let load = measure::UnderLoad { prompt: 128, streams: 31, tokens: 4000 };
+        let (p50, p99) = measure::ttft_under_load(&scheduler, &codec, args.ttft_samples, &load).await?;
         println!("TTFT of a 128-token prompt while 31 streams decode: p50 {p50:.1} ms, p99 {p99:.1} ms");
     }
     Ok(())
