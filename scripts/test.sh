@@ -8,3 +8,6 @@ cargo build --release --workspace --all-targets
 # One test at a time: the end-to-end tests run whole meshes of processes
 # and compare latencies, which is only fair on an otherwise quiet machine.
 cargo test --release --workspace -- --test-threads=1
+# The CUDA build must not rot: mesh-node and mesh-bench with --features
+# cuda, on this machine without a GPU or CUDA toolkit (scripts/build-cuda.sh).
+bash scripts/build-cuda.sh

@@ -78,12 +78,21 @@ fn lockstep(mut seqs: Vec<Seq>) -> (usize, f32, usize) {
                 let tokens = &s.tokens[s.fed..s.fed + take];
                 let want_logits = s.fed + take >= s.prompt;
                 let capacity = s.prompt + DECODE;
-                SeqStep { id: s.id, tokens, start_pos: s.fed, want_logits, capacity, prompt_len: s.prompt }
+                SeqStep {
+                    id: s.id,
+                    tokens,
+                    start_pos: s.fed,
+                    want_logits,
+                    capacity,
+                    prompt_len: s.prompt,
+                    greedy: false,
+                }
             })
             .collect();
         let fed: Vec<(usize, bool)> = steps.iter().map(|s| (s.tokens.len(), s.want_logits)).collect();
         let want = host.step(&steps).unwrap().map(|t| t.to_vec2::<f32>().unwrap()).unwrap_or_default();
-        let got = device.step(&steps).unwrap().map(|t| t.to_vec2::<f32>().unwrap()).unwrap_or_default();
+        let got = device.step(&steps).unwrap().map(|t| t.to_device(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap());
+        let got = got.unwrap_or_default();
         drop(steps);
         assert_eq!(want.len(), got.len(), "step {step}: logits rows");
         let mut row = 0;

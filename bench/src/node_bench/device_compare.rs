@@ -62,6 +62,7 @@ fn compare(
             want_logits: true,
             capacity: prompt.len() + tokens,
             prompt_len: prompt.len(),
+            greedy: false,
         };
         let c = last_row(cpu.step(std::slice::from_ref(&s)).map_err(anyhow::Error::msg)?)?;
         let d = last_row(dev.step(std::slice::from_ref(&s)).map_err(anyhow::Error::msg)?)?;
@@ -80,7 +81,7 @@ fn compare(
 }
 
 fn last_row(logits: Option<candle_core::Tensor>) -> anyhow::Result<Vec<f32>> {
-    let logits = logits.ok_or_else(|| anyhow::anyhow!("no logits"))?;
+    let logits = logits.ok_or_else(|| anyhow::anyhow!("no logits"))?.to_device(&Device::Cpu)?;
     Ok(logits.to_vec2::<f32>()?.pop().unwrap_or_default())
 }
 

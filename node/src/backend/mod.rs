@@ -22,12 +22,16 @@ pub struct SeqStep<'a> {
     pub capacity: usize,
     /// Length of the caller's prompt; tokens after it were generated.
     pub prompt_len: usize,
+    /// The sequence samples greedily: with logits on a device, its token is
+    /// picked there and only the id comes back (see `scheduler::isolate`).
+    pub greedy: bool,
 }
 
 /// A model (or a stand-in for one) that advances many sequences per step.
 pub trait Backend: Send {
     /// Feeds every sequence's new tokens; returns `[m, vocab]` logits for
-    /// the sequences with `want_logits`, in the order given. A step that
+    /// the sequences with `want_logits`, in the order given (on the host, or
+    /// on the model's device). A step that
     /// fails (error or panic) must leave every sequence as it was before
     /// it, so the engine can run the same sequences again, one at a time, to
     /// find the one at fault.

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
 use super::{Backend, SeqStep};
 use crate::model::paged::{KvPool, PagedAttention};
@@ -44,8 +44,8 @@ impl PagedBackend {
         let ids: Vec<u64> = seqs.iter().map(|s| s.id).collect();
         let cfg = self.model.config();
         let mut kv = PagedAttention::new(cfg, &mut self.pool, &ids, &plan, &self.rope)?;
-        // Logits go to the host in one copy, not one per sampled row.
-        let logits = self.model.run(&plan, &mut kv)?.map(|l| l.to_device(&Device::Cpu)).transpose()?;
+        // Logits stay on the device: greedy rows are picked there.
+        let logits = self.model.run(&plan, &mut kv)?;
         // Only a step that succeeded counts its positions as stored; a failed
         // one leaves every sequence as it was (its writes lie past `len`).
         for s in seqs {

@@ -172,6 +172,7 @@ impl Engine {
                 want_logits,
                 capacity: seq.kv_need,
                 prompt_len: seq.original_prompt_len(),
+                greedy: seq.greedy,
             });
         }
         self.shared.metrics.batch_size.observe(steps.len() as f64);

@@ -3,12 +3,12 @@
 
 use std::time::{Duration, Instant};
 
-use candle_core::Tensor;
-use candle_transformers::generation::LogitsProcessor;
+use candle_transformers::generation::{LogitsProcessor, Sampling};
 use mesh_proto::v1::{FinishReason, GenerateResponse, Usage};
 use tokio::sync::mpsc::UnboundedSender;
 use tonic::Status;
 
+use super::isolate::Next;
 use super::{Request, stop::StopMatcher};
 use crate::metrics::NodeMetrics;
 use crate::text::{IncrementalDecoder, TextCodec};
@@ -30,6 +30,8 @@ pub struct Sequence {
     prefilled: usize,
     max_tokens: usize,
     sampler: LogitsProcessor,
+    /// Samples by argmax (temperature 0).
+    pub greedy: bool,
     decoder: IncrementalDecoder,
     stop: StopMatcher,
     tx: UnboundedSender<Reply>,
@@ -60,6 +62,7 @@ impl Sequence {
             continued: req.continued,
             prefilled: 0,
             max_tokens: req.max_tokens,
+            greedy: matches!(req.sampling, Sampling::ArgMax),
             sampler: LogitsProcessor::from_sampling(req.seed, req.sampling),
             decoder,
             stop: StopMatcher::new(req.stop),
@@ -117,16 +120,20 @@ impl Sequence {
         self.prefilled += fed;
     }
 
-    /// Samples the next token from `logits` and streams what it completes.
-    /// Returns the finish reason when the sequence is done.
+    /// Samples the next token (or takes the device's greedy pick) and
+    /// streams what it completes. Returns the finish reason when the
+    /// sequence is done.
     pub fn sample(
         &mut self,
-        logits: &Tensor,
+        next: &Next,
         codec: &dyn TextCodec,
         context_length: usize,
         metrics: &NodeMetrics,
     ) -> Result<Option<FinishReason>, String> {
-        let token = self.sampler.sample(logits).map_err(|e| e.to_string())?;
+        let token = match next {
+            Next::Logits(logits) => self.sampler.sample(logits).map_err(|e| e.to_string())?,
+            Next::Token(token) => *token,
+        };
         let now = Instant::now();
         match self.last_token_at.replace(now) {
             Some(prev) => metrics.inter_token.observe(now.duration_since(prev).as_secs_f64()),

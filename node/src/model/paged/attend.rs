@@ -19,8 +19,9 @@ use crate::model::{LlamaConfig, ModelError};
 
 /// Sequences attended together.
 struct Group {
-    /// Step rows of the group's query tokens, member by member.
-    rows: Tensor,
+    /// Step rows of the group's query tokens, member by member; `None`
+    /// when they are all the step's rows in order (a step of decoding only).
+    rows: Option<Tensor>,
     members: usize,
     /// New tokens per member (1 for decoding, the chunk for prefill).
     qlen: usize,
@@ -83,7 +84,11 @@ impl<'a> PagedAttention<'a> {
         let cfg = self.cfg;
         let (b, hd, kvh) = (g.members, cfg.head_dim, cfg.n_kv_head);
         let per = cfg.n_head / kvh;
-        let q = q.index_select(&g.rows, 0)?.reshape((b, g.qlen, kvh, per, hd))?.transpose(1, 2)?;
+        let q = match &g.rows {
+            Some(rows) => q.index_select(rows, 0)?,
+            None => q.clone(),
+        };
+        let q = q.reshape((b, g.qlen, kvh, per, hd))?.transpose(1, 2)?;
         let q = (q.contiguous()?.reshape((b, kvh, g.qlen * per, hd))? * (1.0 / (hd as f64).sqrt()))?;
         let gather = |pool: &Tensor| -> candle_core::Result<Tensor> {
             pool.index_select(&g.gather, 0)?.reshape((b, g.keys, kvh, hd))?.transpose(1, 2)?.contiguous()
@@ -100,8 +105,9 @@ impl StepKv for PagedAttention<'_> {
     fn attend(&mut self, layer: usize, qkv: Tensor) -> Result<Tensor, ModelError> {
         let cfg = self.cfg;
         let (qd, kvd) = (cfg.n_embd, cfg.kv_dim());
-        let q = self.rotate(qkv.narrow(1, 0, qd)?, cfg.n_head)?;
-        let k = self.rotate(qkv.narrow(1, qd, kvd)?, cfg.n_kv_head)?;
+        // Queries and keys rotate together: one RoPE call a layer.
+        let qk = self.rotate(qkv.narrow(1, 0, qd + kvd)?, cfg.n_head + cfg.n_kv_head)?;
+        let (q, k) = (qk.narrow(1, 0, qd)?.contiguous()?, qk.narrow(1, qd, kvd)?.contiguous()?);
         let v = qkv.narrow(1, qd + kvd, kvd)?.contiguous()?;
         self.pool.k[layer].scatter_set(&self.write, &k, 0)?;
         self.pool.v[layer].scatter_set(&self.write, &v, 0)?;
@@ -179,8 +185,9 @@ fn group(
             mask.extend((0..keys).map(|j| if j <= first + t { 0f32 } else { f32::NEG_INFINITY }));
         }
     }
+    let all_in_order = rows.len() == plan.owners.len() && rows.iter().enumerate().all(|(i, &r)| i == r as usize);
     Ok(Group {
-        rows: Tensor::new(rows, device)?,
+        rows: (!all_in_order).then(|| Tensor::new(rows, device)).transpose()?,
         members: set.len(),
         qlen,
         keys,
