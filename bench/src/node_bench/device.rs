@@ -17,7 +17,7 @@ use node::text::{GgufText, SpecialTokens, TextCodec};
 use serde_json::{Value, json};
 
 use super::measure::{self, UnderLoad};
-use super::{PROMPT, device_compare};
+use super::{PROMPT, anatomy, device_compare};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -92,7 +92,8 @@ async fn device_run(args: &Args, device: &Device) -> anyhow::Result<Value> {
     let codec: Arc<dyn TextCodec> = Arc::new(GgufText::from_metadata(&content.metadata)?);
     let prompt = codec.encode(PROMPT, SpecialTokens::AsText)?;
     let kv_tokens = streams * (prompt.len() + args.background_tokens.max(args.tokens)) + 2 * args.ttft_prompt;
-    let backend = PagedBackend::new(Arc::new(model), kv_tokens, streams + 1)?;
+    let model = Arc::new(model);
+    let backend = PagedBackend::new(model.clone(), kv_tokens, streams + 1)?;
     let (pool_bytes, pool_positions) = backend.pool_size();
     println!("KV pool: {pool_positions} positions, {} MiB", pool_bytes >> 20);
     let limits = Limits {
@@ -108,7 +109,7 @@ async fn device_run(args: &Args, device: &Device) -> anyhow::Result<Value> {
     let weight_bytes = std::fs::metadata(&args.model)?.len() as f64;
     // Keys and values of one position in every layer, f32.
     let kv_bytes = (cfg.n_layer * cfg.kv_dim() * 2 * 4) as f64;
-    let mut decode = Vec::new();
+    let (mut decode, mut rates) = (Vec::new(), Vec::new());
     for &n in std::iter::once(&1).chain(&args.batches) {
         let rate = measure::decode_rate(&scheduler, &prompt, n, args.tokens).await?;
         // Per step: every weight once, and each stream's keys and values
@@ -118,6 +119,7 @@ async fn device_run(args: &Args, device: &Device) -> anyhow::Result<Value> {
         let peak = args.peak_gbs.map(|p| format!(" of {p:.0} GB/s peak ({:.1}%)", 100.0 * gbs / p)).unwrap_or_default();
         println!("device, {n} streams: {rate:.1} tokens/s aggregate; weights + KV read at {gbs:.1} GB/s{peak}");
         decode.push(json!({ "streams": n, "tokens_per_s": rate, "bandwidth_gbs": gbs }));
+        rates.push((n, rate));
     }
     let long = measure::long_prompt(&codec, args.ttft_prompt)?;
     let alone = measure::ttfts(&scheduler, &long, args.ttft_samples.clamp(1, 5)).await?;
@@ -129,8 +131,12 @@ async fn device_run(args: &Args, device: &Device) -> anyhow::Result<Value> {
         "TTFT of a {}-token prompt while {} streams decode: p50 {p50:.1} ms, p99 {p99:.1} ms",
         load.prompt, load.streams
     );
+    drop(scheduler);
+    let context = prompt.len() + args.tokens / 2;
+    let anatomy = anatomy::report(model, context, &rates)?;
     Ok(json!({
         "linear_formats": formats,
+        "step_anatomy": anatomy,
         "kv_pool": { "positions": pool_positions, "bytes": pool_bytes },
         "decode": decode,
         "peak_gbs": args.peak_gbs,

@@ -3,6 +3,7 @@
 //! every matmul kernel this CPU supports, against the upstream single-stream
 //! figure, all in one run so the ratios compare like with like.
 
+mod anatomy;
 pub mod device;
 mod device_compare;
 mod measure;

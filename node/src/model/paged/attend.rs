@@ -13,6 +13,7 @@ use candle_core::{Device, Tensor};
 use candle_nn::ops::softmax_last_dim;
 use candle_nn::rotary_emb::rope_i;
 
+use super::write::WriteRows;
 use super::{KvPool, SeqBlocks};
 use crate::model::step::{StepKv, StepPlan};
 use crate::model::{LlamaConfig, ModelError};
@@ -36,8 +37,8 @@ struct Group {
 pub struct PagedAttention<'a> {
     cfg: &'a LlamaConfig,
     pool: &'a mut KvPool,
-    /// `[tokens, kv_dim]`: each token's pool row, repeated along the row.
-    write: Tensor,
+    /// `[tokens]`: each new token's pool row.
+    slots: Tensor,
     cos: Tensor,
     sin: Tensor,
     groups: Vec<Group>,
@@ -62,13 +63,12 @@ impl<'a> PagedAttention<'a> {
             .collect::<Result<_, _>>()?;
         let slots: Vec<u32> =
             plan.positions.iter().zip(&plan.owners).map(|(&pos, &owner)| seqs[owner].slot(pos)).collect();
-        let write: Vec<u32> = slots.iter().flat_map(|&s| std::iter::repeat_n(s, cfg.kv_dim())).collect();
-        let write = Tensor::from_vec(write, (slots.len(), cfg.kv_dim()), &device)?;
+        let slots = Tensor::new(slots.as_slice(), &device)?;
         let positions: Vec<u32> = plan.positions.iter().map(|&p| p as u32).collect();
         let positions = Tensor::new(positions.as_slice(), &device)?;
         let (cos, sin) = (rope.0.index_select(&positions, 0)?, rope.1.index_select(&positions, 0)?);
         let (groups, order) = plan_groups(plan, &seqs, &device)?;
-        Ok(Self { cfg, pool, write, cos, sin, groups, order })
+        Ok(Self { cfg, pool, slots, cos, sin, groups, order })
     }
 
     /// RoPE on `[tokens, heads * head_dim]`.
@@ -109,8 +109,8 @@ impl StepKv for PagedAttention<'_> {
         let qk = self.rotate(qkv.narrow(1, 0, qd + kvd)?, cfg.n_head + cfg.n_kv_head)?;
         let (q, k) = (qk.narrow(1, 0, qd)?.contiguous()?, qk.narrow(1, qd, kvd)?.contiguous()?);
         let v = qkv.narrow(1, qd + kvd, kvd)?.contiguous()?;
-        self.pool.k[layer].scatter_set(&self.write, &k, 0)?;
-        self.pool.v[layer].scatter_set(&self.write, &v, 0)?;
+        self.pool.k[layer].inplace_op3(&k, &self.slots, &WriteRows)?;
+        self.pool.v[layer].inplace_op3(&v, &self.slots, &WriteRows)?;
         let outs: Vec<Tensor> =
             self.groups.iter().map(|g| self.attend_group(layer, &q, g)).collect::<Result<_, _>>()?;
         let out = Tensor::cat(&outs, 0)?;

@@ -9,6 +9,7 @@
 //! out-of-memory error in the middle of a step.
 
 mod attend;
+mod write;
 
 use std::collections::HashMap;
 

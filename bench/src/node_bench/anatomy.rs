@@ -1,0 +1,74 @@
+//! Where a device step's time goes: the host issuing the step's kernels
+//! (`Backend::step` returns once they are queued), the wait for the device
+//! to finish them (the greedy picks coming back), and, by difference with
+//! the engine's rate, the engine's own work per step (sampling, detokenizing,
+//! streaming every sequence's token).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::D;
+use node::backend::{Backend, PagedBackend, SeqStep};
+use node::model::LlamaModel;
+use serde_json::{Value, json};
+
+/// Decode steps timed per batch size (after one untimed warm-up).
+const STEPS: usize = 16;
+
+/// Times `STEPS` decode steps of `streams` sequences, each `context` tokens
+/// long, driving the backend directly. Returns (issue ms, wait ms) medians.
+pub fn decode_step(model: Arc<LlamaModel>, streams: usize, context: usize) -> anyhow::Result<(f64, f64)> {
+    let capacity = context + STEPS + 1;
+    let mut backend = PagedBackend::new(model, streams * capacity, streams)?;
+    let prompt: Vec<u32> = (0..context as u32).map(|i| 1 + i % 1000).collect();
+    let step = |tokens, pos| steps(tokens, pos, streams, capacity);
+    wait(backend.step(&step(&prompt, 0)).map_err(anyhow::Error::msg)?)?;
+    let (mut issue, mut waited) = (Vec::new(), Vec::new());
+    for i in 0..=STEPS {
+        let start = Instant::now();
+        let logits = backend.step(&step(&[42], context + i)).map_err(anyhow::Error::msg)?;
+        let issued = Instant::now();
+        wait(logits)?;
+        if i > 0 {
+            issue.push(issued.duration_since(start).as_secs_f64() * 1e3);
+            waited.push(issued.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    Ok((median(&mut issue), median(&mut waited)))
+}
+
+/// Every one of `streams` sequences feeding `tokens` at `pos`.
+fn steps(tokens: &[u32], pos: usize, streams: usize, capacity: usize) -> Vec<SeqStep<'_>> {
+    let step = |id| SeqStep { id, tokens, start_pos: pos, want_logits: true, capacity, prompt_len: 0, greedy: true };
+    (0..streams as u64).map(step).collect()
+}
+
+/// The greedy picks on the host: the step's end.
+fn wait(logits: Option<candle_core::Tensor>) -> anyhow::Result<()> {
+    if let Some(l) = logits {
+        l.argmax(D::Minus1)?.to_vec1::<u32>()?;
+    }
+    Ok(())
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The anatomy at each batch size; `engine_rates` are the engine's
+/// aggregate tokens/s at the same sizes (its step time is `streams / rate`).
+pub fn report(model: Arc<LlamaModel>, context: usize, engine_rates: &[(usize, f64)]) -> anyhow::Result<Value> {
+    let mut rows = Vec::new();
+    for &(streams, rate) in engine_rates {
+        let (issue, wait) = decode_step(model.clone(), streams, context)?;
+        let engine = streams as f64 / rate * 1e3;
+        let rest = engine - issue - wait;
+        println!(
+            "step anatomy, {streams} streams: host issues kernels {issue:.2} ms, then waits for the device {wait:.2} ms; \
+             engine step {engine:.2} ms (engine's own work {rest:.2} ms)"
+        );
+        rows.push(json!({ "streams": streams, "issue_ms": issue, "wait_ms": wait, "engine_step_ms": engine }));
+    }
+    Ok(Value::Array(rows))
+}
