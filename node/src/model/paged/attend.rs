@@ -2,10 +2,13 @@
 //!
 //! The step's chunks form groups: every decoding sequence (one new token)
 //! in one group, each prefill chunk a group of its own. A group gathers its
-//! sequences' keys and values from the pool into `[b, n_kv_head, len, hd]`
+//! sequences' keys and values from the pool into `[n_kv_head, b, len, hd]`
 //! (shorter sequences padded and masked out) and attends with two batched
 //! matmuls, so a layer costs one attention call per group, not per
-//! sequence. Everything a layer needs besides the weights (rows to write,
+//! sequence. On a GPU the cost of a step is the number of kernels the host
+//! issues (about 9 µs each with candle), so the layout is chosen to need
+//! few: RoPE needs no transposes, the attention scale rides in the queries'
+//! RoPE tables, and the head-major pool gathers straight into batch order. Everything a layer needs besides the weights (rows to write,
 //! rows to gather, masks, RoPE tables at each token's position) is built
 //! once per step and shared by all layers.
 
@@ -30,7 +33,7 @@ struct Group {
     keys: usize,
     /// Pool rows of each member's positions `[members * keys]` (padding: row 0).
     gather: Tensor,
-    /// `[members, 1, qlen, 1, keys]`: 0 where a query may look, -inf elsewhere.
+    /// `[1, members, qlen, 1, keys]`: 0 where a query may look, -inf elsewhere.
     mask: Tensor,
 }
 
@@ -39,8 +42,12 @@ pub struct PagedAttention<'a> {
     pool: &'a mut KvPool,
     /// `[tokens]`: each new token's pool row.
     slots: Tensor,
+    /// RoPE at each token's position, `[tokens, 1, pairs]`; the queries'
+    /// tables carry attention's `1 / sqrt(head_dim)` as well.
     cos: Tensor,
     sin: Tensor,
+    q_cos: Tensor,
+    q_sin: Tensor,
     groups: Vec<Group>,
     /// Back from group order to step order; `None` when they agree.
     order: Option<Tensor>,
@@ -56,7 +63,7 @@ impl<'a> PagedAttention<'a> {
         plan: &StepPlan,
         rope: &(Tensor, Tensor),
     ) -> Result<Self, ModelError> {
-        let device = pool.k[0].device().clone();
+        let device = pool.device().clone();
         let seqs: Vec<&SeqBlocks> = ids
             .iter()
             .map(|id| pool.seq(*id).ok_or_else(|| ModelError::Unsupported(format!("sequence {id} has no KV blocks"))))
@@ -66,17 +73,20 @@ impl<'a> PagedAttention<'a> {
         let slots = Tensor::new(slots.as_slice(), &device)?;
         let positions: Vec<u32> = plan.positions.iter().map(|&p| p as u32).collect();
         let positions = Tensor::new(positions.as_slice(), &device)?;
-        let (cos, sin) = (rope.0.index_select(&positions, 0)?, rope.1.index_select(&positions, 0)?);
+        let at = |table: &Tensor| table.index_select(&positions, 0)?.unsqueeze(1);
+        let (cos, sin) = (at(&rope.0)?, at(&rope.1)?);
+        let scale = 1.0 / (cfg.head_dim as f64).sqrt();
+        let (q_cos, q_sin) = ((&cos * scale)?, (&sin * scale)?);
         let (groups, order) = plan_groups(plan, &seqs, &device)?;
-        Ok(Self { cfg, pool, slots, cos, sin, groups, order })
+        Ok(Self { cfg, pool, slots, cos, sin, q_cos, q_sin, groups, order })
     }
 
-    /// RoPE on `[tokens, heads * head_dim]`.
-    fn rotate(&self, x: Tensor, heads: usize) -> Result<Tensor, ModelError> {
-        let (n, hd) = (x.dim(0)?, self.cfg.head_dim);
-        let x = x.reshape((n, heads, hd))?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?;
-        let x = rope_i(&x, &self.cos, &self.sin)?;
-        Ok(x.squeeze(0)?.transpose(0, 1)?.contiguous()?.reshape((n, heads * hd))?)
+    /// RoPE on `[tokens, heads * head_dim]`, each token at its own position:
+    /// as `[tokens, heads, 1, head_dim]`, one batch entry per token, so
+    /// nothing is transposed.
+    fn rotate(x: Tensor, heads: usize, hd: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor, ModelError> {
+        let n = x.dim(0)?;
+        Ok(rope_i(&x.reshape((n, heads, 1, hd))?, cos, sin)?.reshape((n, heads * hd))?)
     }
 
     /// One group's attention output `[members * qlen, n_embd]`.
@@ -88,15 +98,15 @@ impl<'a> PagedAttention<'a> {
             Some(rows) => q.index_select(rows, 0)?,
             None => q.clone(),
         };
-        let q = q.reshape((b, g.qlen, kvh, per, hd))?.transpose(1, 2)?;
-        let q = (q.contiguous()?.reshape((b, kvh, g.qlen * per, hd))? * (1.0 / (hd as f64).sqrt()))?;
-        let gather = |pool: &Tensor| -> candle_core::Result<Tensor> {
-            pool.index_select(&g.gather, 0)?.reshape((b, g.keys, kvh, hd))?.transpose(1, 2)?.contiguous()
-        };
+        // Batched over (KV head, member): the pool is head-major, so a
+        // gather is already `[kv_head, member, key, head_dim]`.
+        let q = q.reshape((b, g.qlen, kvh, per, hd))?.permute((2, 0, 1, 3, 4))?;
+        let q = q.contiguous()?.reshape((kvh, b, g.qlen * per, hd))?;
+        let gather = |pool: &Tensor| pool.index_select(&g.gather, 1)?.reshape((kvh, b, g.keys, hd));
         let (k, v) = (gather(&self.pool.k[layer])?, gather(&self.pool.v[layer])?);
-        let scores = q.matmul(&k.t()?)?.reshape((b, kvh, g.qlen, per, g.keys))?.broadcast_add(&g.mask)?;
-        let weights = softmax_last_dim(&scores.reshape((b, kvh, g.qlen * per, g.keys))?)?;
-        let out = weights.matmul(&v)?.reshape((b, kvh, g.qlen, per, hd))?.transpose(1, 2)?;
+        let scores = q.matmul(&k.t()?)?.reshape((kvh, b, g.qlen, per, g.keys))?.broadcast_add(&g.mask)?;
+        let weights = softmax_last_dim(&scores.reshape((kvh, b, g.qlen * per, g.keys))?)?;
+        let out = weights.matmul(&v)?.reshape((kvh, b, g.qlen, per, hd))?.permute((1, 2, 0, 3, 4))?;
         Ok(out.contiguous()?.reshape((b * g.qlen, cfg.n_embd))?)
     }
 }
@@ -105,9 +115,9 @@ impl StepKv for PagedAttention<'_> {
     fn attend(&mut self, layer: usize, qkv: Tensor) -> Result<Tensor, ModelError> {
         let cfg = self.cfg;
         let (qd, kvd) = (cfg.n_embd, cfg.kv_dim());
-        // Queries and keys rotate together: one RoPE call a layer.
-        let qk = self.rotate(qkv.narrow(1, 0, qd + kvd)?, cfg.n_head + cfg.n_kv_head)?;
-        let (q, k) = (qk.narrow(1, 0, qd)?.contiguous()?, qk.narrow(1, qd, kvd)?.contiguous()?);
+        let hd = cfg.head_dim;
+        let q = Self::rotate(qkv.narrow(1, 0, qd)?, cfg.n_head, hd, &self.q_cos, &self.q_sin)?;
+        let k = Self::rotate(qkv.narrow(1, qd, kvd)?, cfg.n_kv_head, hd, &self.cos, &self.sin)?;
         let v = qkv.narrow(1, qd + kvd, kvd)?.contiguous()?;
         self.pool.k[layer].inplace_op3(&k, &self.slots, &WriteRows)?;
         self.pool.v[layer].inplace_op3(&v, &self.slots, &WriteRows)?;
@@ -192,7 +202,7 @@ fn group(
         qlen,
         keys,
         gather: Tensor::new(gather.as_slice(), device)?,
-        mask: Tensor::from_vec(mask, (set.len(), 1, qlen, 1, keys), device)?,
+        mask: Tensor::from_vec(mask, (1, set.len(), qlen, 1, keys), device)?,
     })
 }
 

@@ -50,7 +50,8 @@ impl SeqBlocks {
 
 /// Every layer's keys and values of every sequence, on one device.
 pub struct KvPool {
-    /// Per layer `[blocks * BLOCK_TOKENS, kv_dim]`.
+    /// Per layer `[n_kv_head, blocks * BLOCK_TOKENS, head_dim]`: head-major,
+    /// so one gather gives attention its `[kv_head, sequence, ...]` batches.
     k: Vec<Tensor>,
     v: Vec<Tensor>,
     free: Vec<u32>,
@@ -63,7 +64,7 @@ impl KvPool {
     pub fn new(cfg: &LlamaConfig, tokens: usize, sequences: usize, device: &Device) -> Result<Self, ModelError> {
         let blocks = tokens.div_ceil(BLOCK_TOKENS) + sequences;
         let rows = blocks * BLOCK_TOKENS;
-        let layer = || Tensor::zeros((rows, cfg.kv_dim()), DType::F32, device);
+        let layer = || Tensor::zeros((cfg.n_kv_head, rows, cfg.head_dim), DType::F32, device);
         let k = (0..cfg.n_layer).map(|_| layer()).collect::<Result<Vec<_>, _>>()?;
         let v = (0..cfg.n_layer).map(|_| layer()).collect::<Result<Vec<_>, _>>()?;
         let free = (0..blocks as u32).rev().collect();
@@ -77,7 +78,11 @@ impl KvPool {
 
     /// Positions the pool holds in all (used or free).
     pub fn capacity_tokens(&self) -> usize {
-        self.k.first().map_or(0, |t| t.dim(0).unwrap_or(0))
+        self.k.first().map_or(0, |t| t.dim(1).unwrap_or(0))
+    }
+
+    pub fn device(&self) -> &Device {
+        self.k.first().map_or(&Device::Cpu, |t| t.device())
     }
 
     /// Gives sequence `id` blocks for `capacity` positions, once.

@@ -1,5 +1,6 @@
-//! Writing a step's keys (or values) into the pool: source row `i` goes to
-//! pool row `slots[i]`.
+//! Writing a step's keys (or values) into the head-major pool
+//! `[heads, positions, head_dim]`: source row `i` (`[heads * head_dim]`)
+//! goes to position `slots[i]` of every head.
 //!
 //! Written here because candle's `scatter_set` is the wrong shape for it on
 //! a GPU: its CUDA kernel runs one thread per column (192 here), each
@@ -11,17 +12,18 @@ use candle_core::{CpuStorage, InplaceOp3, Layout, Result, bail};
 
 pub struct WriteRows;
 
-/// `(pool row width, source rows)` after checking the three layouts.
-fn check(pool: &Layout, src: &Layout, slots: &Layout) -> Result<(usize, usize)> {
-    let (_, width) = pool.shape().dims2()?;
-    let (rows, src_width) = src.shape().dims2()?;
-    if width != src_width || slots.shape().dims1()? != rows {
+/// The pool's `(heads, positions, head_dim)` and the source rows, after
+/// checking the three layouts.
+fn check(pool: &Layout, src: &Layout, slots: &Layout) -> Result<((usize, usize, usize), usize)> {
+    let (heads, positions, hd) = pool.shape().dims3()?;
+    let (rows, width) = src.shape().dims2()?;
+    if width != heads * hd || slots.shape().dims1()? != rows {
         bail!("pool write: pool {:?}, rows {:?}, slots {:?}", pool.shape(), src.shape(), slots.shape());
     }
     if !pool.is_contiguous() || !src.is_contiguous() || !slots.is_contiguous() {
         bail!("pool write needs contiguous tensors");
     }
-    Ok((width, rows))
+    Ok(((heads, positions, hd), rows))
 }
 
 impl InplaceOp3 for WriteRows {
@@ -38,16 +40,17 @@ impl InplaceOp3 for WriteRows {
         slots: &CpuStorage,
         slots_l: &Layout,
     ) -> Result<()> {
-        let (width, rows) = check(pool_l, src_l, slots_l)?;
+        let ((heads, positions, hd), rows) = check(pool_l, src_l, slots_l)?;
         let CpuStorage::F32(pool) = pool else { bail!("pool write: the pool must be f32") };
-        let pool = &mut pool[pool_l.start_offset()..];
-        let src = &src.as_slice::<f32>()?[src_l.start_offset()..][..rows * width];
+        let pool = &mut pool[pool_l.start_offset()..][..heads * positions * hd];
+        let src = &src.as_slice::<f32>()?[src_l.start_offset()..][..rows * heads * hd];
         let slots = &slots.as_slice::<u32>()?[slots_l.start_offset()..][..rows];
-        for (row, &slot) in src.chunks_exact(width).zip(slots) {
-            let start = slot as usize * width;
-            match pool.get_mut(start..start + width) {
-                Some(dst) => dst.copy_from_slice(row),
-                None => bail!("pool write: slot {slot} is past the pool"),
+        for (row, &slot) in src.chunks_exact(heads * hd).zip(slots) {
+            if slot as usize >= positions {
+                bail!("pool write: slot {slot} is past the pool's {positions} positions");
+            }
+            for (h, head) in row.chunks_exact(hd).enumerate() {
+                pool[(h * positions + slot as usize) * hd..][..hd].copy_from_slice(head);
             }
         }
         Ok(())
@@ -65,7 +68,8 @@ impl InplaceOp3 for WriteRows {
     ) -> Result<()> {
         use candle_core::cuda_backend::WrapErr;
         use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-        let (width, rows) = check(pool_l, src_l, slots_l)?;
+        let ((heads, positions, hd), rows) = check(pool_l, src_l, slots_l)?;
+        let width = heads * hd;
         let dev = pool.device.clone();
         let func = dev.get_or_load_custom_func("kv_write_rows", "mesh_kv_write", cuda::ptx()?)?;
         let pool_len = pool_l.shape().elem_count();
@@ -78,7 +82,7 @@ impl InplaceOp3 for WriteRows {
         builder.arg(&dst);
         builder.arg(&src);
         builder.arg(&slots);
-        candle_core::builder_arg!(builder, width as u32, n);
+        candle_core::builder_arg!(builder, width as u32, hd as u32, positions as u32, n);
         // SAFETY: the kernel reads `n` source floats and `rows` slots and
         // writes rows of the pool; the CPU path checks the same slots.
         unsafe { builder.launch(LaunchConfig::for_num_elems(n)) }.w()?;
@@ -92,10 +96,12 @@ mod cuda {
 
     const SOURCE: &str = r#"
 extern "C" __global__ void kv_write_rows(float *pool, const float *src, const unsigned int *slots,
-                                         unsigned int width, unsigned int n) {
+                                         unsigned int width, unsigned int hd, unsigned int positions,
+                                         unsigned int n) {
     unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) {
-        pool[(size_t)slots[i / width] * width + i % width] = src[i];
+        unsigned int head = (i % width) / hd;
+        pool[((size_t)head * positions + slots[i / width]) * hd + i % hd] = src[i];
     }
 }
 "#;
