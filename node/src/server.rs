@@ -22,10 +22,27 @@ use crate::scheduler::Scheduler;
 const CANCEL_FLUSH: Duration = Duration::from_secs(5);
 
 pub fn device(cfg: &NodeConfig) -> anyhow::Result<Device> {
-    Ok(match cfg.cuda_device {
+    open_device(cfg.cuda_device)
+}
+
+/// The CPU, or CUDA device `n`. On CUDA, buffers do not track their uses
+/// with events: by default every allocation creates two CUDA events (and
+/// frees them), for syncing buffers across streams, and the node runs
+/// each device on one stream (candle's), where the stream's order is the
+/// only sync needed; the events cost host time on every one of a step's
+/// ~1,000 kernels.
+pub fn open_device(cuda_device: Option<usize>) -> anyhow::Result<Device> {
+    let device = match cuda_device {
         None => Device::Cpu,
         Some(n) => Device::new_cuda(n)?,
-    })
+    };
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = &device {
+        // SAFETY: called before any buffer exists, and every buffer of this
+        // device is used on its one stream (see above).
+        unsafe { cuda.disable_event_tracking() };
+    }
+    Ok(device)
 }
 
 pub fn load_model(cfg: &NodeConfig) -> anyhow::Result<LoadedModel> {

@@ -59,10 +59,7 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let device = match args.cuda_device {
-        Some(n) => Device::new_cuda(n)?,
-        None => Device::Cpu,
-    };
+    let device = node::server::open_device(args.cuda_device)?;
     let mut report = json!({ "device": format!("{device:?}"), "model": args.model.display().to_string() });
     report["device_run"] = device_run(&args, &device).await?;
     if args.cpu_streams > 0 {
