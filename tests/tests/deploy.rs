@@ -118,3 +118,40 @@ fn example_sidecar_configs_are_valid() {
     }
     let _ = std::fs::remove_dir_all(&etc);
 }
+
+#[test]
+fn a_host_with_8_gpus_gets_a_node_and_a_sidecar_per_gpu_on_distinct_ports() {
+    let etc = temp("gpu-host");
+    std::fs::create_dir_all(etc.join("tls")).unwrap();
+    for f in ["tls/ca.pem", "tls/host.pem", "tls/host.key", "etcd-password"] {
+        std::fs::write(etc.join(f), "placeholder\n").unwrap();
+    }
+    let render = deploy().join("gpu-host/render.sh");
+    let ok = std::process::Command::new("bash").arg(render).args(["8", "10.77.0.11"]).arg(&etc).status().unwrap();
+    assert!(ok.success());
+    let mut ports = std::collections::HashSet::new();
+    for i in 0..8 {
+        let env = std::fs::read_to_string(etc.join(format!("node-gpu{i}.env"))).unwrap();
+        let var = |key: &str| env.lines().find_map(|l| l.strip_prefix(&format!("{key}="))).map(str::to_owned);
+        assert_eq!(var("MESH_NODE_CUDA_DEVICE"), Some(i.to_string()));
+        let node = var("MESH_NODE_LISTEN").unwrap();
+        let path = etc.join(format!("sidecar-gpu{i}.toml"));
+        let text = std::fs::read_to_string(&path).unwrap().replace("/etc/mesh", etc.to_str().unwrap());
+        std::fs::write(&path, text).unwrap();
+        let cfg = sidecar::config::SidecarConfig::load(&path).unwrap_or_else(|e| panic!("gpu{i}: {e}"));
+        assert_eq!(
+            cfg.node.as_ref().map(|n| n.address.to_string()),
+            Some(node.clone()),
+            "gpu{i}: the sidecar fronts its node"
+        );
+        for addr in [
+            node,
+            var("MESH_NODE_METRICS_LISTEN").unwrap(),
+            cfg.listen.outbound.to_string(),
+            cfg.listen.inbound.to_string(),
+        ] {
+            assert!(ports.insert(addr.rsplit(':').next().unwrap().to_owned()), "gpu{i}: port of {addr} taken twice");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&etc);
+}

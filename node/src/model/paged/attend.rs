@@ -6,7 +6,7 @@
 //! (shorter sequences padded and masked out) and attends with two batched
 //! matmuls, so a layer costs one attention call per group, not per
 //! sequence. On a GPU the cost of a step is the number of kernels the host
-//! issues (about 9 µs each with candle), so the layout is chosen to need
+//! issues (about 6 µs each with candle), so the layout is chosen to need
 //! few: RoPE needs no transposes, the attention scale rides in the queries'
 //! RoPE tables, and the head-major pool gathers straight into batch order. Everything a layer needs besides the weights (rows to write,
 //! rows to gather, masks, RoPE tables at each token's position) is built
