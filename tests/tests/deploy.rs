@@ -97,15 +97,20 @@ fn install_script_places_binaries_units_and_configs() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
-#[test]
-fn example_sidecar_configs_are_valid() {
-    // The files they name (certificates, the etcd password) are read at
-    // start: placed in a stand-in for /etc/mesh.
-    let etc = temp("etc");
+/// A stand-in for /etc/mesh holding the files sidecar configs name
+/// (certificates, the etcd password), which are read at start.
+fn stand_in_etc(name: &str) -> PathBuf {
+    let etc = temp(name);
     std::fs::create_dir_all(etc.join("tls")).unwrap();
     for f in ["tls/ca.pem", "tls/host.pem", "tls/host.key", "etcd-password"] {
         std::fs::write(etc.join(f), "placeholder\n").unwrap();
     }
+    etc
+}
+
+#[test]
+fn example_sidecar_configs_are_valid() {
+    let etc = stand_in_etc("etc");
     for name in ["sidecar-chat.toml", "sidecar-client.toml"] {
         let text = std::fs::read_to_string(deploy().join("config").join(name)).unwrap();
         let path = etc.join(name);
@@ -121,11 +126,7 @@ fn example_sidecar_configs_are_valid() {
 
 #[test]
 fn a_host_with_8_gpus_gets_a_node_and_a_sidecar_per_gpu_on_distinct_ports() {
-    let etc = temp("gpu-host");
-    std::fs::create_dir_all(etc.join("tls")).unwrap();
-    for f in ["tls/ca.pem", "tls/host.pem", "tls/host.key", "etcd-password"] {
-        std::fs::write(etc.join(f), "placeholder\n").unwrap();
-    }
+    let etc = stand_in_etc("gpu-host");
     let render = deploy().join("gpu-host/render.sh");
     let ok = std::process::Command::new("bash").arg(render).args(["8", "10.77.0.11"]).arg(&etc).status().unwrap();
     assert!(ok.success());
