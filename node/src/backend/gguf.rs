@@ -25,10 +25,7 @@ impl Backend for GgufBackend {
         let cfg = self.model.config();
         let mut taken: Vec<KvCache> =
             seqs.iter().map(|s| self.caches.remove(&s.id).unwrap_or_else(|| KvCache::new(cfg, s.capacity))).collect();
-        let chunks: Vec<StepChunk<'_>> = seqs
-            .iter()
-            .map(|s| StepChunk { tokens: s.tokens, start_pos: s.start_pos, want_logits: s.want_logits })
-            .collect();
+        let chunks: Vec<StepChunk<'_>> = seqs.iter().map(SeqStep::chunk).collect();
         let mut refs: Vec<&mut KvCache> = taken.iter_mut().collect();
         // Caught here only to put the caches back, without the positions
         // the failed step wrote (see `Backend::step`); then raised again.

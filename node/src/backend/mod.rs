@@ -10,6 +10,8 @@ pub use synthetic::SyntheticBackend;
 
 use candle_core::Tensor;
 
+use crate::model::StepChunk;
+
 /// New tokens of one sequence in a step.
 pub struct SeqStep<'a> {
     pub id: u64,
@@ -25,6 +27,13 @@ pub struct SeqStep<'a> {
     /// The sequence samples greedily: with logits on a device, its token is
     /// picked there and only the id comes back (see `scheduler::isolate`).
     pub greedy: bool,
+}
+
+impl<'a> SeqStep<'a> {
+    /// What the model reads of this step.
+    pub fn chunk(&self) -> StepChunk<'a> {
+        StepChunk { tokens: self.tokens, start_pos: self.start_pos, want_logits: self.want_logits }
+    }
 }
 
 /// A model (or a stand-in for one) that advances many sequences per step.

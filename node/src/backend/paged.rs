@@ -31,15 +31,11 @@ impl PagedBackend {
     }
 
     fn forward(&mut self, seqs: &[SeqStep<'_>]) -> Result<Option<Tensor>, ModelError> {
-        for s in seqs {
+        let chunks: Vec<StepChunk<'_>> = seqs.iter().map(SeqStep::chunk).collect();
+        for (s, chunk) in seqs.iter().zip(&chunks) {
             let blocks = self.pool.reserve(s.id, s.capacity)?;
-            let chunk = StepChunk { tokens: s.tokens, start_pos: s.start_pos, want_logits: s.want_logits };
-            step_fits(&chunk, blocks.len(), blocks.room())?;
+            step_fits(chunk, blocks.len(), blocks.room())?;
         }
-        let chunks: Vec<StepChunk<'_>> = seqs
-            .iter()
-            .map(|s| StepChunk { tokens: s.tokens, start_pos: s.start_pos, want_logits: s.want_logits })
-            .collect();
         let plan = StepPlan::new(&chunks);
         let ids: Vec<u64> = seqs.iter().map(|s| s.id).collect();
         let cfg = self.model.config();
