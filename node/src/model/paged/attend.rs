@@ -159,8 +159,7 @@ fn plan_groups(
         rows.extend(set.iter().flat_map(|&(_, r, n)| (r..r + n).map(|r| r as u32)));
         groups.push(group(plan, seqs, set, &rows[first..], device)?);
     }
-    let in_order = rows.iter().enumerate().all(|(i, &r)| i == r as usize);
-    let order = match in_order {
+    let order = match in_order(&rows) {
         true => None,
         false => {
             let mut inverse = vec![0u32; rows.len()];
@@ -171,6 +170,11 @@ fn plan_groups(
         }
     };
     Ok((groups, order))
+}
+
+/// Whether `rows` are `0, 1, 2, ...`: the step's own order.
+fn in_order(rows: &[u32]) -> bool {
+    rows.iter().enumerate().all(|(i, &r)| i == r as usize)
 }
 
 /// The gather rows and mask of one group; `set` holds `(chunk, first row,
@@ -195,7 +199,7 @@ fn group(
             mask.extend((0..keys).map(|j| if j <= first + t { 0f32 } else { f32::NEG_INFINITY }));
         }
     }
-    let all_in_order = rows.len() == plan.owners.len() && rows.iter().enumerate().all(|(i, &r)| i == r as usize);
+    let all_in_order = rows.len() == plan.owners.len() && in_order(rows);
     Ok(Group {
         rows: (!all_in_order).then(|| Tensor::new(rows, device)).transpose()?,
         members: set.len(),
