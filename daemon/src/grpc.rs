@@ -6,11 +6,12 @@ use std::future::Future;
 use std::time::Duration;
 
 use serde::Deserialize;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tonic::service::Routes;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Server, ServerTlsConfig};
 
+use crate::gate::GateLayer;
 use crate::health::HealthServer;
 
 /// HTTP/2 settings for connections that carry thousands of long-lived
@@ -32,6 +33,9 @@ pub struct Http2 {
     pub keep_alive_interval: Duration,
     #[serde(with = "humantime_serde")]
     pub keep_alive_timeout: Duration,
+    /// How long a plaintext client may take to send the HTTP/2 preface.
+    #[serde(with = "humantime_serde")]
+    pub preface_timeout: Duration,
 }
 
 impl Default for Http2 {
@@ -43,6 +47,7 @@ impl Default for Http2 {
             stream_window: STREAM_WINDOW,
             keep_alive_interval: HTTP2_KEEPALIVE_INTERVAL,
             keep_alive_timeout: HTTP2_KEEPALIVE_TIMEOUT,
+            preface_timeout: crate::preface::PREFACE_TIMEOUT,
         }
     }
 }
@@ -65,6 +70,9 @@ impl Http2 {
         }
         if self.keep_alive_interval.is_zero() || self.keep_alive_timeout.is_zero() {
             return Some(("keep_alive_interval / keep_alive_timeout", "must be above zero".into()));
+        }
+        if self.preface_timeout.is_zero() {
+            return Some(("preface_timeout", "must be above zero".into()));
         }
         None
     }
@@ -117,31 +125,29 @@ pub const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 /// other stream on it.
 pub const MAX_PENDING_ACCEPT_RESETS: usize = 1024;
 
-/// Serves `routes` plus `health` and reflection on `listener` (over TLS
-/// when `tls` is set) until `shutdown` resolves; then stops accepting and
-/// waits for open streams to end (drain them before resolving `shutdown`).
+/// How one listener serves, beyond its services: HTTP/2 settings, TLS
+/// (plaintext when `None`) and a gate in front of every service.
+#[derive(Clone, Default)]
+pub struct Listening {
+    pub http2: Http2,
+    pub tls: Option<ServerTlsConfig>,
+    pub gate: GateLayer,
+}
+
+/// Serves `routes` plus `health` and reflection on `listener` until
+/// `shutdown` resolves; then stops accepting and waits for open streams to
+/// end (drain them before resolving `shutdown`).
 ///
 /// Callers build `routes` as
 /// `Routes::new(GenerationServer::new(svc)).add_service(AdminServer::new(admin))`.
 pub async fn serve(
+    how: Listening,
     listener: TcpListener,
-    tls: Option<ServerTlsConfig>,
     health: HealthServer,
     routes: Routes,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    serve_with(Http2::default(), listener, tls, health, routes, shutdown).await
-}
-
-/// [`serve`] with HTTP/2 settings of the caller's choosing.
-pub async fn serve_with(
-    http2: Http2,
-    listener: TcpListener,
-    tls: Option<ServerTlsConfig>,
-    health: HealthServer,
-    routes: Routes,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), tonic::transport::Error> {
+    let http2 = how.http2;
     let mut builder = Server::builder()
         .max_concurrent_streams(http2.max_concurrent_streams)
         .initial_connection_window_size(http2.connection_window)
@@ -149,18 +155,27 @@ pub async fn serve_with(
         .http2_keepalive_interval(Some(http2.keep_alive_interval))
         .http2_keepalive_timeout(Some(http2.keep_alive_timeout))
         .http2_max_pending_accept_reset_streams(Some(http2.max_pending_accept_resets));
-    if let Some(tls) = tls {
+    let plaintext = how.tls.is_none();
+    if let Some(tls) = how.tls {
         builder = builder.tls_config(tls)?;
     }
     // The builder's TCP options do not apply to an incoming stream: set them here.
     let incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true)) // small frames (a token, a refusal) must not wait for a delayed ACK
         .with_keepalive(Some(TCP_KEEPALIVE));
+    // TLS listeners are bounded by the handshake timeout, plaintext ones by screening.
+    let incoming: Incoming = match plaintext {
+        true => Box::pin(crate::preface::screened(incoming, http2.preface_timeout)),
+        false => Box::pin(incoming),
+    };
     builder
+        .layer(how.gate)
         .add_routes(routes.add_service(health).add_service(reflection()))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }
+
+type Incoming = std::pin::Pin<Box<dyn futures_core::Stream<Item = std::io::Result<TcpStream>> + Send>>;
 
 /// `grpc.reflection.v1` over the mesh contract and health, so `grpcurl`
 /// works without .proto files.
@@ -198,7 +213,7 @@ mod tests {
         health.set(true).await;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let routes = Routes::default();
-        let server = tokio::spawn(serve(listener, None, health_server, routes, async {
+        let server = tokio::spawn(serve(Listening::default(), listener, health_server, routes, async {
             let _ = stopped.await;
         }));
 

@@ -3,9 +3,11 @@
 //! stop), the signals that start a drain, the ready line, TLS from PEM
 //! files and the Prometheus endpoint.
 
+pub mod gate;
 pub mod grpc;
 pub mod health;
 pub mod metrics;
+pub mod preface;
 pub mod ready;
 pub mod signal;
 pub mod tls;

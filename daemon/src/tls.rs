@@ -10,9 +10,12 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+use tonic::transport::{Certificate, CertificateDer, Identity, ServerTlsConfig};
 use tonic::{Request, Status};
 use x509_parser::extensions::GeneralName;
+
+use crate::gate::{Gate, remote_addr};
 
 /// Reads a PEM file; `what` says what it is for ("TLS certificate").
 pub fn read_pem(what: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
@@ -185,7 +188,10 @@ impl Allow {
     /// it is and who may, if not. `None`: no client certificate, or one
     /// without a mesh identity, on a listener open to that.
     pub fn authorize<T>(&self, req: &Request<T>) -> Result<Option<WorkloadId>, Status> {
-        let certs = req.peer_certs();
+        self.authorize_certs(req.peer_certs())
+    }
+
+    fn authorize_certs(&self, certs: Option<Arc<Vec<CertificateDer<'static>>>>) -> Result<Option<WorkloadId>, Status> {
         let peer = match certs.as_deref().and_then(|c| c.first()) {
             Some(leaf) => leaf_identity(leaf).map(Some),
             None => Ok(None),
@@ -201,16 +207,24 @@ impl Allow {
             Err(problem) => denied(problem),
         }
     }
+}
 
-    /// [`authorize`](Self::authorize) as a tonic interceptor, to wrap a
-    /// whole service (every method) with the listener's rule.
-    pub fn interceptor(
-        &self,
-    ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone + Send + Sync + 'static {
-        let allow = self.clone();
-        move |req| allow.authorize(&req).map(|_| req)
+/// The listener's rule over every service on it (health and reflection
+/// too), except health asked from loopback: a local probe needs no
+/// certificate of a permitted identity.
+impl Gate for Allow {
+    fn admit(&self, req: &tonic::codegen::http::Request<tonic::body::Body>) -> Result<(), Status> {
+        let local = remote_addr(req).is_some_and(|a| a.ip().is_loopback());
+        if local && req.uri().path().starts_with(HEALTH_PATH) {
+            return Ok(());
+        }
+        let tls = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>();
+        self.authorize_certs(tls.and_then(TlsConnectInfo::peer_certs)).map(drop)
     }
 }
+
+/// Where `grpc.health.v1` methods live.
+pub const HEALTH_PATH: &str = "/grpc.health.v1.Health/";
 
 impl fmt::Display for Allow {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -6,12 +6,19 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use mesh_proto::api_key::digest;
 use mesh_proto::v1::sidecar_admin_client::SidecarAdminClient;
 use mesh_proto::v1::{InstanceState, InstancesRequest};
 use tokio::process::Command;
+use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::{Error, Result, Spawned, free_port};
+
+/// The admin key of every sidecar the harness starts with `[[api_keys]]`
+/// (tenant `harness`), so it can read their admin service.
+pub const ADMIN_KEY: &str = "harness-admin-key";
+const ADMIN_BEARER: &str = "Bearer harness-admin-key";
 
 /// How long a sidecar may take to serve (and register its node).
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -58,13 +65,18 @@ impl SidecarConfig {
     /// short lease so a dead sidecar leaves the mesh quickly.
     pub fn to_toml(&self) -> String {
         let plaintext = if self.extra.contains("[tls]") { "" } else { "plaintext = true\n" };
+        // With keys, the admin service takes an admin key: the harness's own.
+        let operator = match self.extra.contains("[[api_keys]]") {
+            true => format!("[[api_keys]]\ntenant = \"harness\"\nsha256 = \"{}\"\nadmin = true\n", digest(ADMIN_KEY)),
+            false => String::new(),
+        };
         let node = match self.node {
             Some(addr) => format!("[node]\naddress = \"{addr}\"\n"),
             None => String::new(),
         };
         format!(
             "drain_grace = \"5s\"\n{plaintext}[listen]\noutbound = \"127.0.0.1:0\"\ninbound = \"127.0.0.1:0\"\n\
-             [etcd]\nendpoints = [\"{}\"]\nlease_ttl = \"2s\"\n{}{node}{}",
+             [etcd]\nendpoints = [\"{}\"]\nlease_ttl = \"2s\"\n{}{node}{}{operator}",
             self.etcd, self.etcd_keys, self.extra
         )
     }
@@ -136,7 +148,9 @@ impl Sidecar {
     /// Its view of every instance.
     pub async fn instances(&self) -> Result<Vec<InstanceState>> {
         let mut admin = SidecarAdminClient::new(self.channel().await?);
-        let reply = admin.instances(InstancesRequest {}).await;
+        let mut request = tonic::Request::new(InstancesRequest {});
+        request.metadata_mut().insert("authorization", MetadataValue::from_static(ADMIN_BEARER));
+        let reply = admin.instances(request).await;
         let reply = reply.map_err(|s| Error::Rpc { name: self.process.name().to_string(), source: Box::new(s) })?;
         Ok(reply.into_inner().instances)
     }

@@ -47,10 +47,18 @@ pub fn create_ca(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// From an hour ago (hosts' clocks differ a little) for `days`; 0 days
+/// gives a certificate that has already expired (to rehearse a rotation).
+fn validity(days: u32) -> (time::OffsetDateTime, time::OffsetDateTime) {
+    let from = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
+    let until = if days == 0 { from } else { from + time::Duration::hours(1) + time::Duration::days(days.into()) };
+    (from, until)
+}
+
 /// Writes `{name}.pem` and `{name}.key` into `out`, signed by the CA in
 /// `ca_dir`, valid for `sans` (IP addresses or DNS names) as server and
 /// client, and carrying `id` as its identity.
-pub fn issue(ca_dir: &Path, name: &str, id: &WorkloadId, sans: &[String], out: &Path) -> anyhow::Result<()> {
+pub fn issue(ca_dir: &Path, name: &str, id: &WorkloadId, sans: &[String], out: &Path, days: u32) -> anyhow::Result<()> {
     let ca_key_pem = std::fs::read_to_string(ca_dir.join("ca.key")).context("reading ca.key")?;
     let ca_key = KeyPair::from_pem(&ca_key_pem)?;
     let issuer = Issuer::new(ca_params(), ca_key);
@@ -66,6 +74,7 @@ pub fn issue(ca_dir: &Path, name: &str, id: &WorkloadId, sans: &[String], out: &
         })
         .chain(std::iter::once(Ok(SanType::URI(id.to_string().try_into()?))))
         .collect::<Result<_, rcgen::Error>>()?;
+    (p.not_before, p.not_after) = validity(days);
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
     let key = KeyPair::generate()?;

@@ -22,6 +22,10 @@ struct Cli {
     /// gRPC address of a node or sidecar.
     #[arg(long, env = "MESH_ADDR", default_value = "http://127.0.0.1:50051", global = true)]
     addr: String,
+    /// API key for a sidecar with `[[api_keys]]`, sent as `authorization:
+    /// Bearer KEY` (`status --sidecar` takes one with `admin = true`).
+    #[arg(long, env = "MESH_API_KEY", hide_env_values = true, global = true)]
+    api_key: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -44,9 +48,6 @@ enum Command {
         temperature: f32,
         #[arg(long)]
         seed: Option<u64>,
-        /// API key, sent as `authorization: Bearer KEY`.
-        #[arg(long, env = "MESH_API_KEY", hide_env_values = true)]
-        api_key: Option<String>,
     },
     /// List the models a server serves, with their limits.
     Models,
@@ -78,6 +79,10 @@ enum Command {
         /// The host in its identity (default: --name).
         #[arg(long)]
         host: Option<String>,
+        /// Days the certificate is valid (0: already expired, for rehearsing
+        /// a rotation); reissue before then (deploy/DEPLOY.md, rotation).
+        #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(0..=3650))]
+        days: u32,
     },
     /// Services, instances and their records, read from etcd; with
     /// `--sidecar`, that sidecar's live view (load, in-flight, ejections).
@@ -126,14 +131,14 @@ async fn main() -> anyhow::Result<()> {
             certs::create_ca(out)?;
             println!("wrote {0}/ca.pem and {0}/ca.key", out.display());
         }
-        Command::CertsIssue { ref ca_dir, ref name, ref san, ref out, role, ref host } => {
+        Command::CertsIssue { ref ca_dir, ref name, ref san, ref out, role, ref host, days } => {
             let id = daemon::tls::WorkloadId::new(host.as_deref().unwrap_or(name), role)
                 .map_err(|e| anyhow::anyhow!("--host (default --name): {e}"))?;
-            certs::issue(ca_dir, name, &id, san, out)?;
+            certs::issue(ca_dir, name, &id, san, out, days)?;
             println!("wrote {0}/{name}.pem and {0}/{name}.key for {id}", out.display());
         }
         Command::Status { ref sidecar, json, .. } if sidecar.is_some() => {
-            sidecar_status(sidecar.as_deref().unwrap_or_default(), json).await?
+            sidecar_status(sidecar.as_deref().unwrap_or_default(), cli.api_key.as_deref(), json).await?
         }
         Command::Status { ref etcd, json, .. } => status(&etcd.config(), json).await?,
         Command::Register { ref etcd, ref service, ref instance, ref address, weight } => {
@@ -144,14 +149,15 @@ async fn main() -> anyhow::Result<()> {
         Command::EtcdEnableAuth(ref args) => etcd::enable_auth(args).await?,
         Command::Models => {
             let mut client = connect().await?;
-            for m in client.list_models(ListModelsRequest {}).await?.into_inner().models {
+            let request = keyed(ListModelsRequest {}, cli.api_key.as_deref())?;
+            for m in client.list_models(request).await?.into_inner().models {
                 println!(
                     "{}\tbackend={} context={} max_running={} max_queued={} max_kv_tokens={}",
                     m.name, m.backend, m.context_length, m.max_running, m.max_queued, m.max_kv_tokens
                 );
             }
         }
-        Command::Generate { ref text, raw, ref model, max_tokens, temperature, seed, ref api_key } => {
+        Command::Generate { ref text, raw, ref model, max_tokens, temperature, seed } => {
             let mut client = connect().await?;
             let (text, model) = (text.clone(), model.clone());
             let input = match raw {
@@ -167,11 +173,7 @@ async fn main() -> anyhow::Result<()> {
                 ..Default::default()
             };
             let started = Instant::now();
-            let mut request = tonic::Request::new(req);
-            if let Some(key) = api_key {
-                request.metadata_mut().insert("authorization", format!("Bearer {key}").parse()?);
-            }
-            let mut stream = client.generate(request).await?.into_inner();
+            let mut stream = client.generate(keyed(req, cli.api_key.as_deref())?).await?.into_inner();
             let mut stdout = std::io::stdout();
             while let Some(msg) = stream.message().await? {
                 write!(stdout, "{}", msg.text)?;
@@ -227,10 +229,20 @@ async fn register(config: EtcdConfig, record: InstanceRecord) -> anyhow::Result<
     Ok(())
 }
 
-async fn sidecar_status(addr: &str, json: bool) -> anyhow::Result<()> {
+/// `message` with the API key, if any, as `authorization: Bearer KEY`.
+fn keyed<T>(message: T, api_key: Option<&str>) -> anyhow::Result<tonic::Request<T>> {
+    let mut request = tonic::Request::new(message);
+    if let Some(key) = api_key {
+        let value = format!("Bearer {key}").parse().context("--api-key: not a valid header value")?;
+        request.metadata_mut().insert("authorization", value);
+    }
+    Ok(request)
+}
+
+async fn sidecar_status(addr: &str, api_key: Option<&str>, json: bool) -> anyhow::Result<()> {
     let mut admin =
         SidecarAdminClient::connect(addr.to_string()).await.with_context(|| format!("connecting to {addr}"))?;
-    let view = admin.instances(InstancesRequest {}).await?.into_inner();
+    let view = admin.instances(keyed(InstancesRequest {}, api_key)?).await?.into_inner();
     if json {
         let rows: Vec<serde_json::Value> = view
             .instances

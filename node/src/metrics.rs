@@ -31,6 +31,8 @@ pub struct NodeMetrics {
     pub generated_tokens: Counter,
     /// Forward steps that failed or panicked, retries included.
     pub engine_step_failures: Counter,
+    /// Requests the listener's identity rule refused (`--tls-allow-peer`).
+    pub refused_requests: Counter,
     pub running: Gauge,
     pub queued: Gauge,
     pub kv_tokens_free: Gauge,
@@ -53,6 +55,7 @@ impl NodeMetrics {
             batch_size: count_histogram(),
             generated_tokens: Counter::default(),
             engine_step_failures: Counter::default(),
+            refused_requests: Counter::default(),
             running: Gauge::default(),
             queued: Gauge::default(),
             kv_tokens_free: Gauge::default(),
@@ -77,6 +80,11 @@ impl NodeMetrics {
             "engine_step_failures",
             "Forward steps that failed or panicked (a failed batch is retried one sequence at a time)",
             self.engine_step_failures.clone(),
+        );
+        r.register(
+            "refused_requests",
+            "Calls refused before any service: the caller's identity is not one --tls-allow-peer names",
+            self.refused_requests.clone(),
         );
         r.register("running_sequences", "Sequences in the running batch", self.running.clone());
         r.register("queued_requests", "Admitted requests waiting for a batch slot", self.queued.clone());

@@ -9,7 +9,6 @@ use mesh_proto::v1::generation_server::GenerationServer;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic::service::Routes;
-use tonic::service::interceptor::InterceptedService;
 
 use crate::config::{BackendKind, NodeConfig};
 use crate::generation_api::GenerationApi;
@@ -79,6 +78,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         ));
     }
     let max_request = crate::validate::max_request_bytes(limits.context_length);
+    let refused = metrics.refused_requests.clone();
     let scheduler = Scheduler::start(limits, model.backend, model.codec.clone(), metrics);
     let api = GenerationApi {
         model_name: model.name,
@@ -106,13 +106,15 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let (stopped, stop) = oneshot::channel();
     tokio::spawn(drain_on_signal(signal, scheduler, health, cfg.drain_grace, stopped));
     daemon::ready::announce("node", &addresses);
-    // Only the `--tls-allow-peer` identities, when given (the node's own sidecar).
-    let allow = daemon::tls::Allow::only(cfg.tls_allow_peer.clone()).interceptor();
+    // Only the `--tls-allow-peer` identities, when given (the node's own
+    // sidecar), on every service: health from loopback stays open.
+    let allow = daemon::tls::Allow::only(cfg.tls_allow_peer.clone());
+    let gate = daemon::gate::GateLayer::new("grpc", allow, refused);
+    let how = daemon::grpc::Listening { tls, gate, ..Default::default() };
     // Sized to the largest request that could be valid here (see
     // `validate::max_request_bytes`), not tonic's 4 MiB default.
-    let generation = GenerationServer::new(api).max_decoding_message_size(max_request);
-    let routes = Routes::new(InterceptedService::new(generation, allow));
-    daemon::grpc::serve(listener, tls, health_server, routes, async {
+    let routes = Routes::new(GenerationServer::new(api).max_decoding_message_size(max_request));
+    daemon::grpc::serve(how, listener, health_server, routes, async {
         let _ = stop.await;
     })
     .await?;

@@ -57,6 +57,8 @@ pub struct SidecarMetrics {
     pub rate_limited: Family<LimitLabels, Counter>,
     pub retries: Counter,
     pub migrations: Counter,
+    /// Calls a listener's gate refused (identity, or a key on an operator surface).
+    pub refused_requests: Family<DirectionLabels, Counter>,
     pub etcd_reachable: Gauge,
     pub instances: Family<ServiceLabels, Gauge>,
     /// The registry's own counts (watch breaks, reconnects, registration
@@ -84,6 +86,7 @@ impl SidecarMetrics {
             rate_limited: Family::default(),
             retries: Counter::default(),
             migrations: Counter::default(),
+            refused_requests: Family::default(),
             etcd_reachable: Gauge::default(),
             instances: Family::default(),
             registry_stats: Arc::default(),
@@ -107,6 +110,11 @@ impl SidecarMetrics {
         r.register("rate_limited", "Requests refused by a tenant limit", self.rate_limited.clone());
         r.register("retries", "Attempts after the first, before a first token", self.retries.clone());
         r.register("migrations", "Streams moved to another instance mid-way", self.migrations.clone());
+        r.register(
+            "refused_requests",
+            "Calls a listener refused before any service, by direction (identity; key on admin, reflection, models)",
+            self.refused_requests.clone(),
+        );
         let reg = registry.sub_registry_with_prefix("mesh_registry");
         reg.register("etcd_reachable", "1 when the last contact with etcd succeeded", self.etcd_reachable.clone());
         reg.register("instances", "Instances known, by service", self.instances.clone());
@@ -128,6 +136,11 @@ impl SidecarMetrics {
             ttft: self.time_to_first_token.get_or_create(&labels).clone(),
             gap: self.inter_token.get_or_create(&labels).clone(),
         }
+    }
+
+    /// The refusal counter of the `direction` listener's gate.
+    pub fn refused(&self, direction: &str) -> Counter {
+        self.refused_requests.get_or_create(&DirectionLabels { direction: direction.to_string() }).clone()
     }
 
     pub fn service(&self, service: &str) -> ServiceLabels {

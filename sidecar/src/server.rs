@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use daemon::gate::GateLayer;
+use daemon::grpc::Listening;
 use daemon::health::Health;
 use mesh_proto::v1::sidecar_admin_server::SidecarAdminServer;
 use registry::{EtcdRegistry, Registry};
@@ -25,6 +27,7 @@ use crate::outbound::authenticate::{ApiKeys, Authenticate};
 use crate::outbound::balancer::Balancer;
 use crate::outbound::route::Route;
 use crate::outbound::service_slot::{Known, ServiceSlot};
+use crate::outbound::surfaces::OperatorSurfaces;
 use crate::stack::{Front, Next, step};
 use crate::tls::TlsMaterial;
 use crate::trace::{Hop, Trace};
@@ -74,9 +77,11 @@ pub async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let admin = Admin { balancer: balancer.clone(), view: registry.watch() };
-    let routes = Routes::new(GenerationServer::new(outbound_stack(&cfg, &balancer, &metrics)))
+    let generation = GenerationServer::new(outbound_stack(&cfg, &balancer, &metrics));
+    let routes = Routes::new(generation.max_decoding_message_size(cfg.max_request_bytes))
         .add_service(SidecarAdminServer::new(admin));
-    let (out_addr, out_server) = serve_outbound(&cfg, tls.as_ref(), routes, stop_rx.clone()).await?;
+    let gate = GateLayer::new("outbound", OperatorSurfaces(ApiKeys::new(&cfg.api_keys)), metrics.refused("outbound"));
+    let (out_addr, out_server) = serve_outbound(&cfg, (tls.as_ref(), gate), routes, stop_rx.clone()).await?;
     addresses.push(("outbound", out_addr));
 
     let shutdown = daemon::signal::shutdown();
@@ -111,7 +116,7 @@ pub async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
 
 async fn serve_outbound(
     cfg: &SidecarConfig,
-    tls: Option<&TlsMaterial>,
+    (tls, gate): (Option<&TlsMaterial>, GateLayer),
     routes: Routes,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<Result<(), tonic::transport::Error>>)> {
@@ -124,7 +129,8 @@ async fn serve_outbound(
     let shutdown = async move {
         let _ = stop.wait_for(|s| *s).await;
     };
-    let server = daemon::grpc::serve_with(cfg.http2, listener, tls, health_service, routes, shutdown);
+    let how = Listening { http2: cfg.http2, tls, gate };
+    let server = daemon::grpc::serve(how, listener, health_service, routes, shutdown);
     Ok((bound, tokio::spawn(server)))
 }
 
@@ -139,7 +145,8 @@ async fn start_inbound(
 ) -> anyhow::Result<(Node, Health, SocketAddr)> {
     let node = start::connect(section, dial, &cfg.services).await?;
     let front = inbound_stack(cfg, &node, draining.clone(), metrics);
-    let (health, addr) = start::serve(cfg, (section, &node), front, tls, registry, stop).await?;
+    let (health, addr) =
+        start::serve(cfg, (section, &node), front, (tls, metrics.refused("inbound")), registry, stop).await?;
     Ok((node, health, addr))
 }
 

@@ -26,8 +26,17 @@ pub struct TraceArgs {
     #[arg(long, env = "MESH_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
     /// Share of new traces sampled (a caller's sampling decision is kept).
-    #[arg(long, env = "MESH_TRACE_SAMPLE_RATIO", default_value_t = 1.0)]
+    #[arg(long, env = "MESH_TRACE_SAMPLE_RATIO", default_value_t = 1.0, value_parser = sample_ratio)]
     pub trace_sample_ratio: f64,
+}
+
+/// A share in [0, 1], checked when the flag is read, exporter or not (clap
+/// then exits 2 naming it): `nan` and `inf` parse as f64 but are no share.
+fn sample_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("must be a number in [0, 1] (got {s:?})")),
+    }
 }
 
 /// Flushes and stops the exporter when dropped (at process exit).
@@ -64,9 +73,6 @@ pub fn init(service_name: &str, args: &TraceArgs) -> anyhow::Result<TelemetryGua
         tracing_subscriber::registry().with(fmt).init();
         return Ok(TelemetryGuard(None));
     };
-    if !(0.0..=1.0).contains(&args.trace_sample_ratio) {
-        anyhow::bail!("--trace-sample-ratio must be in [0, 1] (got {})", args.trace_sample_ratio);
-    }
     let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic().with_endpoint(endpoint).build()?;
     let provider = SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
@@ -82,4 +88,17 @@ pub fn init(service_name: &str, args: &TraceArgs) -> anyhow::Result<TelemetryGua
     let otel = tracing_opentelemetry::layer().with_tracer(tracer).with_filter(filter());
     tracing_subscriber::registry().with(fmt).with(otel).init();
     Ok(TelemetryGuard(Some(provider)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sample_ratio;
+
+    #[test]
+    fn a_sample_ratio_is_a_finite_share() {
+        assert_eq!(sample_ratio("0.25"), Ok(0.25));
+        for bad in ["nan", "inf", "-0.1", "1.5", "half"] {
+            assert!(sample_ratio(bad).unwrap_err().contains("[0, 1]"), "{bad}");
+        }
+    }
 }

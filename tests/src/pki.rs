@@ -29,9 +29,14 @@ impl Pki {
 
     /// Issues `name.pem`/`name.key` for host `name` in `role`.
     pub async fn issue(&self, name: &str, role: &str) -> &Pki {
-        let d = self.dir.to_str().unwrap();
+        self.issue_for_days(name, role, 365).await
+    }
+
+    /// The same, valid for `days` (0: already expired).
+    pub async fn issue_for_days(&self, name: &str, role: &str, days: u32) -> &Pki {
+        let (d, days) = (self.dir.to_str().unwrap(), days.to_string());
         let args = ["certs-issue", "--ca-dir", d, "--name", name, "--role", role, "--san", "127.0.0.1,localhost"];
-        meshctl(&[&args[..], &["--out", d]].concat()).await;
+        meshctl(&[&args[..], &["--out", d, "--days", &days]].concat()).await;
         self
     }
 

@@ -16,6 +16,8 @@ use mesh_tests::{Spawned, bin_dir, free_port, model_path};
 const HOSTS: [(&str, &str); 4] =
     [("etcd", "10.77.0.1/24"), ("gpu1", "10.77.0.11/24"), ("gpu2", "10.77.0.12/24"), ("client", "10.77.0.21/24")];
 const API_KEY: &str = "dev-key-change-me";
+/// The operator's key in the same config (`admin = true`).
+const ADMIN_KEY: &str = "dev-admin-key-change-me";
 
 fn deploy() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
@@ -152,9 +154,13 @@ async fn enable_etcd_auth(lab: &Lab, dir: &HostDir) {
 
 async fn instances_seen(lab: &Lab) -> String {
     let meshctl = bin_dir().join("meshctl");
-    let out =
-        run(lab, "client", meshctl.to_str().unwrap(), &["status", "--json", "--sidecar", "http://127.0.0.1:7100"])
-            .await;
+    let out = run(
+        lab,
+        "client",
+        meshctl.to_str().unwrap(),
+        &["status", "--json", "--sidecar", "http://127.0.0.1:7100", "--api-key", ADMIN_KEY],
+    )
+    .await;
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 

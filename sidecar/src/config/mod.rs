@@ -66,6 +66,21 @@ pub struct SidecarConfig {
     /// dials (windows, stream limits, keep-alive); see `daemon::grpc::Http2`.
     #[serde(default)]
     pub http2: daemon::grpc::Http2,
+    /// The largest request message either listener decodes; a larger one is
+    /// refused with OUT_OF_RANGE as soon as its length prefix arrives,
+    /// before its bytes are buffered (see [`DEFAULT_MAX_REQUEST_BYTES`]).
+    #[serde(default = "default_max_request")]
+    pub max_request_bytes: usize,
+}
+
+/// 2 MiB: a node takes at most 32 bytes per context token (its own limit,
+/// `validate::max_request_bytes`), so this passes any request a node with
+/// a context of up to 64k tokens could accept, and holds a sidecar's
+/// buffering per request well under tonic's default of 4 MiB.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 2 << 20;
+
+fn default_max_request() -> usize {
+    DEFAULT_MAX_REQUEST_BYTES
 }
 
 fn default_grace() -> Duration {

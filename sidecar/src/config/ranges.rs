@@ -14,6 +14,9 @@ pub const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
 /// The most streams, permits or queue places one key may ask for.
 pub const MAX_COUNT: usize = 1_000_000;
 
+/// A request message: from a short prompt's worth up to 64 MiB.
+const REQUEST_BYTES: std::ops::RangeInclusive<usize> = (64 << 10)..=(64 << 20);
+
 /// Tenant rates, per second or per minute: from one per ~17 minutes up.
 const RATE: (f64, f64) = (1e-3, 1e12);
 
@@ -34,6 +37,13 @@ pub(super) fn check(cfg: &SidecarConfig) -> Result<(), ConfigError> {
         if n > MAX_COUNT {
             return Err(invalid(key, format!("must be at most {MAX_COUNT}")));
         }
+    }
+    let request = cfg.max_request_bytes;
+    if !REQUEST_BYTES.contains(&request) {
+        return Err(invalid(
+            "max_request_bytes",
+            format!("must be in [{}, {}] bytes", REQUEST_BYTES.start(), REQUEST_BYTES.end()),
+        ));
     }
     let r = &cfg.routing;
     within("routing.retry_floor_per_sec", r.retry_floor_per_sec, (0.0, 1e6))?;
@@ -68,6 +78,7 @@ fn durations(cfg: &SidecarConfig) -> Vec<(String, Duration)> {
         ("outlier.health_timeout", o.health_timeout),
         ("http2.keep_alive_interval", h.keep_alive_interval),
         ("http2.keep_alive_timeout", h.keep_alive_timeout),
+        ("http2.preface_timeout", h.preface_timeout),
     ]
     .into_iter()
     .map(|(k, d)| (k.to_string(), d))

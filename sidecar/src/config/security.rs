@@ -103,6 +103,12 @@ pub struct ApiKey {
     /// Services this tenant may call; empty means all.
     #[serde(default)]
     pub services: Vec<String>,
+    /// May also call the sidecar's admin service (`meshctl status --sidecar`).
+    #[serde(default)]
+    pub admin: bool,
+    /// May send `allow_special_tokens` (text read as control tokens).
+    #[serde(default)]
+    pub allow_special_tokens: bool,
 }
 
 /// TLS, or plaintext said explicitly (and on loopback, unless said

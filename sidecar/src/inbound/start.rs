@@ -6,8 +6,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use daemon::gate::GateLayer;
+use daemon::grpc::Listening;
 use daemon::health::{GENERATION, Health};
 use mesh_proto::v1::ModelInfo;
+use prometheus_client::metrics::counter::Counter;
 use registry::{EtcdRegistry, Registry};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -57,7 +60,7 @@ pub async fn serve(
     cfg: &SidecarConfig,
     (section, node): (&NodeSection, &Node),
     front: Front,
-    tls: Option<&TlsMaterial>,
+    (tls, refused): (Option<&TlsMaterial>, Counter),
     registry: &EtcdRegistry,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<(Health, SocketAddr)> {
@@ -68,14 +71,17 @@ pub async fn serve(
     health.set(true).await;
     tokio::spawn(mirror_node_health(node.channel.clone(), health.clone(), stop.clone()));
     // Plaintext has no identities to check (and is on loopback unless the
-    // config says otherwise); with TLS, only `tls.inbound_peers` are served.
+    // config says otherwise); with TLS, only `tls.inbound_peers` are served,
+    // on every service (health from loopback stays open).
     let allow = tls.map(|t| t.inbound_peers.clone()).unwrap_or_default();
-    let routes = Routes::new(GenerationServer::new(Authorized::new(front, allow)));
+    let server = GenerationServer::new(Authorized::new(front, allow.clone()));
+    let routes = Routes::new(server.max_decoding_message_size(cfg.max_request_bytes));
     let shutdown = async move {
         let _ = stop.wait_for(|s| *s).await;
     };
-    let tls = tls.map(TlsMaterial::mutual_server);
-    tokio::spawn(daemon::grpc::serve_with(cfg.http2, listener, tls, health_service, routes, shutdown));
+    let gate = GateLayer::new("inbound", allow, refused);
+    let how = Listening { http2: cfg.http2, tls: tls.map(TlsMaterial::mutual_server), gate };
+    tokio::spawn(daemon::grpc::serve(how, listener, health_service, routes, shutdown));
     let advertise = cfg.listen.advertise.clone().unwrap_or_else(|| bound.to_string());
     registry.register(registration::record(section, &node.model, &node.service, &advertise)).await?;
     tracing::info!(service = %node.service, %advertise, "node registered in the mesh");

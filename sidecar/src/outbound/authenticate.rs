@@ -8,6 +8,7 @@ use tonic::Status;
 use tonic::metadata::{MetadataMap, MetadataValue};
 
 use mesh_proto::api_key::{digest, same_digest};
+use mesh_proto::v1::GenerateRequest;
 
 use crate::config::ApiKey;
 use crate::stack::{Call, Next, Reply, Step, pass};
@@ -38,7 +39,7 @@ pub struct Authenticate(pub ApiKeys);
 
 impl Step for Authenticate {
     async fn call(&self, mut call: Call, next: Next) -> Result<Reply, Status> {
-        if let Some(tenant) = self.0.check(&call.metadata, &call.req.model)? {
+        if let Some(tenant) = self.0.check(&call.metadata, &call.req)? {
             call.req.tenant = tenant;
         }
         check_tenant(&call.req.tenant).map_err(|e| Status::invalid_argument(format!("tenant: {e}")))?;
@@ -64,25 +65,55 @@ impl ApiKeys {
         self.keys.iter().fold(None, |found, k| if same_digest(&presented, &k.sha256) { Some(k) } else { found })
     }
 
-    /// Returns the caller's tenant; every call passes when no keys are configured.
-    pub fn check(&self, meta: &MetadataMap, service: &str) -> Result<Option<String>, Status> {
+    /// The entry of the key in an `authorization` header value; `None`
+    /// when no keys are configured (every call passes).
+    fn entry(&self, header: Option<&str>) -> Result<Option<&ApiKey>, Status> {
         if self.keys.is_empty() {
             return Ok(None);
         }
-        let header = meta.get("authorization").and_then(|v| v.to_str().ok());
         let Some(key) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
             return Err(Status::unauthenticated("missing API key: send the metadata `authorization: Bearer <key>`"));
         };
-        let Some(entry) = self.find(key.trim()) else {
-            return Err(Status::unauthenticated("unknown API key"));
+        self.find(key.trim()).map(Some).ok_or_else(|| Status::unauthenticated("unknown API key"))
+    }
+
+    /// Returns the caller's tenant, if its key may make `req`: call its
+    /// service and, with `allow_special_tokens`, have its text read as
+    /// control tokens (a forged system turn, say), which takes a key with
+    /// `allow_special_tokens = true`. Every call passes when no keys are
+    /// configured.
+    pub fn check(&self, meta: &MetadataMap, req: &GenerateRequest) -> Result<Option<String>, Status> {
+        let Some(entry) = self.entry(meta.get("authorization").and_then(|v| v.to_str().ok()))? else {
+            return Ok(None);
         };
+        let (tenant, service) = (&entry.tenant, &req.model);
         if !entry.services.is_empty() && !entry.services.iter().any(|s| s == service) {
             return Err(Status::permission_denied(format!(
-                "tenant {:?} may not use service {service:?} (allowed: {:?})",
-                entry.tenant, entry.services
+                "tenant {tenant:?} may not use service {service:?} (allowed: {:?})",
+                entry.services
             )));
         }
-        Ok(Some(entry.tenant.clone()))
+        if req.allow_special_tokens && !entry.allow_special_tokens {
+            return Err(Status::permission_denied(format!(
+                "allow_special_tokens: tenant {tenant:?} may not send special tokens \
+                 (its key needs `allow_special_tokens = true`)"
+            )));
+        }
+        Ok(Some(tenant.clone()))
+    }
+
+    /// Whether the key in `header` may call `path`, a method other than
+    /// Generate: any key may list models and use reflection and health; the
+    /// sidecar's admin service (the fleet's addresses and state) takes a key
+    /// with `admin = true`.
+    pub fn check_surface(&self, header: Option<&str>, path: &str, admin: bool) -> Result<(), Status> {
+        match self.entry(header)? {
+            Some(entry) if admin && !entry.admin => Err(Status::permission_denied(format!(
+                "tenant {:?} may not call {path}: that takes an admin key (`admin = true` in its [[api_keys]] entry)",
+                entry.tenant
+            ))),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -91,7 +122,24 @@ mod tests {
     use super::*;
 
     fn keys() -> ApiKeys {
-        ApiKeys::new(&[ApiKey { tenant: "acme".into(), sha256: digest("s3cret"), services: vec!["chat".into()] }])
+        ApiKeys::new(&[
+            ApiKey { sha256: digest("s3cret"), services: vec!["chat".into()], ..key("acme") },
+            ApiKey { sha256: digest("0ps"), admin: true, allow_special_tokens: true, ..key("ops") },
+        ])
+    }
+
+    fn key(tenant: &str) -> ApiKey {
+        ApiKey {
+            tenant: tenant.into(),
+            sha256: String::new(),
+            services: vec![],
+            admin: false,
+            allow_special_tokens: false,
+        }
+    }
+
+    fn to(service: &str) -> GenerateRequest {
+        GenerateRequest { model: service.into(), ..Default::default() }
     }
 
     fn bearer(key: &str) -> MetadataMap {
@@ -104,11 +152,33 @@ mod tests {
     fn keys_map_to_tenants_and_services() {
         assert_eq!(digest("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
         let k = keys();
-        assert_eq!(k.check(&bearer("s3cret"), "chat").unwrap(), Some("acme".into()));
-        assert_eq!(k.check(&bearer("s3cret"), "code").unwrap_err().code(), tonic::Code::PermissionDenied);
-        assert_eq!(k.check(&bearer("guess"), "chat").unwrap_err().code(), tonic::Code::Unauthenticated);
-        assert_eq!(k.check(&MetadataMap::new(), "chat").unwrap_err().code(), tonic::Code::Unauthenticated);
-        assert_eq!(ApiKeys::new(&[]).check(&MetadataMap::new(), "chat").unwrap(), None);
+        assert_eq!(k.check(&bearer("s3cret"), &to("chat")).unwrap(), Some("acme".into()));
+        assert_eq!(k.check(&bearer("s3cret"), &to("code")).unwrap_err().code(), tonic::Code::PermissionDenied);
+        assert_eq!(k.check(&bearer("guess"), &to("chat")).unwrap_err().code(), tonic::Code::Unauthenticated);
+        assert_eq!(k.check(&MetadataMap::new(), &to("chat")).unwrap_err().code(), tonic::Code::Unauthenticated);
+        assert_eq!(ApiKeys::new(&[]).check(&MetadataMap::new(), &to("chat")).unwrap(), None);
+    }
+
+    #[test]
+    fn special_tokens_take_a_key_that_allows_them() {
+        let special = GenerateRequest { allow_special_tokens: true, ..to("chat") };
+        let refused = keys().check(&bearer("s3cret"), &special).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+        assert!(refused.message().starts_with("allow_special_tokens: tenant \"acme\""), "{}", refused.message());
+        assert_eq!(keys().check(&bearer("0ps"), &special).unwrap(), Some("ops".into()));
+    }
+
+    #[test]
+    fn other_surfaces_take_a_key_and_admin_an_admin_key() {
+        let k = keys();
+        let admin = "/mesh.v1.SidecarAdmin/Instances";
+        assert!(k.check_surface(Some("Bearer s3cret"), "/mesh.v1.Generation/ListModels", false).is_ok());
+        assert_eq!(k.check_surface(None, "/x", false).unwrap_err().code(), tonic::Code::Unauthenticated);
+        let tenant = k.check_surface(Some("Bearer s3cret"), admin, true).unwrap_err();
+        assert_eq!(tenant.code(), tonic::Code::PermissionDenied);
+        assert!(tenant.message().contains("takes an admin key"), "{}", tenant.message());
+        assert!(k.check_surface(Some("Bearer 0ps"), admin, true).is_ok());
+        assert!(ApiKeys::new(&[]).check_surface(None, admin, true).is_ok());
     }
 
     #[test]

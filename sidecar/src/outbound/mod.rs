@@ -1,6 +1,7 @@
 //! The outbound side: a client's entry point into the mesh. Its layers, in
 //! order, are assembled in `server.rs`: trace, authenticate, service slot,
-//! route.
+//! route. A gate in front of the listener ([`surfaces`]) holds the other
+//! methods on it (models, admin, reflection, health) to the same keys.
 
 pub mod authenticate;
 pub mod balancer;
@@ -8,6 +9,7 @@ pub mod health;
 pub mod instance;
 pub mod route;
 pub mod service_slot;
+pub mod surfaces;
 
 use std::sync::Arc;
 
