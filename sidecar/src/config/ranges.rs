@@ -26,7 +26,27 @@ pub(super) fn check(cfg: &SidecarConfig) -> Result<(), ConfigError> {
             return Err(invalid(key, format!("must be at most {}s (7 days)", MAX_DURATION.as_secs())));
         }
     }
-    let counts = [("routing.max_streams_per_service".to_string(), cfg.routing.max_streams_per_service)];
+    let (r, o) = (&cfg.routing, &cfg.outlier);
+    // Periods and timeouts where zero would mean "always" (a timer that
+    // panics, every call or probe timed out, an ejection that ends at once).
+    let nonzero = [
+        ("routing.attempt_timeout", r.attempt_timeout),
+        ("routing.idle_timeout", r.idle_timeout),
+        ("outlier.base_ejection", o.base_ejection),
+        ("outlier.success_rate_window", o.success_rate_window),
+        ("outlier.health_interval", o.health_interval),
+        ("outlier.health_timeout", o.health_timeout),
+    ];
+    if let Some((key, _)) = nonzero.iter().find(|(_, d)| d.is_zero()) {
+        return Err(invalid(*key, "must be above zero"));
+    }
+    if o.success_rate_min_requests == 0 {
+        return Err(invalid("outlier.success_rate_min_requests", "must be at least 1"));
+    }
+    let counts = [
+        ("routing.max_streams_per_service".to_string(), cfg.routing.max_streams_per_service),
+        ("http2.max_pending_accept_resets".to_string(), cfg.http2.max_pending_accept_resets),
+    ];
     let services = cfg.services.iter().enumerate().flat_map(|(i, s)| {
         [
             (format!("services[{i}].max_concurrency"), s.max_concurrency),
@@ -45,7 +65,6 @@ pub(super) fn check(cfg: &SidecarConfig) -> Result<(), ConfigError> {
             format!("must be in [{}, {}] bytes", REQUEST_BYTES.start(), REQUEST_BYTES.end()),
         ));
     }
-    let r = &cfg.routing;
     within("routing.retry_floor_per_sec", r.retry_floor_per_sec, (0.0, 1e6))?;
     within("outlier.success_rate_margin", cfg.outlier.success_rate_margin, (0.0, 1.0))?;
     for (name, t) in &cfg.tenants {
