@@ -9,5 +9,6 @@ pub mod health;
 pub mod metrics;
 pub mod preface;
 pub mod ready;
+pub mod server_identity;
 pub mod signal;
 pub mod tls;

@@ -2,9 +2,11 @@
 //! own node): one place for the HTTP/2 settings, so both clients carry
 //! thousands of long-lived token streams the same way.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use daemon::grpc::{Http2, TCP_KEEPALIVE};
+use daemon::server_identity::ServerRoles;
 use tonic::transport::{ClientTlsConfig, Endpoint};
 
 /// A peer that does not accept a connection within this is down (or not
@@ -14,10 +16,29 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// What every connection this sidecar dials is made with.
 #[derive(Clone, Default)]
 pub struct Dialer {
-    /// This host's certificate, presented to peers; `None` in plaintext.
-    pub tls: Option<ClientTlsConfig>,
+    /// This host's certificate and what servers must prove; `None` in plaintext.
+    pub tls: Option<TlsDial>,
     /// The config's `[http2]` (windows, keep-alive).
     pub http2: Http2,
+}
+
+/// Mutual TLS as a client: this host's certificate, presented to every
+/// server, and the roles a server's certificate must carry.
+#[derive(Clone)]
+pub struct TlsDial {
+    /// The identity only: the CA is in the verifiers.
+    pub config: ClientTlsConfig,
+    /// Instances are other sidecars' inbound sides.
+    pub instances: Arc<ServerRoles>,
+    /// The node presents a node's certificate, or its host's (a sidecar's).
+    pub node: Arc<ServerRoles>,
+}
+
+/// Who is dialed.
+#[derive(Clone, Copy)]
+pub enum Peer {
+    Instance,
+    Node,
 }
 
 impl Dialer {
@@ -43,7 +64,7 @@ impl Dialer {
     ///   with a status and a retry hint, whereas a transport cap would queue
     ///   streams silently, and a local wait would read as the instance being
     ///   slow.
-    pub fn endpoint(&self, address: &str) -> Result<Endpoint, tonic::transport::Error> {
+    pub fn endpoint(&self, address: &str, peer: Peer) -> Result<Endpoint, tonic::transport::Error> {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         let http2 = &self.http2;
         let endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))?
@@ -56,9 +77,11 @@ impl Dialer {
             .http2_keep_alive_interval(http2.keep_alive_interval)
             .keep_alive_timeout(http2.keep_alive_timeout)
             .keep_alive_while_idle(false);
-        match &self.tls {
-            Some(tls) => endpoint.tls_config(tls.clone()),
-            None => Ok(endpoint),
-        }
+        let Some(tls) = &self.tls else { return Ok(endpoint) };
+        let verifier = match peer {
+            Peer::Instance => tls.instances.clone(),
+            Peer::Node => tls.node.clone(),
+        };
+        endpoint.tls_config_with_verifier(tls.config.clone(), verifier)
     }
 }

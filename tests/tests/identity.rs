@@ -210,3 +210,26 @@ async fn plaintext_off_loopback_needs_the_insecure_key_and_then_warns() {
     child.kill().await.unwrap();
     assert_eq!(warned, Ok(true), "no warning at start");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sidecar_dials_only_instances_that_prove_a_sidecars_identity() {
+    let pki = Pki::new().await;
+    for (name, role) in [("edge", "sidecar"), ("rogue", "client"), ("rogue-node", "node")] {
+        pki.issue(name, role).await;
+    }
+    let etcd = Etcd::start().await;
+    // A host that runs a sidecar with a client's certificate: its node
+    // (which serves any certificate of the CA) takes it, and it registers.
+    let (cert, key, ca) = (pki.path("rogue-node.pem"), pki.path("rogue-node.key"), pki.path("ca.pem"));
+    let tls = ["--tls-cert", &cert, "--tls-key", &key, "--tls-client-ca", &ca];
+    let node = NodeProcess::start(&[&["--backend", "synthetic", "--model-name", "chat"][..], &tls].concat()).await;
+    let _rogue = SidecarProcess::start(&etcd, Some(&node), &pki.tls_section("rogue")).await;
+    let edge = SidecarProcess::start(&etcd, None, &pki.tls_section("edge")).await;
+    edge.wait_for_instances("chat", 1).await;
+    let channel = Channel::from_shared(format!("http://{}", edge.outbound)).unwrap().connect().await.unwrap();
+    refused_naming(
+        call(&channel, None, None).await,
+        Code::Unavailable,
+        "server spiffe://mesh/host/rogue/role/client is not a sidecar, as this connection requires",
+    );
+}

@@ -25,7 +25,7 @@ use crate::config::{NodeSection, ServiceLimits, SidecarConfig};
 use crate::registration;
 use crate::stack::Front;
 use crate::tls::TlsMaterial;
-use crate::upstream::Dialer;
+use crate::upstream::{Dialer, Peer};
 use crate::wire::generation_server::GenerationServer;
 
 /// The node, as the inbound side reaches it.
@@ -43,7 +43,7 @@ pub async fn connect(node: &NodeSection, dial: &Dialer, services: &[ServiceLimit
     // Every stream this node serves shares this one connection (the node is
     // local, so a lost connection means the node itself is gone); the
     // settings that let it carry them are in `upstream::Dialer`.
-    let channel = dial.endpoint(&node.address)?.connect_lazy();
+    let channel = dial.endpoint(&node.address, Peer::Node)?.connect_lazy();
     let model = registration::node_model(channel.clone()).await;
     let service = node.service.clone().unwrap_or_else(|| model.name.clone());
     let limits = services.iter().find(|s| s.name == service).cloned().unwrap_or_else(|| ServiceLimits {

@@ -14,7 +14,7 @@ use registry::InstanceRecord;
 use tonic::transport::Channel;
 
 use crate::config::Outlier;
-use crate::upstream::Dialer;
+use crate::upstream::{Dialer, Peer};
 use crate::wire::generation_client::GenerationClient;
 
 /// Time to first token assumed for an instance nobody has measured yet, when
@@ -85,7 +85,7 @@ impl Instance {
         ttft_guess: Option<Duration>,
         dial: &Dialer,
     ) -> Result<Self, tonic::transport::Error> {
-        let endpoint = dial.endpoint(&record.address)?;
+        let endpoint = dial.endpoint(&record.address, Peer::Instance)?;
         // Each `connect_lazy` is its own connection (dialled on first use).
         let pool: Vec<Channel> = (0..CONNECTIONS_PER_INSTANCE).map(|_| endpoint.connect_lazy()).collect();
         let now = Instant::now();
