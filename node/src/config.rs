@@ -117,6 +117,12 @@ pub struct NodeConfig {
     )]
     pub tls_allow_peer: Vec<daemon::tls::PeerPattern>,
 
+    /// Serve callers off loopback without mutual TLS (plaintext, or TLS
+    /// without --tls-client-ca): on a network trusted end to end only; the
+    /// node logs a warning at start. Without it, such a --listen is refused.
+    #[arg(long, env = "MESH_NODE_INSECURE_ANYWHERE")]
+    pub insecure_anywhere: bool,
+
     /// Matmul kernel for the CPU; defaults to the fastest this CPU supports
     /// (avx512, then avx2, then scalar). Forcing one the CPU lacks is an error.
     #[arg(long, env = "MESH_NODE_KERNEL", value_enum)]
@@ -128,6 +134,25 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
+    /// Whether callers who are not this host's must prove a mesh identity:
+    /// `Err` when they need not and `--insecure-anywhere` was not given,
+    /// `Ok(Some(warning))` when it was.
+    pub fn exposure(&self) -> Result<Option<String>, String> {
+        let open = match (&self.tls_cert, &self.tls_client_ca) {
+            (None, _) => "plaintext",
+            (Some(_), None) => "TLS without client certificates (--tls-client-ca)",
+            (Some(_), Some(_)) => return Ok(None),
+        };
+        if self.listen.ip().is_loopback() {
+            return Ok(None);
+        }
+        let problem = format!("--listen {} is not a loopback address and serves {open}", self.listen);
+        match self.insecure_anywhere {
+            true => Ok(Some(format!("{problem}: anyone who reaches it may call (--insecure-anywhere)"))),
+            false => Err(format!("{problem}; add --tls-cert, --tls-key and --tls-client-ca, or --insecure-anywhere")),
+        }
+    }
+
     pub fn limits(&self, model_context: usize) -> Limits {
         let context_length = self.context_length.map_or(model_context, |c| (c as usize).min(model_context));
         Limits {
@@ -191,6 +216,20 @@ fn tokens_per_sec(s: &str) -> Result<f64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_mutual_tls_serves_beyond_loopback_unless_insecure_is_said() {
+        let parse = |args: &[&str]| NodeConfig::try_parse_from([&["mesh-node"][..], args].concat()).unwrap();
+        assert_eq!(parse(&[]).exposure(), Ok(None), "loopback by default");
+        let open = parse(&["--listen", "0.0.0.0:50051"]).exposure().unwrap_err();
+        assert!(open.starts_with("--listen 0.0.0.0:50051 is not a loopback address and serves plaintext"), "{open}");
+        let tls_only = ["--listen", "10.0.0.1:1", "--tls-cert", "c", "--tls-key", "k"];
+        assert!(parse(&tls_only).exposure().unwrap_err().contains("TLS without client certificates"));
+        let mutual = [&tls_only[..], &["--tls-client-ca", "ca"]].concat();
+        assert_eq!(parse(&mutual).exposure(), Ok(None));
+        let warned = parse(&["--listen", "0.0.0.0:1", "--insecure-anywhere"]).exposure().unwrap().unwrap();
+        assert!(warned.contains("anyone who reaches it may call"), "{warned}");
+    }
 
     #[test]
     fn durations_need_a_unit() {

@@ -151,7 +151,7 @@ type FlagCase = (&'static [&'static str], &'static [(&'static str, &'static str)
 #[tokio::test(flavor = "multi_thread")]
 async fn out_of_range_flags_exit_2_naming_the_flag() {
     let bin = harness::workspace_bin("mesh-node", None, "cargo build --release").expect("mesh-node");
-    let cases: [FlagCase; 11] = [
+    let cases: [FlagCase; 14] = [
         (&["--drain-grace", "inf"], &[], "--drain-grace"),
         (&["--drain-grace", "100000000000000000000s"], &[], "--drain-grace"),
         (&["--drain-grace", "18446744073709551615s"], &[], "--drain-grace"),
@@ -163,10 +163,14 @@ async fn out_of_range_flags_exit_2_naming_the_flag() {
         (&["--context-length", "0"], &[], "--context-length"),
         (&["--max-queued", "4294967295"], &[], "--max-queued"),
         (&["--max-step-tokens=-1"], &[], "--max-step-tokens"),
+        (&["--trace-sample-ratio", "nan"], &[], "--trace-sample-ratio"),
+        (&["--listen", "0.0.0.0:0"], &[], "--listen 0.0.0.0:0 is not a loopback address and serves plaintext"),
+        (&["--listen", "0.0.0.0:0", "--tls-cert", "c", "--tls-key", "k"], &[], "TLS without client certificates"),
     ];
     for (args, env, flag) in cases {
         let mut cmd = tokio::process::Command::new(&bin);
-        cmd.args(["--backend", "synthetic", "--listen", "127.0.0.1:0"]).args(args).envs(env.iter().copied());
+        let listen: &[&str] = if args.contains(&"--listen") { &[] } else { &["--listen", "127.0.0.1:0"] };
+        cmd.args(["--backend", "synthetic"]).args(listen).args(args).envs(env.iter().copied());
         let run = cmd.kill_on_drop(true).output();
         let out = tokio::time::timeout(std::time::Duration::from_secs(10), run).await;
         let out = out.unwrap_or_else(|_| panic!("{args:?} {env:?}: the node started")).unwrap();
