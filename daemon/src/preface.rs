@@ -10,11 +10,12 @@
 //! Screening peeks, so the server still reads the preface itself.
 
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tonic::transport::server::TcpIncoming;
 
 /// What every HTTP/2 client sends first (RFC 9113, 3.4).
@@ -28,6 +29,16 @@ pub const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections that passed screening and wait for the server to take them.
 const ACCEPTED_BACKLOG: usize = 1024;
 
+/// Connections screened at once: each holds a socket for up to the
+/// timeout, so a flood of silent ones is bounded here (the accept loop
+/// waits, and the kernel's backlog holds newcomers), not by the process's
+/// file descriptors, which its own dials to etcd and nodes need too.
+const MAX_SCREENING: usize = 4096;
+
+/// After a failed accept (out of file descriptors, say), wait this long
+/// before the next: retrying at once would spin a core.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
 /// The accepted connections of `incoming` that opened with the preface.
 /// The accept loop ends when the server drops the stream (it stopped).
 pub fn screened(
@@ -35,16 +46,18 @@ pub fn screened(
     timeout: Duration,
 ) -> impl futures_core::Stream<Item = io::Result<TcpStream>> {
     let (tx, rx) = mpsc::channel(ACCEPTED_BACKLOG);
+    let screening = Arc::new(Semaphore::new(MAX_SCREENING));
     tokio::spawn(async move {
         loop {
-            let conn = tokio::select! {
-                conn = incoming.next() => conn,
+            let (permit, conn) = tokio::select! {
+                next = async { (screening.clone().acquire_owned().await, incoming.next().await) } => next,
                 _ = tx.closed() => return,
             };
             match conn {
                 Some(Ok(stream)) => {
                     let tx = tx.clone();
                     tokio::spawn(async move {
+                        let _permit = permit;
                         if opens_with_preface(&stream, timeout).await {
                             let _ = tx.send(Ok(stream)).await;
                         }
@@ -53,6 +66,7 @@ pub fn screened(
                 // An accept error (e.g. out of file descriptors) is the server's to log.
                 Some(Err(e)) => {
                     let _ = tx.send(Err(e)).await;
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                 }
                 None => return,
             }
@@ -68,6 +82,7 @@ async fn opens_with_preface(stream: &TcpStream, timeout: Duration) -> bool {
 
 async fn preface_check(stream: &TcpStream) -> bool {
     let mut buf = [0u8; PREFACE.len()];
+    let mut pause = Duration::from_millis(10);
     loop {
         let n = match stream.peek(&mut buf).await {
             Ok(0) | Err(_) => return false, // closed before the preface
@@ -80,8 +95,11 @@ async fn preface_check(stream: &TcpStream) -> bool {
             return true;
         }
         // Part of it so far: peek returns at once while those bytes sit
-        // unread, so look again a little later instead of spinning.
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        // unread, so look again later, less often the longer it takes (a
+        // real client sends the rest at once; a stalling one is not worth
+        // 100 wake-ups a second until the deadline).
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(250));
     }
 }
 

@@ -214,7 +214,7 @@ impl Allow {
 /// certificate of a permitted identity.
 impl Gate for Allow {
     fn admit(&self, req: &tonic::codegen::http::Request<tonic::body::Body>) -> Result<(), Status> {
-        let local = remote_addr(req).is_some_and(|a| a.ip().is_loopback());
+        let local = remote_addr(req).is_some_and(|a| a.ip().to_canonical().is_loopback());
         if local && req.uri().path().starts_with(HEALTH_PATH) {
             return Ok(());
         }
@@ -238,8 +238,7 @@ impl fmt::Display for Allow {
 
 /// The mesh identity in a certificate (DER): its one `spiffe://` URI SAN.
 pub fn leaf_identity(der: &[u8]) -> Result<WorkloadId, String> {
-    let (_, cert) =
-        x509_parser::parse_x509_certificate(der).map_err(|e| format!("unreadable client certificate: {e}"))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| format!("unreadable certificate: {e}"))?;
     let san = cert.subject_alternative_name().map_err(|e| format!("unreadable subjectAltName: {e}"))?;
     let spiffe: Vec<&str> = san
         .iter()
@@ -251,12 +250,11 @@ pub fn leaf_identity(der: &[u8]) -> Result<WorkloadId, String> {
         .collect();
     match spiffe[..] {
         [one] => one.parse(),
-        [] => Err(format!(
-            "the client certificate ({}) carries no mesh identity ({PREFIX}<host>/role/<role>)",
-            cert.subject()
-        )),
+        [] => {
+            Err(format!("the certificate ({}) carries no mesh identity ({PREFIX}<host>/role/<role>)", cert.subject()))
+        }
         _ => Err(format!(
-            "the client certificate ({}) carries {} SPIFFE IDs; a mesh certificate has one",
+            "the certificate ({}) carries {} SPIFFE IDs; a mesh certificate has one",
             cert.subject(),
             spiffe.len()
         )),
@@ -326,7 +324,7 @@ mod tests {
         assert!(none.contains("carries no mesh identity"), "{none}");
         let two = leaf_identity(&cert_with(&["spiffe://mesh/host/a/role/node", "spiffe://mesh/host/b/role/node"]));
         assert!(two.unwrap_err().contains("2 SPIFFE IDs"));
-        assert!(leaf_identity(b"garbage").unwrap_err().contains("unreadable client certificate"));
+        assert!(leaf_identity(b"garbage").unwrap_err().contains("unreadable certificate"));
     }
 
     #[test]

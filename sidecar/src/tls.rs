@@ -2,8 +2,8 @@
 //! requires a client certificate signed by the mesh CA, and then serves
 //! only the identities in `tls.inbound_peers`; outbound connections to
 //! other sidecars and to the node present this host's, and require the
-//! server's certificate to say `role/sidecar` (the node: `role/node`, or
-//! its host's `role/sidecar`).
+//! server's certificate to say `role/sidecar` (the node: `role/node` or
+//! `role/sidecar`, as the deploy gives it the host's pair).
 
 use daemon::server_identity::ServerRoles;
 use daemon::tls::{Allow, Role};
@@ -56,7 +56,7 @@ impl TlsMaterial {
     }
 
     /// As a client: this host's certificate, and the role each server
-    /// must prove (instances: a sidecar; the node: a node or its host).
+    /// must prove (instances: a sidecar; the node: a node or a sidecar).
     pub fn client(&self) -> TlsDial {
         self.dial.clone()
     }

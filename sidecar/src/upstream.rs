@@ -30,7 +30,8 @@ pub struct TlsDial {
     pub config: ClientTlsConfig,
     /// Instances are other sidecars' inbound sides.
     pub instances: Arc<ServerRoles>,
-    /// The node presents a node's certificate, or its host's (a sidecar's).
+    /// The node presents a node's certificate, or (as deployed) its host's,
+    /// a sidecar's; the role is checked, not the host.
     pub node: Arc<ServerRoles>,
 }
 

@@ -73,10 +73,11 @@ pub struct SidecarConfig {
     pub max_request_bytes: usize,
 }
 
-/// 2 MiB: a node takes at most 32 bytes per context token (its own limit,
-/// `validate::max_request_bytes`), so this passes any request a node with
-/// a context of up to 64k tokens could accept, and holds a sidecar's
-/// buffering per request well under tonic's default of 4 MiB.
+/// 2 MiB: a node takes at most 32 bytes per context token + 64 KiB (its
+/// own limit, `validate::max_request_bytes`), so this passes any request a
+/// node with a context of up to ~63k tokens could accept (raise it for
+/// longer contexts), and holds a sidecar's buffering per request well
+/// under tonic's default of 4 MiB.
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 2 << 20;
 
 fn default_max_request() -> usize {

@@ -21,7 +21,7 @@ pub struct OperatorSurfaces(pub ApiKeys);
 impl Gate for OperatorSurfaces {
     fn admit(&self, req: &Request<Body>) -> Result<(), Status> {
         let path = req.uri().path();
-        let local = || remote_addr(req).is_some_and(|a| a.ip().is_loopback());
+        let local = || remote_addr(req).is_some_and(|a| a.ip().to_canonical().is_loopback());
         if path == GENERATE_PATH || (path.starts_with(HEALTH_PATH) && local()) {
             return Ok(());
         }
