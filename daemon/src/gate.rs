@@ -17,10 +17,22 @@ use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tower::{Layer, Service};
 
 /// Decides whether one request may reach the listener's services. A refusal
-/// is answered as a gRPC status; nothing behind the gate runs.
+/// is answered as a gRPC status; nothing behind the gate runs. A gate may
+/// leave what it learned (the caller's identity) in the request's
+/// extensions for the services.
 pub trait Gate: Send + Sync + 'static {
-    fn admit(&self, req: &Request<Body>) -> Result<(), Status>;
+    fn admit(&self, req: &mut Request<Body>) -> Result<(), Status>;
 }
+
+/// A health check from this host (systemd, a local probe), which every
+/// gate lets through.
+pub fn local_health<B>(req: &Request<B>) -> bool {
+    let local = remote_addr(req).is_some_and(|a| a.ip().to_canonical().is_loopback());
+    local && req.uri().path().starts_with(HEALTH_PATH)
+}
+
+/// Where `grpc.health.v1` methods live.
+const HEALTH_PATH: &str = "/grpc.health.v1.Health/";
 
 /// The TCP address the request came from, over plaintext or TLS.
 pub fn remote_addr<B>(req: &Request<B>) -> Option<SocketAddr> {
@@ -56,7 +68,7 @@ impl GateLayer {
 }
 
 impl Guard {
-    fn admit(&self, req: &Request<Body>) -> Result<(), Status> {
+    fn admit(&self, req: &mut Request<Body>) -> Result<(), Status> {
         let Err(refusal) = self.gate.admit(req) else { return Ok(()) };
         let total = self.refused.inc() + 1;
         let mut last = self.last_warned.lock().unwrap_or_else(|p| p.into_inner());
@@ -96,8 +108,8 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
-        match self.guard.as_ref().map(|g| g.admit(&req)) {
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        match self.guard.as_ref().map(|g| g.admit(&mut req)) {
             Some(Err(status)) => Either::Left(ready(Ok(status.into_http()))),
             _ => Either::Right(self.inner.call(req)),
         }
@@ -115,8 +127,8 @@ mod tests {
     struct OnlyHealth;
 
     impl Gate for OnlyHealth {
-        fn admit(&self, req: &Request<Body>) -> Result<(), Status> {
-            match req.uri().path().starts_with("/grpc.health.v1.Health/") {
+        fn admit(&self, req: &mut Request<Body>) -> Result<(), Status> {
+            match req.uri().path().starts_with(HEALTH_PATH) {
                 true => Ok(()),
                 false => Err(Status::permission_denied(format!("{} is closed", req.uri().path()))),
             }

@@ -15,7 +15,7 @@ use tonic::transport::{Certificate, CertificateDer, Identity, ServerTlsConfig};
 use tonic::{Request, Status};
 use x509_parser::extensions::GeneralName;
 
-use crate::gate::{Gate, remote_addr};
+use crate::gate::{Gate, local_health};
 
 /// Reads a PEM file; `what` says what it is for ("TLS certificate").
 pub fn read_pem(what: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
@@ -184,14 +184,11 @@ impl Allow {
         Self(patterns.into())
     }
 
-    /// The caller's identity, if it may call; PERMISSION_DENIED naming who
-    /// it is and who may, if not. `None`: no client certificate, or one
-    /// without a mesh identity, on a listener open to that.
-    pub fn authorize<T>(&self, req: &Request<T>) -> Result<Option<WorkloadId>, Status> {
-        self.authorize_certs(req.peer_certs())
-    }
-
-    fn authorize_certs(&self, certs: Option<Arc<Vec<CertificateDer<'static>>>>) -> Result<Option<WorkloadId>, Status> {
+    /// The caller's identity, if the peer presenting `certs` may call;
+    /// PERMISSION_DENIED naming who it is and who may, if not. `None`: no
+    /// client certificate, or one without a mesh identity, on a listener
+    /// open to that.
+    fn authorize(&self, certs: Option<Arc<Vec<CertificateDer<'static>>>>) -> Result<Option<WorkloadId>, Status> {
         let peer = match certs.as_deref().and_then(|c| c.first()) {
             Some(leaf) => leaf_identity(leaf).map(Some),
             None => Ok(None),
@@ -211,20 +208,26 @@ impl Allow {
 
 /// The listener's rule over every service on it (health and reflection
 /// too), except health asked from loopback: a local probe needs no
-/// certificate of a permitted identity.
+/// certificate of a permitted identity. The caller's identity, when it has
+/// one, is left in the request's extensions (read it with [`caller`]).
 impl Gate for Allow {
-    fn admit(&self, req: &tonic::codegen::http::Request<tonic::body::Body>) -> Result<(), Status> {
-        let local = remote_addr(req).is_some_and(|a| a.ip().to_canonical().is_loopback());
-        if local && req.uri().path().starts_with(HEALTH_PATH) {
+    fn admit(&self, req: &mut tonic::codegen::http::Request<tonic::body::Body>) -> Result<(), Status> {
+        if local_health(req) {
             return Ok(());
         }
         let tls = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>();
-        self.authorize_certs(tls.and_then(TlsConnectInfo::peer_certs)).map(drop)
+        if let Some(id) = self.authorize(tls.and_then(TlsConnectInfo::peer_certs))? {
+            req.extensions_mut().insert(id);
+        }
+        Ok(())
     }
 }
 
-/// Where `grpc.health.v1` methods live.
-pub const HEALTH_PATH: &str = "/grpc.health.v1.Health/";
+/// The identity an [`Allow`] gate admitted this request with; `None`: no
+/// certificate, or one without a mesh identity, on a listener open to that.
+pub fn caller<T>(req: &Request<T>) -> Option<&WorkloadId> {
+    req.extensions().get::<WorkloadId>()
+}
 
 impl fmt::Display for Allow {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -329,10 +332,9 @@ mod tests {
 
     #[test]
     fn without_a_certificate_only_an_open_listener_serves() {
-        let req = Request::new(());
-        assert_eq!(Allow::default().authorize(&req).unwrap(), None);
+        assert_eq!(Allow::default().authorize(None).unwrap(), None);
         let only_sidecars = Allow::only(vec![PeerPattern::role(Role::Sidecar)]);
-        let refused = only_sidecars.authorize(&req).unwrap_err();
+        let refused = only_sidecars.authorize(None).unwrap_err();
         assert_eq!(refused.code(), tonic::Code::PermissionDenied);
         assert_eq!(
             refused.message(),

@@ -18,7 +18,6 @@ use crate::{Error, Result, Spawned, free_port};
 /// The admin key of every sidecar the harness starts with `[[api_keys]]`
 /// (tenant `harness`), so it can read their admin service.
 pub const ADMIN_KEY: &str = "harness-admin-key";
-const ADMIN_BEARER: &str = "Bearer harness-admin-key";
 
 /// How long a sidecar may take to serve (and register its node).
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -149,7 +148,8 @@ impl Sidecar {
     pub async fn instances(&self) -> Result<Vec<InstanceState>> {
         let mut admin = SidecarAdminClient::new(self.channel().await?);
         let mut request = tonic::Request::new(InstancesRequest {});
-        request.metadata_mut().insert("authorization", MetadataValue::from_static(ADMIN_BEARER));
+        let bearer = MetadataValue::try_from(format!("Bearer {ADMIN_KEY}")).expect("an ASCII key");
+        request.metadata_mut().insert("authorization", bearer);
         let reply = admin.instances(request).await;
         let reply = reply.map_err(|s| Error::Rpc { name: self.process.name().to_string(), source: Box::new(s) })?;
         Ok(reply.into_inner().instances)

@@ -1,14 +1,14 @@
-//! The inbound side's first gate: who the caller is and which tenant the
-//! call is charged to, before any layer sees the request.
+//! Which tenant an inbound call is charged to, before any layer sees it.
 //!
-//! The caller is the identity in its client certificate, and must be one
-//! of `tls.inbound_peers` (any sidecar by default): a client host's
-//! certificate from the same CA is refused, because only a sidecar checks
-//! API keys before calling in. The tenant is a sidecar's claim
+//! The caller is the identity in its client certificate, and the
+//! listener's gate (`daemon::tls::Allow`, in `start.rs`) has already
+//! served only `tls.inbound_peers` (any sidecar by default): a client
+//! host's certificate from the same CA is refused, because only a sidecar
+//! checks API keys before calling in. The tenant is a sidecar's claim
 //! ([`TENANT_CLAIM`]); any other caller is charged as itself, so neither a
 //! body `tenant` nor a claim from it selects someone else's limits.
 
-use daemon::tls::{Allow, Role, WorkloadId};
+use daemon::tls::{Role, WorkloadId, caller};
 use mesh_proto::v1::{GenerateRequest, ListModelsRequest, ListModelsResponse};
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
@@ -17,18 +17,9 @@ use crate::outbound::authenticate::TENANT_CLAIM;
 use crate::stack::{Front, TokenStream};
 use crate::wire::generation_server::Generation;
 
-/// The inbound stack behind the listener's rule.
-pub struct Authorized {
-    front: Front,
-    allow: Allow,
-}
-
-impl Authorized {
-    /// `allow` is empty on a plaintext listener (no identities there).
-    pub fn new(front: Front, allow: Allow) -> Self {
-        Self { front, allow }
-    }
-}
+/// The inbound stack behind the listener's gate, which admitted the
+/// caller and left its identity in the request.
+pub struct Authorized(pub Front);
 
 /// The tenant the call is charged to. A sidecar's claim is believed (it
 /// checked the caller's key); without a claim, or from anyone else, the
@@ -49,14 +40,13 @@ impl Generation for Authorized {
     type GenerateStream = TokenStream;
 
     async fn generate(&self, mut request: Request<GenerateRequest>) -> Result<Response<TokenStream>, Status> {
-        let peer = self.allow.authorize(&request)?;
-        request.get_mut().tenant = tenant(peer.as_ref(), request.metadata());
-        self.front.generate(request).await
+        let charged = tenant(caller(&request), request.metadata());
+        request.get_mut().tenant = charged;
+        self.0.generate(request).await
     }
 
     async fn list_models(&self, request: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
-        self.allow.authorize(&request)?;
-        self.front.list_models(request).await
+        self.0.list_models(request).await
     }
 }
 

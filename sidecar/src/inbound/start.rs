@@ -74,7 +74,7 @@ pub async fn serve(
     // config says otherwise); with TLS, only `tls.inbound_peers` are served,
     // on every service (health from loopback stays open).
     let allow = tls.map(|t| t.inbound_peers.clone()).unwrap_or_default();
-    let server = GenerationServer::new(Authorized::new(front, allow.clone()));
+    let server = GenerationServer::new(Authorized(front));
     let routes = Routes::new(server.max_decoding_message_size(cfg.max_request_bytes));
     let shutdown = async move {
         let _ = stop.wait_for(|s| *s).await;

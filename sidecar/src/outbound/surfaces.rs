@@ -5,8 +5,7 @@
 //! Generate itself passes here: [`super::authenticate::Authenticate`]
 //! checks its key against the service the body names.
 
-use daemon::gate::{Gate, remote_addr};
-use daemon::tls::HEALTH_PATH;
+use daemon::gate::{Gate, local_health};
 use tonic::Status;
 use tonic::body::Body;
 use tonic::codegen::http::Request;
@@ -19,10 +18,9 @@ const ADMIN_PREFIX: &str = "/mesh.v1.SidecarAdmin/";
 pub struct OperatorSurfaces(pub ApiKeys);
 
 impl Gate for OperatorSurfaces {
-    fn admit(&self, req: &Request<Body>) -> Result<(), Status> {
+    fn admit(&self, req: &mut Request<Body>) -> Result<(), Status> {
         let path = req.uri().path();
-        let local = || remote_addr(req).is_some_and(|a| a.ip().to_canonical().is_loopback());
-        if path == GENERATE_PATH || (path.starts_with(HEALTH_PATH) && local()) {
+        if path == GENERATE_PATH || local_health(req) {
             return Ok(());
         }
         let header = req.headers().get("authorization").and_then(|v| v.to_str().ok());
@@ -53,7 +51,7 @@ mod tests {
         if let Some(k) = key {
             req = req.header("authorization", format!("Bearer {k}"));
         }
-        gate().admit(&req.body(Body::empty()).unwrap()).map_err(|s| s.code())
+        gate().admit(&mut req.body(Body::empty()).unwrap()).map_err(|s| s.code())
     }
 
     #[test]
