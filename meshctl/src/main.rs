@@ -181,8 +181,9 @@ async fn main() -> anyhow::Result<()> {
                 if let Some(u) = msg.usage {
                     let reason = FinishReason::try_from(msg.finish_reason).map_or("?", |r| r.as_str_name());
                     eprintln!(
-                        "\n[{reason}] prompt {} tokens, completion {} tokens, ttft {:.1} ms, total {:.1} ms",
+                        "\n[{reason}] prompt {} tokens ({} cached), completion {} tokens, ttft {:.1} ms, total {:.1} ms",
                         u.prompt_tokens,
+                        u.cached_prompt_tokens,
                         u.completion_tokens,
                         u.time_to_first_token_us as f64 / 1e3,
                         started.elapsed().as_secs_f64() * 1e3

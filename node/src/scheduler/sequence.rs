@@ -178,6 +178,7 @@ impl Sequence {
             completion_tokens: self.generated() as u32,
             queue_time_us: micros(self.started_at),
             time_to_first_token_us: micros(self.first_token_at),
+            cached_prompt_tokens: 0,
         };
         // Empty after a stop-string match; otherwise text held back as a
         // possible stop-string start that never completed.

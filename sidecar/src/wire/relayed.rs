@@ -57,7 +57,13 @@ mod tests {
             text: " héllo".into(),
             token_ids: vec![7, 300, 70_000],
             finish_reason: FinishReason::Length as i32,
-            usage: Some(Usage { prompt_tokens: 3, completion_tokens: 3, queue_time_us: 9, time_to_first_token_us: 11 }),
+            usage: Some(Usage {
+                prompt_tokens: 3,
+                completion_tokens: 3,
+                queue_time_us: 9,
+                time_to_first_token_us: 11,
+                cached_prompt_tokens: 2,
+            }),
         };
         let relayed = Relayed::decode(full.encode_to_vec().into()).unwrap();
         assert_eq!(relayed.token_ids(), [7, 300, 70_000]);
