@@ -4,8 +4,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::conversation::Conversations;
 use super::engine::{Arrival, Load, LoadSpec};
 use super::mix::{Choices, Mix};
+use super::prefix::SharedPrefixes;
 use super::progress::run_with_progress;
 use super::report::{Report, SpecEcho};
 use super::stats::summarize;
@@ -47,6 +49,26 @@ pub struct Args {
     /// {"prompt_words": [[16, 3], [128, 1]], "max_tokens": [[32, 1]]}.
     #[arg(long, conflicts_with_all = ["prompt_words", "max_tokens"])]
     pub mix: Option<PathBuf>,
+    /// Shared-prefix chats instead of plain prompts: this many system prompts
+    /// (distinct from their first block), one per request picked with Zipf
+    /// popularity, then a new question.
+    #[arg(long, conflicts_with_all = ["prompt_words", "mix", "turns"])]
+    pub shared_prefixes: Option<u32>,
+    /// Length of each shared system prompt, in words of about one token each.
+    #[arg(long, default_value_t = 512)]
+    pub prefix_tokens: u32,
+    /// Zipf exponent of system-prompt popularity (0 is uniform).
+    #[arg(long, default_value_t = 1.0)]
+    pub zipf_exponent: f64,
+    /// Length of the question after a system prompt, or of a conversation
+    /// turn's new message, in words of about one token each.
+    #[arg(long, default_value_t = 32)]
+    pub question_tokens: u32,
+    /// Multi-turn conversations instead of plain prompts (closed loop only):
+    /// each stream is a user whose conversations have this many turns, every
+    /// turn resending the history with the replies. Reports TTFT per turn.
+    #[arg(long, conflicts_with_all = ["prompt_words", "mix", "rate"])]
+    pub turns: Option<u32>,
     /// The request's model (service); empty means the server's only model.
     #[arg(long, default_value = "")]
     pub model: String,
@@ -77,17 +99,13 @@ impl Args {
             (None, Some(concurrency)) => Arrival::Closed { concurrency },
             (None, None) => anyhow::bail!("give --rate (open loop) or --concurrency (closed loop)"),
         };
-        let mix = match &self.mix {
-            Some(path) => Mix::from_file(path)?,
-            None => Mix::new(self.prompt_words.clone(), self.max_tokens.clone())?,
-        };
         let spec = LoadSpec {
             targets,
             arrival,
             duration: self.duration,
             max_requests: self.requests,
             deadline: self.deadline,
-            mix,
+            mix: self.mix()?,
             model: self.model.clone(),
             tenant: self.tenant.clone(),
             connections: self.connections,
@@ -95,6 +113,21 @@ impl Args {
         };
         spec.validate()?;
         Ok(spec)
+    }
+
+    fn mix(&self) -> anyhow::Result<Mix> {
+        let max_tokens = self.max_tokens.clone();
+        let mix = match (self.shared_prefixes, self.turns, &self.mix) {
+            (Some(n), _, _) => {
+                let p =
+                    SharedPrefixes::new(n, self.prefix_tokens, self.zipf_exponent, self.question_tokens, self.seed)?;
+                Mix::shared_prefixes(p, max_tokens)?
+            }
+            (None, Some(turns), _) => Mix::conversations(Conversations::new(turns, self.question_tokens)?, max_tokens)?,
+            (None, None, Some(path)) => Mix::from_file(path)?,
+            (None, None, None) => Mix::new(self.prompt_words.clone(), max_tokens)?,
+        };
+        Ok(mix)
     }
 }
 

@@ -10,7 +10,7 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 use super::engine::LiveCounters;
-use super::record::{Chunk, Status};
+use super::record::{Chunk, PromptUsage, Status};
 
 /// What `send` observed; the engine adds the run-level fields.
 pub(crate) struct Observed {
@@ -19,6 +19,9 @@ pub(crate) struct Observed {
     pub total: Duration,
     pub finish_reason: FinishReason,
     pub retry_after_ms: Option<u64>,
+    pub usage: Option<PromptUsage>,
+    /// The streamed text, for a conversation's history.
+    pub text: String,
 }
 
 /// Sends `req` and reads its stream until it ends or `deadline` passes.
@@ -36,6 +39,7 @@ pub(crate) async fn send(
     let sent = Instant::now();
     let mut chunks = Vec::new();
     let mut finish = FinishReason::Unspecified;
+    let (mut usage, mut text) = (None, String::new());
     let mut request = tonic::Request::new(req);
     request.set_timeout(deadline);
     let streamed = tokio::time::timeout(deadline, async {
@@ -45,6 +49,11 @@ pub(crate) async fn send(
             if tokens > 0 {
                 chunks.push(Chunk { at: sent.elapsed(), tokens });
                 live.tokens.fetch_add(u64::from(tokens), Ordering::Relaxed);
+            }
+            text.push_str(&msg.text);
+            if let Some(u) = msg.usage {
+                usage =
+                    Some(PromptUsage { prompt_tokens: u.prompt_tokens, cached_prompt_tokens: u.cached_prompt_tokens });
             }
             if msg.finish_reason != 0 {
                 // An unknown (newer) finish reason is still a finish.
@@ -66,7 +75,7 @@ pub(crate) async fn send(
         Ok(Ok(())) if finish == FinishReason::Unspecified => (Status::Incomplete, None),
         Ok(Ok(())) => (Status::Grpc(Code::Ok), None),
     };
-    Observed { status, chunks, total, finish_reason: finish, retry_after_ms }
+    Observed { status, chunks, total, finish_reason: finish, retry_after_ms, usage, text }
 }
 
 /// The server's retry hint; absent or malformed reads as no hint.

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use mesh_proto::v1::generation_client::GenerationClient;
-use mesh_proto::v1::{GenerateRequest, SamplingParams, generate_request::Input};
+use mesh_proto::v1::{GenerateRequest, SamplingParams};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Exp};
@@ -14,8 +14,9 @@ use tokio::task::JoinSet;
 use tonic::transport::{Channel, Endpoint};
 
 use super::client;
-use super::mix::Mix;
+use super::mix::{Mix, Prompts};
 use super::record::RequestRecord;
+use super::session::{Planned, Session};
 use super::target::Target;
 
 /// Longest run or deadline accepted: a typo must not start a day-long run.
@@ -91,6 +92,10 @@ impl LoadSpec {
         }
         if self.connections == 0 || self.connections > 64 {
             return bad("connections must be in 1..=64");
+        }
+        let conversations = matches!(self.mix.prompts(), Prompts::Conversations(_));
+        if conversations && matches!(self.arrival, Arrival::Open { .. }) {
+            return bad("conversations need a closed loop (--concurrency): each turn waits for the last one's reply");
         }
         Ok(())
     }
@@ -170,15 +175,14 @@ impl Load {
         live: &Arc<LiveCounters>,
     ) -> Result<Vec<RequestRecord>, LoadError> {
         let schedule = arrival_offsets(self.spec.seed, rate, self.spec.duration, self.spec.max_requests);
-        let mut rng = StdRng::seed_from_u64(self.spec.seed ^ MIX_SEED);
+        let mut session = Session::new(&self.spec.mix, self.spec.seed ^ MIX_SEED);
         let mut tasks = JoinSet::new();
         for (id, offset) in schedule.into_iter().enumerate() {
             // Sleeping until an instant that has passed returns at once, so a
             // sender that fell behind catches up instead of thinning arrivals.
             tokio::time::sleep_until((started + offset).into()).await;
-            let (prompt, max_tokens) = self.spec.mix.sample(&mut rng);
-            let job = self.job(id as u64, prompt, max_tokens, started, live);
-            tasks.spawn(job);
+            let job = self.job_factory(started, live).make(id as u64, session.plan());
+            tasks.spawn(async move { job.await.0 });
         }
         let mut records = Vec::new();
         while let Some(record) = tasks.join_next().await {
@@ -196,7 +200,7 @@ impl Load {
         let tickets = Arc::new(AtomicU64::new(0));
         let mut workers = JoinSet::new();
         for worker in 0..concurrency {
-            let mut rng = StdRng::seed_from_u64(self.spec.seed ^ MIX_SEED ^ worker as u64);
+            let mut session = Session::new(&self.spec.mix, self.spec.seed ^ MIX_SEED ^ worker as u64);
             let jobs = self.job_factory(started, live);
             let tickets = tickets.clone();
             let (duration, max) = (self.spec.duration, self.spec.max_requests);
@@ -207,8 +211,9 @@ impl Load {
                     if id >= max {
                         break;
                     }
-                    let (prompt, max_tokens) = jobs.mix.sample(&mut rng);
-                    mine.push(jobs.make(id, prompt, max_tokens).await);
+                    let (record, reply) = jobs.make(id, session.plan()).await;
+                    session.answered(reply);
+                    mine.push(record);
                 }
                 mine
             });
@@ -220,21 +225,9 @@ impl Load {
         Ok(records)
     }
 
-    fn job(
-        &self,
-        id: u64,
-        prompt: Arc<str>,
-        max_tokens: u32,
-        started: Instant,
-        live: &Arc<LiveCounters>,
-    ) -> impl Future<Output = RequestRecord> + Send + use<> {
-        self.job_factory(started, live).make(id, prompt, max_tokens)
-    }
-
     fn job_factory(&self, started: Instant, live: &Arc<LiveCounters>) -> JobFactory {
         JobFactory {
             clients: self.clients.clone(),
-            mix: self.spec.mix.clone(),
             model: self.spec.model.clone(),
             tenant: self.spec.tenant.clone(),
             deadline: self.spec.deadline,
@@ -251,7 +244,6 @@ const MIX_SEED: u64 = 0x6d69_7800_5eed_0001;
 /// What a request task needs, owned, so tasks can be spawned.
 struct JobFactory {
     clients: Vec<Vec<GenerationClient<Channel>>>,
-    mix: Mix,
     model: String,
     tenant: String,
     deadline: Duration,
@@ -261,28 +253,29 @@ struct JobFactory {
 
 impl JobFactory {
     /// Request `id` goes to target `id % targets`, spreading over that
-    /// target's connections in turn.
-    fn make(&self, id: u64, prompt: Arc<str>, max_tokens: u32) -> impl Future<Output = RequestRecord> + Send + use<> {
+    /// target's connections in turn. The future's output is the record and,
+    /// for a request that ended OK, the text it streamed.
+    fn make(&self, id: u64, planned: Planned) -> impl Future<Output = (RequestRecord, Option<String>)> + Send + use<> {
         let targets = self.clients.len() as u64;
         let target = (id % targets) as usize;
         let conns = &self.clients[target];
         let client = conns[((id / targets) % conns.len() as u64) as usize].clone();
         let req = GenerateRequest {
             model: self.model.clone(),
-            input: Some(Input::Prompt(prompt.to_string())),
-            sampling: Some(SamplingParams { max_tokens, ..Default::default() }),
+            input: Some(planned.input),
+            sampling: Some(SamplingParams { max_tokens: planned.max_tokens, ..Default::default() }),
             tenant: self.tenant.clone(),
             request_id: format!("mesh-bench-{id}"),
             ..Default::default()
         };
-        let (deadline, started, live) = (self.deadline, self.started, self.live.clone());
+        let (deadline, started, live, turn) = (self.deadline, self.started, self.live.clone(), planned.turn);
         async move {
             let sent_at = started.elapsed();
             live.sent.fetch_add(1, Ordering::Relaxed);
             let seen = client::send(client, req, deadline, &live).await;
             let counter = if seen.status.is_ok() { &live.ok } else { &live.failed };
             counter.fetch_add(1, Ordering::Relaxed);
-            RequestRecord {
+            let record = RequestRecord {
                 id,
                 target,
                 sent_at,
@@ -291,7 +284,11 @@ impl JobFactory {
                 total: seen.total,
                 finish_reason: seen.finish_reason,
                 retry_after_ms: seen.retry_after_ms,
-            }
+                usage: seen.usage,
+                turn,
+            };
+            let reply = seen.status.is_ok().then_some(seen.text);
+            (record, reply)
         }
     }
 }

@@ -1,5 +1,6 @@
-//! The request mix: prompt lengths and `max_tokens` drawn from weighted
-//! choices, from flags (`16:3,128:1`) or a small JSON file.
+//! The request mix: `max_tokens` drawn from weighted choices, and prompts
+//! of weighted lengths (from flags, `16:3,128:1`, or a small JSON file), or
+//! shared-prefix chats, or multi-turn conversations.
 
 use std::fmt;
 use std::path::Path;
@@ -8,6 +9,9 @@ use std::sync::Arc;
 
 use rand::Rng;
 use serde::{Deserialize, Serialize};
+
+use super::conversation::Conversations;
+use super::prefix::SharedPrefixes;
 
 /// Weighted values: `(value, weight)` pairs, drawn with probability
 /// weight / total weight.
@@ -26,6 +30,8 @@ pub enum MixError {
     Read { path: String, source: std::io::Error },
     #[error("parsing mix file {path}: {source}")]
     Parse { path: String, source: serde_json::Error },
+    #[error("Zipf exponent {0} must be a number at or above 0")]
+    Exponent(f64),
 }
 
 impl Choices {
@@ -42,7 +48,7 @@ impl Choices {
     }
 
     /// The index of a choice drawn by weight.
-    fn sample_index(&self, rng: &mut impl Rng) -> usize {
+    pub fn sample_index(&self, rng: &mut impl Rng) -> usize {
         let mut pick = rng.random_range(0..self.total_weight().max(1));
         for (i, &(_, w)) in self.0.iter().enumerate() {
             if pick < u64::from(w) {
@@ -93,13 +99,23 @@ pub const MAX_PROMPT_WORDS: u32 = 32_768;
 /// Largest `max_tokens` the mix will ask for (the server enforces its own).
 pub const MAX_MAX_TOKENS: u32 = 32_768;
 
-/// What requests look like. Prompts are built once per length, so sampling
-/// a request costs a weighted draw and a reference count.
+/// What requests look like. Plain prompts are built once per length, so
+/// sampling one costs a weighted draw and a reference count.
 #[derive(Debug, Clone)]
 pub struct Mix {
-    prompt_words: Choices,
     max_tokens: Choices,
-    prompts: Vec<Arc<str>>,
+    prompts: Prompts,
+}
+
+/// Where a mix's prompts come from.
+#[derive(Debug, Clone)]
+pub enum Prompts {
+    /// Prompt text of weighted lengths; `texts[i]` has `words.pairs()[i].0` words.
+    Lengths { words: Choices, texts: Vec<Arc<str>> },
+    /// A popular system prompt and a new question, as chat.
+    SharedPrefixes(Arc<SharedPrefixes>),
+    /// Each closed-loop stream is a user in a multi-turn chat.
+    Conversations(Conversations),
 }
 
 /// The mix file: `{"prompt_words": [[16, 3], [128, 1]], "max_tokens": [[32, 1]]}`.
@@ -113,9 +129,21 @@ struct MixFile {
 impl Mix {
     pub fn new(prompt_words: Choices, max_tokens: Choices) -> Result<Mix, MixError> {
         prompt_words.check("prompt words", MAX_PROMPT_WORDS)?;
+        let texts = prompt_words.0.iter().map(|&(words, _)| Arc::from(prompt_text(words))).collect();
+        Mix::with_prompts(Prompts::Lengths { words: prompt_words, texts }, max_tokens)
+    }
+
+    pub fn shared_prefixes(prefixes: SharedPrefixes, max_tokens: Choices) -> Result<Mix, MixError> {
+        Mix::with_prompts(Prompts::SharedPrefixes(Arc::new(prefixes)), max_tokens)
+    }
+
+    pub fn conversations(conversations: Conversations, max_tokens: Choices) -> Result<Mix, MixError> {
+        Mix::with_prompts(Prompts::Conversations(conversations), max_tokens)
+    }
+
+    fn with_prompts(prompts: Prompts, max_tokens: Choices) -> Result<Mix, MixError> {
         max_tokens.check("max_tokens", MAX_MAX_TOKENS)?;
-        let prompts = prompt_words.0.iter().map(|&(words, _)| Arc::from(prompt_text(words))).collect();
-        Ok(Mix { prompt_words, max_tokens, prompts })
+        Ok(Mix { max_tokens, prompts })
     }
 
     pub fn from_file(path: &Path) -> Result<Mix, MixError> {
@@ -125,19 +153,25 @@ impl Mix {
         Mix::new(file.prompt_words, file.max_tokens)
     }
 
-    pub fn prompt_words(&self) -> &Choices {
-        &self.prompt_words
+    pub fn prompts(&self) -> &Prompts {
+        &self.prompts
+    }
+
+    /// The prompts as a report shows them: `16:3,128:1` for plain lengths.
+    pub fn describe_prompts(&self) -> String {
+        match &self.prompts {
+            Prompts::Lengths { words, .. } => words.to_string(),
+            Prompts::SharedPrefixes(p) => p.describe(),
+            Prompts::Conversations(c) => c.describe(),
+        }
     }
 
     pub fn max_tokens(&self) -> &Choices {
         &self.max_tokens
     }
 
-    /// A prompt and a `max_tokens`, drawn independently.
-    pub fn sample(&self, rng: &mut impl Rng) -> (Arc<str>, u32) {
-        let prompt = self.prompts[self.prompt_words.sample_index(rng)].clone();
-        let max_tokens = self.max_tokens.0[self.max_tokens.sample_index(rng)].0;
-        (prompt, max_tokens)
+    pub fn sample_max_tokens(&self, rng: &mut impl Rng) -> u32 {
+        self.max_tokens.0[self.max_tokens.sample_index(rng)].0
     }
 }
 
@@ -172,9 +206,8 @@ mod tests {
         assert!("16:x".parse::<Choices>().is_err());
         assert!("".parse::<Choices>().is_err());
 
-        let mix = Mix::new(c, Choices::one(8)).unwrap();
         let mut rng = StdRng::seed_from_u64(1);
-        let long = (0..4000).filter(|_| mix.sample(&mut rng).0.split(' ').count() == 128).count();
+        let long = (0..4000).filter(|_| c.sample_index(&mut rng) == 1).count();
         // Expect 1000 (weight 1 of 4); sd ~27.
         assert!((880..=1120).contains(&long), "{long} long prompts of 4000");
     }

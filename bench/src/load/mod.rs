@@ -14,22 +14,29 @@
 //! by a deadline, so a run always stops by itself. Targets are a [`Target`],
 //! which can only be built for loopback or an explicitly allowed test network.
 
+pub mod cache;
 pub mod cli;
 mod client;
+pub mod conversation;
 mod engine;
 pub mod mix;
 pub mod plot;
+pub mod prefix;
 pub mod progress;
 mod record;
 pub mod report;
+pub mod session;
 pub mod stats;
 pub mod target;
 
+pub use cache::PromptCache;
+pub use conversation::Conversations;
 pub use engine::{
     Arrival, LiveCounters, Load, LoadError, LoadSpec, MAX_DURATION, MAX_REQUESTS, RunResult, arrival_offsets,
 };
 pub use mix::{Choices, Mix};
-pub use record::{Chunk, RequestRecord, Status};
+pub use prefix::SharedPrefixes;
+pub use record::{Chunk, PromptUsage, RequestRecord, Status};
 pub use report::{Mark, Report};
 pub use stats::{Summary, summarize};
 pub use target::{AllowedNet, Target, TargetError};

@@ -59,6 +59,21 @@ pub struct Chunk {
     pub tokens: u32,
 }
 
+/// The prompt side of the usage the server reported on the last message.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PromptUsage {
+    pub prompt_tokens: u32,
+    /// Prompt tokens served from the node's prefix cache, not computed.
+    pub cached_prompt_tokens: u32,
+}
+
+impl PromptUsage {
+    /// Prompt tokens the node computed (prefilled).
+    pub fn prefilled(&self) -> u32 {
+        self.prompt_tokens.saturating_sub(self.cached_prompt_tokens)
+    }
+}
+
 /// Everything recorded about one request.
 #[derive(Debug, Clone)]
 pub struct RequestRecord {
@@ -76,6 +91,10 @@ pub struct RequestRecord {
     pub finish_reason: FinishReason,
     /// The `retry-after-ms` hint of a refusal, when the server gave one.
     pub retry_after_ms: Option<u64>,
+    /// From the last message's usage; None when the stream carried none.
+    pub usage: Option<PromptUsage>,
+    /// Its turn in a conversation (1-based), for a conversation mix.
+    pub turn: Option<u32>,
 }
 
 impl RequestRecord {

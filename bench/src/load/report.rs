@@ -6,6 +6,7 @@ use std::fmt::Write;
 
 use serde::Serialize;
 
+use super::cache::PromptCache;
 use super::engine::{Arrival, LoadSpec, MAX_REQUESTS};
 use super::stats::{Latency, Summary};
 
@@ -19,6 +20,8 @@ pub struct SpecEcho {
     pub duration_s: f64,
     pub max_requests: u64,
     pub deadline_s: f64,
+    /// The prompts: weighted lengths in words (`16:3,128:1`), or what the
+    /// shared-prefix or conversation mix was.
     pub prompt_words: String,
     pub max_tokens: String,
     pub targets: Vec<String>,
@@ -39,7 +42,7 @@ impl SpecEcho {
             duration_s: spec.duration.as_secs_f64(),
             max_requests: spec.max_requests,
             deadline_s: spec.deadline.as_secs_f64(),
-            prompt_words: spec.mix.prompt_words().to_string(),
+            prompt_words: spec.mix.describe_prompts(),
             max_tokens: spec.mix.max_tokens().to_string(),
             targets: spec.targets.iter().map(|t| t.addr().to_string()).collect(),
             connections: spec.connections,
@@ -84,7 +87,7 @@ impl Report {
         };
         let _ = writeln!(
             t,
-            "  load         {load} for {:.1} s{cap}, deadline {:.1} s, prompt words {}, max_tokens {}",
+            "  load         {load} for {:.1} s{cap}, deadline {:.1} s, prompts {}, max_tokens {}",
             sp.duration_s, sp.deadline_s, sp.prompt_words, sp.max_tokens
         );
         let _ = writeln!(t, "  targets      {}", sp.targets.join(", "));
@@ -98,11 +101,39 @@ impl Report {
             "  goodput      {} requests ({:.2}/s), {} tokens ({:.1}/s) finished OK within the deadline",
             s.goodput.requests, s.goodput.requests_per_s, s.goodput.tokens, s.goodput.tokens_per_s
         );
+        t += &prompt_cache_lines(&s.prompt_cache);
         for m in &self.marks {
             let _ = writeln!(t, "  at {:>6.2} s  {}", m.at_s, m.label);
         }
         t
     }
+}
+
+/// Prompt tokens and cache hits, and TTFT per turn; nothing when the
+/// server reported no usage.
+pub fn prompt_cache_lines(c: &PromptCache) -> String {
+    if c.requests == 0 {
+        return String::new();
+    }
+    let mut t = format!(
+        "  prompts      {} tokens in {} requests, {} from the prefix cache (hit rate {:.1}%), {} computed\n",
+        c.prompt_tokens,
+        c.requests,
+        c.cached_tokens,
+        100.0 * c.hit_rate,
+        c.prefill_tokens
+    );
+    for turn in &c.turns {
+        let _ = writeln!(
+            t,
+            "  turn {:<7} TTFT {}; prompt {:.0} tokens, hit rate {:.1}%",
+            turn.turn,
+            turn.ttft.show(),
+            turn.prompt_tokens_mean,
+            100.0 * turn.hit_rate
+        );
+    }
+    t
 }
 
 /// `OK 12, RESOURCE_EXHAUSTED 3`.

@@ -7,6 +7,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use super::cache::{PromptCache, prompt_cache};
 use super::record::RequestRecord;
 
 /// Latency percentiles of one quantity, in milliseconds.
@@ -63,6 +64,8 @@ pub struct Summary {
     pub tokens: u64,
     pub tokens_per_s: f64,
     pub goodput: Goodput,
+    /// Prompt tokens and the nodes' prefix-cache hits, from usage.
+    pub prompt_cache: PromptCache,
     pub timeline: Vec<Second>,
 }
 
@@ -118,6 +121,34 @@ pub fn nearest_rank(values: &mut [Duration], q: f64) -> Option<Duration> {
     Some(values[rank.clamp(1, values.len()) - 1])
 }
 
+/// Nearest-rank percentiles of a small sample, in milliseconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Percentiles {
+    pub count: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Percentiles {
+    pub fn of(mut values: Vec<Duration>) -> Percentiles {
+        let ms = |d: Option<Duration>| d.map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+        Percentiles {
+            count: values.len() as u64,
+            p50_ms: ms(nearest_rank(&mut values, 0.50)),
+            p99_ms: ms(nearest_rank(&mut values, 0.99)),
+            max_ms: ms(nearest_rank(&mut values, 1.0)),
+        }
+    }
+
+    pub fn show(&self) -> String {
+        match self.count {
+            0 => "none".into(),
+            n => format!("p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (n={n})", self.p50_ms, self.p99_ms, self.max_ms),
+        }
+    }
+}
+
 /// Summarises the records of a run that took `elapsed`, judging goodput
 /// against `deadline`.
 pub fn summarize(records: &[RequestRecord], elapsed: Duration, deadline: Duration) -> Summary {
@@ -158,6 +189,7 @@ pub fn summarize(records: &[RequestRecord], elapsed: Duration, deadline: Duratio
         s.goodput.requests_per_s = s.goodput.requests as f64 / secs;
         s.goodput.tokens_per_s = s.goodput.tokens as f64 / secs;
     }
+    s.prompt_cache = prompt_cache(records);
     s.timeline = timeline(records, elapsed, deadline);
     s
 }
@@ -223,6 +255,8 @@ mod tests {
             total: ms_d(total_ms),
             finish_reason: finish,
             retry_after_ms: None,
+            usage: None,
+            turn: None,
         }
     }
 

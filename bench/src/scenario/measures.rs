@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::load::progress::run_with_progress;
 use crate::load::report::SpecEcho;
-use crate::load::stats::nearest_rank;
+pub use crate::load::stats::Percentiles;
 use crate::load::{Load, LoadSpec, Report, RequestRecord, RunResult, summarize};
 
 /// One load run: its records (for measures the summary lacks) and report.
@@ -25,34 +25,6 @@ pub async fn run_load(spec: LoadSpec, label: &str, quiet: bool) -> anyhow::Resul
     let summary = summarize(&result.records, result.elapsed, load.spec().deadline);
     let report = Report { title: label.to_string(), spec: SpecEcho::of(load.spec()), summary, marks: Vec::new() };
     Ok(Run { result, report })
-}
-
-/// Nearest-rank percentiles of a small sample, in milliseconds.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct Percentiles {
-    pub count: u64,
-    pub p50_ms: f64,
-    pub p99_ms: f64,
-    pub max_ms: f64,
-}
-
-impl Percentiles {
-    pub fn of(mut values: Vec<Duration>) -> Percentiles {
-        let ms = |d: Option<Duration>| d.map_or(0.0, |d| d.as_secs_f64() * 1000.0);
-        Percentiles {
-            count: values.len() as u64,
-            p50_ms: ms(nearest_rank(&mut values, 0.50)),
-            p99_ms: ms(nearest_rank(&mut values, 0.99)),
-            max_ms: ms(nearest_rank(&mut values, 1.0)),
-        }
-    }
-
-    pub fn show(&self) -> String {
-        match self.count {
-            0 => "none".into(),
-            n => format!("p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (n={n})", self.p50_ms, self.p99_ms, self.max_ms),
-        }
-    }
 }
 
 /// Time to first token of the requests that ended OK: what an admitted
@@ -172,6 +144,8 @@ mod tests {
             total: ms(total),
             finish_reason: if status.is_ok() { FinishReason::Length } else { FinishReason::Unspecified },
             retry_after_ms: retry,
+            usage: None,
+            turn: None,
         }
     }
 
