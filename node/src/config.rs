@@ -17,6 +17,12 @@ pub enum BackendKind {
     Synthetic,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
+}
+
 #[derive(Debug, Clone, Parser)]
 #[command(name = "mesh-node", version, about = "Serves one LLM over gRPC with continuous batching.")]
 pub struct NodeConfig {
@@ -75,6 +81,13 @@ pub struct NodeConfig {
     /// refused: say the unit).
     #[arg(long, env = "MESH_NODE_DRAIN_GRACE", default_value = "30s", value_parser = drain_grace)]
     pub drain_grace: Duration,
+
+    /// Keep the keys and values of computed prompt blocks (32 tokens) for
+    /// later requests that start with the same tokens, in the
+    /// --max-kv-tokens budget (idle blocks are evicted, least recently used
+    /// first, when a request needs their room). The gguf backend only.
+    #[arg(long, env = "MESH_NODE_PREFIX_CACHE", value_enum, default_value = "on")]
+    pub prefix_cache: Switch,
 
     /// Tokens per second per stream of the synthetic backend.
     #[arg(long, env = "MESH_NODE_SYNTHETIC_TOKENS_PER_SEC", default_value_t = 50.0, value_parser = tokens_per_sec)]
@@ -162,6 +175,7 @@ impl NodeConfig {
             max_step_tokens: self.max_step_tokens as usize,
             context_length,
             max_queue_wait: self.max_queue_wait,
+            prefix_cache: self.prefix_cache == Switch::On,
         }
     }
 }

@@ -38,6 +38,11 @@ pub struct NodeMetrics {
     pub kv_tokens_free: Gauge,
     pub max_running: Gauge,
     pub max_queued: Gauge,
+    /// Prompt tokens served from the prefix cache, and computed.
+    pub prefix_hit_tokens: Counter,
+    pub prefix_miss_tokens: Counter,
+    pub prefix_blocks: Gauge,
+    pub prefix_evicted_blocks: Counter,
     /// 1 for the kernel in use.
     pub kernel_info: Family<ComputeLabels, Gauge>,
 }
@@ -61,6 +66,10 @@ impl NodeMetrics {
             kv_tokens_free: Gauge::default(),
             max_running: Gauge::default(),
             max_queued: Gauge::default(),
+            prefix_hit_tokens: Counter::default(),
+            prefix_miss_tokens: Counter::default(),
+            prefix_blocks: Gauge::default(),
+            prefix_evicted_blocks: Counter::default(),
             kernel_info: info,
         }
     }
@@ -91,7 +100,27 @@ impl NodeMetrics {
         r.register("kv_tokens_free", "KV-cache tokens not committed to a request", self.kv_tokens_free.clone());
         r.register("max_running", "Configured limit of sequences in the batch", self.max_running.clone());
         r.register("max_queued", "Configured limit of waiting requests", self.max_queued.clone());
+        r.register(
+            "prefix_cache_hit_tokens",
+            "Prompt tokens whose keys and values came from the prefix cache",
+            self.prefix_hit_tokens.clone(),
+        );
+        r.register("prefix_cache_miss_tokens", "Prompt tokens computed (not cached)", self.prefix_miss_tokens.clone());
+        r.register("prefix_cache_blocks", "Blocks in the prefix cache", self.prefix_blocks.clone());
+        r.register(
+            "prefix_cache_evicted_blocks",
+            "Idle cached blocks evicted to make room for a request",
+            self.prefix_evicted_blocks.clone(),
+        );
         r.register("kernel_info", "What runs the linear layers: label kernel, value 1", self.kernel_info.clone());
+    }
+
+    /// Admission of a `prompt`-token request that found `hit` of them cached
+    /// and evicted `evicted` blocks.
+    pub fn prefix_counted(&self, hit: usize, prompt: usize, evicted: usize) {
+        self.prefix_hit_tokens.inc_by(hit as u64);
+        self.prefix_miss_tokens.inc_by((prompt - hit) as u64);
+        self.prefix_evicted_blocks.inc_by(evicted as u64);
     }
 
     pub fn count(&self, code: tonic::Code) {

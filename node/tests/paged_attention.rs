@@ -86,6 +86,7 @@ fn lockstep(mut seqs: Vec<Seq>) -> (usize, f32, usize) {
                     capacity,
                     prompt_len: s.prompt,
                     greedy: false,
+                    reuse: &[],
                 }
             })
             .collect();

@@ -30,6 +30,7 @@ fn node() -> (Scheduler, Vec<u32>) {
         max_step_tokens: 4,
         context_length: 256,
         max_queue_wait: BOUND,
+        prefix_cache: false,
     };
     let metrics = NodeMetrics::new("synthetic", "none");
     (Scheduler::start(limits, model.backend, model.codec, metrics), prompt)

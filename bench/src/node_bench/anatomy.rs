@@ -41,7 +41,16 @@ pub fn decode_step(model: Arc<LlamaModel>, streams: usize, context: usize) -> an
 
 /// Every one of `streams` sequences feeding `tokens` at `pos`.
 fn steps(tokens: &[u32], pos: usize, streams: usize, capacity: usize) -> Vec<SeqStep<'_>> {
-    let step = |id| SeqStep { id, tokens, start_pos: pos, want_logits: true, capacity, prompt_len: 0, greedy: true };
+    let step = |id| SeqStep {
+        id,
+        tokens,
+        start_pos: pos,
+        want_logits: true,
+        capacity,
+        prompt_len: 0,
+        greedy: true,
+        reuse: &[],
+    };
     (0..streams as u64).map(step).collect()
 }
 

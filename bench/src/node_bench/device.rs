@@ -100,6 +100,7 @@ async fn device_run(args: &Args, device: &Device) -> anyhow::Result<Value> {
         max_step_tokens: args.ttft_prompt,
         context_length: cfg.context_length,
         max_queue_wait: Duration::from_secs(3600),
+        prefix_cache: false,
     };
     let metrics = node::metrics::NodeMetrics::new("bench", "device");
     let scheduler = Scheduler::start(limits, Box::new(backend), codec.clone(), metrics);
@@ -155,6 +156,7 @@ async fn cpu_run(args: &Args) -> anyhow::Result<Value> {
         max_step_tokens: 256,
         context_length: model.config().context_length,
         max_queue_wait: Duration::from_secs(3600),
+        prefix_cache: false,
     };
     let backend: Box<dyn Backend> = Box::new(GgufBackend::new(Arc::new(model)));
     let scheduler = Scheduler::start(limits, backend, codec, node::metrics::NodeMetrics::new("bench", kernel.name()));

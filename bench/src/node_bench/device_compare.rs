@@ -63,6 +63,7 @@ fn compare(
             capacity: prompt.len() + tokens,
             prompt_len: prompt.len(),
             greedy: false,
+            reuse: &[],
         };
         let c = last_row(cpu.step(std::slice::from_ref(&s)).map_err(anyhow::Error::msg)?)?;
         let d = last_row(dev.step(std::slice::from_ref(&s)).map_err(anyhow::Error::msg)?)?;

@@ -100,6 +100,7 @@ async fn bench_kernel(args: &Args, kernel: Kernel, upstream: f64, peak: f64) -> 
         context_length: model.config().context_length,
         // A throughput measure: every stream waits its turn, none is refused.
         max_queue_wait: Duration::from_secs(3600),
+        prefix_cache: false,
     };
     let metrics = node::metrics::NodeMetrics::new("bench", kernel.name());
     let scheduler = Scheduler::start(limits, Box::new(GgufBackend::new(Arc::new(model))), codec.clone(), metrics);

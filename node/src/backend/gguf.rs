@@ -1,4 +1,5 @@
-//! The real model: a GGUF llama with one KV cache per sequence.
+//! The real model: a GGUF llama with one KV cache per sequence, and the
+//! blocks the prefix cache keeps.
 
 use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
@@ -6,25 +7,36 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 
-use super::{Backend, SeqStep};
-use crate::model::{KvCache, LlamaModel, StepChunk};
+use super::{Backend, BlockId, SeqStep};
+use crate::model::{KvBlock, KvCache, LlamaModel, StepChunk};
 
 pub struct GgufBackend {
     model: Arc<LlamaModel>,
     caches: HashMap<u64, KvCache>,
+    /// Blocks the prefix cache keeps, shared with the caches reading them.
+    prefixes: HashMap<BlockId, Arc<KvBlock>>,
 }
 
 impl GgufBackend {
     pub fn new(model: Arc<LlamaModel>) -> Self {
-        Self { model, caches: HashMap::new() }
+        Self { model, caches: HashMap::new(), prefixes: HashMap::new() }
+    }
+}
+
+impl GgufBackend {
+    /// A sequence's cache at its first step, starting with the cached
+    /// blocks it reuses (a block missing here leaves the cache short, and
+    /// the step fails on that sequence alone).
+    fn new_cache(&self, s: &SeqStep<'_>) -> KvCache {
+        let shared = s.reuse.iter().map_while(|slot| self.prefixes.get(slot).cloned()).collect();
+        KvCache::starting_with(self.model.config(), s.capacity, shared)
     }
 }
 
 impl Backend for GgufBackend {
     fn step(&mut self, seqs: &[SeqStep<'_>]) -> Result<Option<Tensor>, String> {
-        let cfg = self.model.config();
         let mut taken: Vec<KvCache> =
-            seqs.iter().map(|s| self.caches.remove(&s.id).unwrap_or_else(|| KvCache::new(cfg, s.capacity))).collect();
+            seqs.iter().map(|s| self.caches.remove(&s.id).unwrap_or_else(|| self.new_cache(s))).collect();
         let chunks: Vec<StepChunk<'_>> = seqs.iter().map(SeqStep::chunk).collect();
         let mut refs: Vec<&mut KvCache> = taken.iter_mut().collect();
         // Caught here only to put the caches back, without the positions
@@ -46,5 +58,21 @@ impl Backend for GgufBackend {
 
     fn release(&mut self, id: u64) {
         self.caches.remove(&id);
+    }
+
+    fn caches_prefixes(&self) -> bool {
+        true
+    }
+
+    fn publish(&mut self, id: u64, block: usize, slot: BlockId) -> bool {
+        let Some(block) = self.caches.get(&id).and_then(|c| c.full_block(block)) else { return false };
+        self.prefixes.insert(slot, block);
+        true
+    }
+
+    fn forget(&mut self, slots: &[BlockId]) {
+        for slot in slots {
+            self.prefixes.remove(slot);
+        }
     }
 }

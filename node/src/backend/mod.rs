@@ -27,7 +27,14 @@ pub struct SeqStep<'a> {
     /// The sequence samples greedily: with logits on a device, its token is
     /// picked there and only the id comes back (see `scheduler::isolate`).
     pub greedy: bool,
+    /// Cached blocks the sequence starts with (see `Backend::publish`): its
+    /// first `reuse.len() * BLOCK_TOKENS` positions, never computed for it.
+    pub reuse: &'a [BlockId],
 }
+
+/// Names a block of keys and values the backend keeps for the prefix cache
+/// (`scheduler::prefix`).
+pub type BlockId = u64;
 
 impl<'a> SeqStep<'a> {
     /// What the model reads of this step.
@@ -46,6 +53,23 @@ pub trait Backend: Send {
     /// find the one at fault.
     fn step(&mut self, seqs: &[SeqStep<'_>]) -> Result<Option<Tensor>, String>;
 
-    /// Frees everything held for a sequence that has left the batch.
+    /// Frees everything held for a sequence that has left the batch (blocks
+    /// it published stay, under their ids).
     fn release(&mut self, id: u64);
+
+    /// Whether the backend can keep and reuse blocks (`publish`); without
+    /// it the node's prefix cache is off.
+    fn caches_prefixes(&self) -> bool {
+        false
+    }
+
+    /// Keeps block `block` (positions `block * BLOCK_TOKENS..`, all stored)
+    /// of sequence `id` as `slot`, for later sequences to start from
+    /// (`SeqStep::reuse`). Returns false if it cannot.
+    fn publish(&mut self, _id: u64, _block: usize, _slot: BlockId) -> bool {
+        false
+    }
+
+    /// Drops blocks the prefix cache evicted.
+    fn forget(&mut self, _slots: &[BlockId]) {}
 }

@@ -1,11 +1,13 @@
 //! The real model with its KV cache in a block pool on the model's device
 //! (a GPU; on the CPU the same code runs for tests and comparison).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::Tensor;
 
-use super::{Backend, SeqStep};
+use super::{Backend, BlockId, SeqStep};
+use crate::model::KV_CHUNK;
 use crate::model::paged::{KvPool, PagedAttention};
 use crate::model::{LlamaModel, ModelError, StepChunk, StepPlan, step_fits};
 
@@ -14,6 +16,8 @@ pub struct PagedBackend {
     pool: KvPool,
     /// RoPE `(cos, sin)` tables on the device.
     rope: (Tensor, Tensor),
+    /// The pool blocks of each block the prefix cache keeps.
+    prefixes: HashMap<BlockId, Vec<u32>>,
 }
 
 impl PagedBackend {
@@ -22,7 +26,7 @@ impl PagedBackend {
     pub fn new(model: Arc<LlamaModel>, kv_tokens: usize, sequences: usize) -> Result<Self, ModelError> {
         let pool = KvPool::new(model.config(), kv_tokens, sequences, model.device())?;
         let rope = model.rope_tables()?;
-        Ok(Self { model, pool, rope })
+        Ok(Self { model, pool, rope, prefixes: HashMap::new() })
     }
 
     /// The pool's device memory in bytes and its size in positions.
@@ -33,7 +37,8 @@ impl PagedBackend {
     fn forward(&mut self, seqs: &[SeqStep<'_>]) -> Result<Option<Tensor>, ModelError> {
         let chunks: Vec<StepChunk<'_>> = seqs.iter().map(SeqStep::chunk).collect();
         for (s, chunk) in seqs.iter().zip(&chunks) {
-            let blocks = self.pool.reserve(s.id, s.capacity)?;
+            let shared: Vec<u32> = s.reuse.iter().map_while(|id| self.prefixes.get(id)).flatten().copied().collect();
+            let blocks = self.pool.reserve(s.id, s.capacity, &shared)?;
             step_fits(chunk, blocks.len(), blocks.room())?;
         }
         let plan = StepPlan::new(&chunks);
@@ -58,5 +63,23 @@ impl Backend for PagedBackend {
 
     fn release(&mut self, id: u64) {
         self.pool.release(id);
+    }
+
+    fn caches_prefixes(&self) -> bool {
+        true
+    }
+
+    fn publish(&mut self, id: u64, block: usize, slot: BlockId) -> bool {
+        let Some(blocks) = self.pool.share(id, block * KV_CHUNK..(block + 1) * KV_CHUNK) else { return false };
+        self.prefixes.insert(slot, blocks);
+        true
+    }
+
+    fn forget(&mut self, slots: &[BlockId]) {
+        for slot in slots {
+            if let Some(blocks) = self.prefixes.remove(slot) {
+                self.pool.unhold(&blocks);
+            }
+        }
     }
 }

@@ -105,7 +105,7 @@ impl StepAttention<'_> {
             self.rope.apply(q, hd, pos);
             let (k, v) = kv.split_at_mut(kv_dim);
             self.rope.apply(k, hd, pos);
-            caches[self.owners[t]].layer_mut(layer).push(k, v);
+            caches[self.owners[t]].push(layer, k, v);
         }
         let caches: Vec<&KvCache> = caches.iter().map(|c| &**c).collect();
         let qkv: &[f32] = self.qkv;
@@ -173,7 +173,7 @@ fn attend<'a>(
     cfg: &LlamaConfig,
     block: &QueryBlock,
     q: impl Fn(usize, usize) -> &'a [f32],
-    cache: &LayerCache,
+    cache: LayerCache<'_>,
 ) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
@@ -189,7 +189,7 @@ unsafe fn attend_avx2<'a>(
     cfg: &LlamaConfig,
     block: &QueryBlock,
     q: impl Fn(usize, usize) -> &'a [f32],
-    cache: &LayerCache,
+    cache: LayerCache<'_>,
 ) -> Vec<f32> {
     attend_block(cfg, block, q, cache)
 }
@@ -209,7 +209,7 @@ fn attend_block<'a>(
     cfg: &LlamaConfig,
     block: &QueryBlock,
     q: impl Fn(usize, usize) -> &'a [f32],
-    cache: &LayerCache,
+    cache: LayerCache<'_>,
 ) -> Vec<f32> {
     let (hd, heads) = (cfg.head_dim, cfg.n_head / cfg.n_kv_head);
     let rows = block.len * heads;

@@ -17,7 +17,7 @@ use candle_core::{D, DType, Device, Tensor};
 use attention::{HostAttention, Rope};
 pub use config::LlamaConfig;
 pub(crate) use config::string as metadata_string;
-pub use kv_cache::KvCache;
+pub use kv_cache::{KV_CHUNK, KvBlock, KvCache};
 use linear::Linear;
 use qgemm::Kernel;
 pub use step::{StepChunk, StepKv, StepPlan, check_fits as step_fits};

@@ -10,6 +10,7 @@ use std::time::Instant;
 use mesh_proto::v1::FinishReason;
 use tonic::Status;
 
+use super::prefix::BLOCK_TOKENS;
 use super::{Sequence, Shared, isolate};
 use crate::backend::{Backend, SeqStep};
 use crate::text::TextCodec;
@@ -145,6 +146,10 @@ impl Engine {
     }
 
     fn step(&mut self) {
+        let evicted = self.shared.lock().prefix.take_evicted();
+        if !evicted.is_empty() {
+            self.backend.forget(&evicted);
+        }
         let limits = &self.shared.limits;
         let mut budget = limits.max_step_tokens;
         // Decoding sequences first (one token each), then prefill chunks in
@@ -170,9 +175,10 @@ impl Engine {
                 tokens,
                 start_pos,
                 want_logits,
-                capacity: seq.kv_need,
+                capacity: seq.capacity,
                 prompt_len: seq.original_prompt_len(),
                 greedy: seq.greedy,
+                reuse: &seq.blocks.reuse,
             });
         }
         self.shared.metrics.batch_size.observe(steps.len() as f64);
@@ -186,27 +192,48 @@ impl Engine {
         self.shared.stepped(prefilled.sum(), interval);
         let mut finished = Vec::new();
         for ((i, n, _), outcome) in fed.into_iter().zip(outcomes) {
-            let seq = &mut self.running[i].0;
-            let (codec, metrics) = (self.codec.as_ref(), &self.shared.metrics);
-            let ended = match outcome {
-                Err(e) => Err(format!("engine step failed: {e}")),
-                Ok(None) => {
-                    seq.advance(n);
+            let row = match outcome {
+                Err(e) => {
+                    finished.push((i, Err(format!("engine step failed: {e}"))));
                     continue;
                 }
-                Ok(Some(row)) => {
-                    seq.advance(n);
-                    isolate::catch(|| seq.sample(&row, codec, limits.context_length, metrics))
-                        .map_err(|e| format!("sampling failed: {e}"))
-                }
+                Ok(row) => row,
             };
-            match ended {
+            self.running[i].0.advance(n);
+            self.publish(i);
+            let Some(row) = row else { continue };
+            let seq = &mut self.running[i].0;
+            let (codec, metrics, context) =
+                (self.codec.as_ref(), &self.shared.metrics, self.shared.limits.context_length);
+            match isolate::catch(|| seq.sample(&row, codec, context, metrics)) {
                 Ok(None) => {}
                 Ok(Some(reason)) => finished.push((i, Ok(reason))),
-                Err(e) => finished.push((i, Err(e))),
+                Err(e) => finished.push((i, Err(format!("sampling failed: {e}")))),
             }
         }
         self.retire(finished);
+    }
+
+    /// Offers the prefix cache the blocks running sequence `i` completed in
+    /// this step: each one the cache takes moves from the sequence's own KV
+    /// commitment to the cache's.
+    fn publish(&mut self, i: usize) {
+        let seq = &mut self.running[i].0;
+        let completed = seq.completed_blocks(&self.shared.namer);
+        if completed.is_empty() {
+            return;
+        }
+        let mut acc = self.shared.lock();
+        for (block, name) in completed {
+            let Some(slot) = acc.prefix.publish(name) else { continue };
+            if !self.backend.publish(seq.id, block, slot) {
+                acc.prefix.withdraw(name);
+                continue;
+            }
+            seq.blocks.held.push(name);
+            seq.kv_private -= BLOCK_TOKENS;
+            acc.kv_committed -= BLOCK_TOKENS;
+        }
     }
 
     /// Takes the sequences that ended in a step out of the batch: `finished`

@@ -111,6 +111,7 @@ mod tests {
             capacity: 1,
             prompt_len: 0,
             greedy,
+            reuse: &[],
         };
         let steps = [step(true, true), step(false, false), step(false, true), step(true, true)];
         let out = split(&logits, &steps, true);

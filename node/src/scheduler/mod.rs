@@ -5,6 +5,7 @@
 
 mod engine;
 mod isolate;
+mod prefix;
 mod refusal;
 mod sequence;
 mod stop;
@@ -21,9 +22,10 @@ use crate::backend::Backend;
 use crate::metrics::NodeMetrics;
 use crate::text::TextCodec;
 use engine::{Command, Engine};
+use prefix::{BLOCK_TOKENS, Namer, PrefixIndex, SeqBlocks};
 pub use refusal::AdmitError;
 pub use sequence::Reply;
-use sequence::Sequence;
+use sequence::{Admitted, Sequence};
 use wait::{Backlog, Pace};
 
 /// The node's capacity, fixed at start.
@@ -43,6 +45,9 @@ pub struct Limits {
     /// that would wait longer is refused at admission, one that has waited
     /// this long is ended, both with RESOURCE_EXHAUSTED and a retry-after.
     pub max_queue_wait: Duration,
+    /// Keep computed prompt blocks for later requests (`prefix`), where the
+    /// backend can.
+    pub prefix_cache: bool,
 }
 
 /// A validated request, ready to run.
@@ -79,7 +84,10 @@ struct Accounting {
     /// Admitted and not yet finished (running + queued).
     admitted: usize,
     running: usize,
+    /// KV tokens committed to admitted requests alone; the prefix cache's
+    /// blocks count in `prefix`.
     kv_committed: usize,
+    prefix: PrefixIndex,
     /// Prompt tokens of admitted requests not yet fed to the model.
     prefill_backlog: usize,
     draining: bool,
@@ -91,6 +99,7 @@ struct Shared {
     limits: Limits,
     metrics: NodeMetrics,
     accounting: Mutex<Accounting>,
+    namer: Namer,
     /// Admitted count, watched by the drain.
     admitted: watch::Sender<usize>,
 }
@@ -101,11 +110,12 @@ impl Shared {
     }
 
     fn load(&self, acc: &Accounting) -> Load {
-        Load {
-            running: acc.running,
-            queued: acc.admitted - acc.running,
-            kv_free: self.limits.max_kv_tokens - acc.kv_committed,
-        }
+        Load { running: acc.running, queued: acc.admitted - acc.running, kv_free: self.kv_free(acc) }
+    }
+
+    /// KV tokens free for a new request: idle cached blocks count as free.
+    fn kv_free(&self, acc: &Accounting) -> usize {
+        self.limits.max_kv_tokens.saturating_sub(acc.kv_committed + acc.prefix.held_tokens())
     }
 
     /// How long until a slot is likely free: the queue ahead, served
@@ -154,7 +164,7 @@ impl Shared {
             let queued = acc.admitted - acc.running;
             return Err(AdmitError::QueueFull { queued, limit: limits.max_queued, retry_after: self.retry_after(acc) });
         }
-        let free = limits.max_kv_tokens - acc.kv_committed;
+        let free = self.kv_free(acc);
         if need > free {
             let retry_after = self.retry_after(acc);
             return Err(AdmitError::KvFull { need, free, limit: limits.max_kv_tokens, retry_after });
@@ -171,13 +181,39 @@ impl Shared {
     fn release(&self, seq: &Sequence, service: Option<Duration>) {
         let mut acc = self.lock();
         acc.admitted -= 1;
-        acc.kv_committed -= seq.kv_need;
+        acc.kv_committed -= seq.kv_private;
+        acc.prefix.release(&seq.blocks.held);
         acc.prefill_backlog -= seq.unfed_prompt();
         if let Some(service) = service {
             acc.running -= 1;
             acc.pace.service = acc.pace.service.mul_f64(0.9) + service.mul_f64(0.1);
         }
         self.admitted.send_replace(acc.admitted);
+    }
+
+    /// Admission under the lock: the cached blocks `req` starts with (all
+    /// but its last prompt token may come from the cache), then the check
+    /// and the commitment of the rest.
+    fn admit(&self, req: &Request, mut blocks: SeqBlocks, bound: Duration) -> Result<(Admitted, Load), AdmitError> {
+        let need = req.prompt.len() + req.max_tokens - req.continued;
+        let reusable = blocks.chain.len().min(req.prompt.len().saturating_sub(1) / BLOCK_TOKENS);
+        let mut acc = self.lock();
+        let (hits, idle) = acc.prefix.probe(&blocks.chain[..reusable]);
+        let kv_private = need - hits * BLOCK_TOKENS;
+        self.check(&acc, kv_private + idle, bound)?;
+        blocks.reuse = acc.prefix.take(&blocks.chain[..hits]);
+        blocks.held = blocks.chain[..hits].to_vec();
+        blocks.settled = hits;
+        let outside = self.limits.max_kv_tokens - acc.kv_committed - acc.prefix.cached_tokens();
+        let evicted = acc.prefix.make_room(kv_private, outside);
+        acc.admitted += 1;
+        acc.kv_committed += kv_private;
+        acc.prefill_backlog += req.prompt.len() - hits * BLOCK_TOKENS;
+        acc.next_id += 1;
+        self.admitted.send_replace(acc.admitted);
+        self.metrics.prefix_counted(hits * BLOCK_TOKENS, req.prompt.len(), evicted);
+        let admitted = Admitted { id: acc.next_id, kv_private, blocks, wait_bound: bound };
+        Ok((admitted, self.load(&acc)))
     }
 
     fn mark_running(&self) {
@@ -190,6 +226,7 @@ impl Shared {
         self.metrics.running.set(load.running as i64);
         self.metrics.queued.set(load.queued as i64);
         self.metrics.kv_tokens_free.set(load.kv_free as i64);
+        self.metrics.prefix_blocks.set((self.lock().prefix.cached_tokens() / BLOCK_TOKENS) as i64);
     }
 }
 
@@ -204,6 +241,8 @@ impl Scheduler {
     /// Starts the engine thread over `backend`.
     pub fn start(limits: Limits, backend: Box<dyn Backend>, codec: Arc<dyn TextCodec>, metrics: NodeMetrics) -> Self {
         let (tx, rx) = mpsc::channel();
+        let caching = limits.prefix_cache && backend.caches_prefixes();
+        tracing::info!(prefix_cache = caching, block_tokens = BLOCK_TOKENS, "prefix cache");
         metrics.max_running.set(limits.max_running as i64);
         metrics.max_queued.set(limits.max_queued as i64);
         let shared = Arc::new(Shared {
@@ -213,6 +252,7 @@ impl Scheduler {
                 admitted: 0,
                 running: 0,
                 kv_committed: 0,
+                prefix: PrefixIndex::new(caching),
                 prefill_backlog: 0,
                 draining: false,
                 // A second per stream until measured: a guess that refuses
@@ -221,6 +261,7 @@ impl Scheduler {
                 next_id: 0,
             }),
             admitted: watch::channel(0).0,
+            namer: Namer::default(),
         });
         let engine = Engine::new(shared.clone(), backend, codec.clone(), rx);
         // The engine runs on a worker of its own compute pool, so the
@@ -258,21 +299,13 @@ impl Scheduler {
     /// replies and the load right after admission.
     pub fn submit(&self, req: Request) -> Result<(UnboundedReceiver<Reply>, Load), AdmitError> {
         let now = Instant::now();
-        let need = req.prompt.len() + req.max_tokens - req.continued;
         let max_wait = self.shared.limits.max_queue_wait;
-        let bound = req.deadline.map_or(max_wait, |d| max_wait.min(d.saturating_duration_since(now)));
-        let (id, load) = {
-            let mut acc = self.shared.lock();
-            self.shared.check(&acc, need, bound)?;
-            acc.admitted += 1;
-            acc.kv_committed += need;
-            acc.prefill_backlog += req.prompt.len();
-            acc.next_id += 1;
-            self.shared.admitted.send_replace(acc.admitted);
-            (acc.next_id, self.shared.load(&acc))
-        };
+        let wait_bound = req.deadline.map_or(max_wait, |d| max_wait.min(d.saturating_duration_since(now)));
+        let mut blocks = SeqBlocks::default();
+        self.shared.namer.extend(&mut blocks.chain, &req.prompt);
+        let (admitted, load) = self.shared.admit(&req, blocks, wait_bound)?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let seq = Sequence::new(id, req, tx, self.codec.as_ref(), bound);
+        let seq = Sequence::new(admitted, req, tx, self.codec.as_ref());
         if let Err(mpsc::SendError(Command::Submit(seq))) = self.commands.send(Command::Submit(Box::new(seq))) {
             // The engine is gone (only after a fatal error): undo and refuse.
             self.shared.release(&seq, None);

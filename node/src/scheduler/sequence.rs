@@ -9,17 +9,31 @@ use tokio::sync::mpsc::UnboundedSender;
 use tonic::Status;
 
 use super::isolate::Next;
+use super::prefix::{BLOCK_TOKENS, Namer, SeqBlocks};
 use super::{Request, stop::StopMatcher};
 use crate::metrics::NodeMetrics;
 use crate::text::{IncrementalDecoder, TextCodec};
 
 pub type Reply = Result<GenerateResponse, Status>;
 
+/// What admission decided for a request.
+pub struct Admitted {
+    pub id: u64,
+    pub kv_private: usize,
+    pub blocks: SeqBlocks,
+    /// How long it may wait for its prompt to start being read.
+    pub wait_bound: Duration,
+}
+
 pub struct Sequence {
     pub id: u64,
     pub priority: usize,
-    /// KV tokens committed at admission (prompt + max_tokens).
-    pub kv_need: usize,
+    /// Positions its cache holds at most (prompt + max_tokens).
+    pub capacity: usize,
+    /// KV tokens committed to it alone: `capacity` less the blocks it holds
+    /// in the prefix cache (counted there once).
+    pub kv_private: usize,
+    pub blocks: SeqBlocks,
     /// Prompt, then every sampled token.
     tokens: Vec<u32>,
     /// Tokens fed before sampling starts: the prompt and any continuation.
@@ -50,17 +64,21 @@ pub struct Sequence {
 }
 
 impl Sequence {
-    pub fn new(id: u64, req: Request, tx: UnboundedSender<Reply>, codec: &dyn TextCodec, wait_bound: Duration) -> Self {
+    /// `blocks`: what admission found in the prefix cache; `kv_private` the
+    /// tokens it committed.
+    pub fn new(admitted: Admitted, req: Request, tx: UnboundedSender<Reply>, codec: &dyn TextCodec) -> Self {
         let prompt_len = req.prompt.len();
         let decoder = IncrementalDecoder::resume(codec, &req.prompt[prompt_len - req.continued..]);
         Self {
-            id,
+            id: admitted.id,
             priority: req.priority,
-            kv_need: prompt_len + req.max_tokens - req.continued,
+            capacity: prompt_len + req.max_tokens - req.continued,
+            kv_private: admitted.kv_private,
+            prefilled: admitted.blocks.reuse.len() * BLOCK_TOKENS,
+            blocks: admitted.blocks,
             tokens: req.prompt,
             prompt_len,
             continued: req.continued,
-            prefilled: 0,
             max_tokens: req.max_tokens,
             greedy: matches!(req.sampling, Sampling::ArgMax),
             sampler: LogitsProcessor::from_sampling(req.seed, req.sampling),
@@ -68,7 +86,7 @@ impl Sequence {
             stop: StopMatcher::new(req.stop),
             tx,
             admitted_at: Instant::now(),
-            wait_bound,
+            wait_bound: admitted.wait_bound,
             started_at: None,
             first_token_at: None,
             last_token_at: None,
@@ -86,7 +104,8 @@ impl Sequence {
     /// long it waited, and the bound it had.
     pub fn overdue(&self, now: Instant) -> Option<(Duration, Duration)> {
         let waited = now.saturating_duration_since(self.admitted_at);
-        (self.prefilled == 0 && waited >= self.wait_bound).then_some((waited, self.wait_bound))
+        let unread = self.prefilled == self.blocks.reuse.len() * BLOCK_TOKENS;
+        (unread && waited >= self.wait_bound).then_some((waited, self.wait_bound))
     }
 
     /// Prompt tokens not yet fed to the model.
@@ -118,6 +137,22 @@ impl Sequence {
 
     pub fn advance(&mut self, fed: usize) {
         self.prefilled += fed;
+    }
+
+    /// The blocks completed in the cache since the last call, with their
+    /// names, for the prefix cache; marks them settled.
+    pub fn completed_blocks(&mut self, namer: &Namer) -> Vec<(usize, u64)> {
+        let b = &mut self.blocks;
+        namer.extend(&mut b.chain, &self.tokens[..self.prefilled]);
+        let done = self.prefilled / BLOCK_TOKENS;
+        let new = (b.settled..done).map(|i| (i, b.chain[i])).collect();
+        b.settled = b.settled.max(done);
+        new
+    }
+
+    /// Prompt tokens served from the prefix cache.
+    fn cached_prompt_tokens(&self) -> usize {
+        (self.blocks.reuse.len() * BLOCK_TOKENS).min(self.original_prompt_len())
     }
 
     /// Samples the next token (or takes the device's greedy pick) and
@@ -178,7 +213,7 @@ impl Sequence {
             completion_tokens: self.generated() as u32,
             queue_time_us: micros(self.started_at),
             time_to_first_token_us: micros(self.first_token_at),
-            cached_prompt_tokens: 0,
+            cached_prompt_tokens: self.cached_prompt_tokens() as u32,
         };
         // Empty after a stop-string match; otherwise text held back as a
         // possible stop-string start that never completed.

@@ -82,6 +82,7 @@ mod tests {
             max_step_tokens,
             context_length: 4096,
             max_queue_wait: Duration::from_secs(3),
+            prefix_cache: false,
         }
     }
 

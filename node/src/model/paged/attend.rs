@@ -269,7 +269,7 @@ mod tests {
             }
             .run(0, &mut refs);
             for id in 0..2 {
-                pool.reserve(id, 48).unwrap();
+                pool.reserve(id, 48, &[]).unwrap();
             }
             let mut kv = PagedAttention::new(&cfg, &mut pool, &[0, 1], &plan, &tables).unwrap();
             let qkv = Tensor::from_vec(qkv, (plan.ids.len(), row), &Device::Cpu).unwrap();

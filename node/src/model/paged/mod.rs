@@ -23,6 +23,9 @@ use super::{LlamaConfig, ModelError};
 /// slots, large enough that block tables stay short.
 pub const BLOCK_TOKENS: usize = 16;
 
+// The prefix cache keeps blocks of `KV_CHUNK` positions: whole pool blocks.
+const _: () = assert!(super::KV_CHUNK.is_multiple_of(BLOCK_TOKENS));
+
 /// One sequence's blocks, in position order, and the positions stored.
 pub struct SeqBlocks {
     blocks: Vec<u32>,
@@ -55,6 +58,9 @@ pub struct KvPool {
     k: Vec<Tensor>,
     v: Vec<Tensor>,
     free: Vec<u32>,
+    /// Holders of each block: the sequences reading it and the prefix
+    /// cache; it is free again when none is left.
+    holders: Vec<u32>,
     seqs: HashMap<u64, SeqBlocks>,
 }
 
@@ -68,7 +74,7 @@ impl KvPool {
         let k = (0..cfg.n_layer).map(|_| layer()).collect::<Result<Vec<_>, _>>()?;
         let v = (0..cfg.n_layer).map(|_| layer()).collect::<Result<Vec<_>, _>>()?;
         let free = (0..blocks as u32).rev().collect();
-        Ok(Self { k, v, free, seqs: HashMap::new() })
+        Ok(Self { k, v, free, holders: vec![0; blocks], seqs: HashMap::new() })
     }
 
     /// Device memory the pool holds.
@@ -85,20 +91,48 @@ impl KvPool {
         self.k.first().map_or(&Device::Cpu, |t| t.device())
     }
 
-    /// Gives sequence `id` blocks for `capacity` positions, once.
-    pub fn reserve(&mut self, id: u64, capacity: usize) -> Result<&SeqBlocks, ModelError> {
+    /// Gives sequence `id` blocks for `capacity` positions, once: first the
+    /// full blocks `shared` (kept by `share`, already stored), then free ones.
+    pub fn reserve(&mut self, id: u64, capacity: usize, shared: &[u32]) -> Result<&SeqBlocks, ModelError> {
         if !self.seqs.contains_key(&id) {
-            let need = capacity.div_ceil(BLOCK_TOKENS);
+            let need = capacity.div_ceil(BLOCK_TOKENS).saturating_sub(shared.len());
             if need > self.free.len() {
                 return Err(ModelError::Unsupported(format!(
                     "KV pool has {} free blocks; a sequence of {capacity} positions needs {need}",
                     self.free.len()
                 )));
             }
-            let blocks = self.free.split_off(self.free.len() - need);
-            self.seqs.insert(id, SeqBlocks { blocks, len: 0 });
+            let mut blocks = shared.to_vec();
+            blocks.extend(self.free.split_off(self.free.len() - need));
+            self.hold(&blocks);
+            self.seqs.insert(id, SeqBlocks { len: shared.len() * BLOCK_TOKENS, blocks });
         }
         Ok(&self.seqs[&id])
+    }
+
+    /// Keeps sequence `id`'s blocks holding positions `positions` (all
+    /// stored) past its release; returns them, or `None` if not stored.
+    pub fn share(&mut self, id: u64, positions: std::ops::Range<usize>) -> Option<Vec<u32>> {
+        let seq = self.seqs.get(&id).filter(|s| positions.end <= s.len)?;
+        let blocks = seq.blocks[positions.start / BLOCK_TOKENS..positions.end.div_ceil(BLOCK_TOKENS)].to_vec();
+        self.hold(&blocks);
+        Some(blocks)
+    }
+
+    fn hold(&mut self, blocks: &[u32]) {
+        for &b in blocks {
+            self.holders[b as usize] += 1;
+        }
+    }
+
+    /// Lets go of blocks (a sequence's, or ones `share` kept).
+    pub fn unhold(&mut self, blocks: &[u32]) {
+        for &b in blocks {
+            self.holders[b as usize] -= 1;
+            if self.holders[b as usize] == 0 {
+                self.free.push(b);
+            }
+        }
     }
 
     pub fn seq(&self, id: u64) -> Option<&SeqBlocks> {
@@ -114,7 +148,7 @@ impl KvPool {
 
     pub fn release(&mut self, id: u64) {
         if let Some(s) = self.seqs.remove(&id) {
-            self.free.extend(s.blocks);
+            self.unhold(&s.blocks);
         }
     }
 }
