@@ -15,6 +15,23 @@ async fn greedy_chat_is_repeatable_and_english() {
     assert_eq!(first.text, second.text);
     assert_eq!(first.token_ids, second.token_ids);
     assert!(first.text.contains("Paris"), "{:?}", first.text);
+    // The second read its prompt's full blocks (all but the last token)
+    // from the prefix cache; the output above is the same.
+    let (cold, warm) = (first.usage.unwrap(), second.usage.unwrap());
+    assert_eq!(cold.cached_prompt_tokens, 0);
+    assert_eq!(warm.cached_prompt_tokens, (warm.prompt_tokens - 1) / 32 * 32);
+    assert!(warm.cached_prompt_tokens >= 32, "{warm:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prefix_cache_off_computes_every_prompt() {
+    let node = NodeProcess::start_model(&["--prefix-cache", "off"]).await;
+    let mut client = node.client().await;
+    let req = chat_request("What is the capital of France? Answer in one sentence.", 4);
+    for _ in 0..2 {
+        let out = generate(&mut client, req.clone()).await.unwrap();
+        assert_eq!(out.usage.unwrap().cached_prompt_tokens, 0);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
