@@ -119,3 +119,29 @@ pub async fn ttft_under_load(
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
+
+/// Prefix-cache TTFT on a scheduler with the cache on: `samples` times, a
+/// 544-token prompt never seen (its first token differs each time) is
+/// timed cold, then one with the same first 512 tokens and another 32-token
+/// ending (a shared system prompt, a new question) is timed warm. Returns
+/// the p50s in ms.
+pub async fn prefix_ttft(
+    scheduler: &Scheduler,
+    codec: &Arc<dyn TextCodec>,
+    samples: usize,
+) -> anyhow::Result<(f64, f64)> {
+    const SHARED: usize = 512;
+    let long = long_prompt(codec, SHARED + 32)?;
+    let (mut cold, mut warm) = (Vec::new(), Vec::new());
+    for i in 0..samples.max(1) {
+        let mut first = long.clone();
+        first[0] = 1000 + i as u32;
+        let mut second = first.clone();
+        second[SHARED..].reverse();
+        cold.extend(ttfts(scheduler, &first, 1).await?);
+        warm.extend(ttfts(scheduler, &second, 1).await?);
+    }
+    cold.sort_by(f64::total_cmp);
+    warm.sort_by(f64::total_cmp);
+    Ok((percentile(&cold, 0.5), percentile(&warm, 0.5)))
+}
