@@ -30,6 +30,14 @@ pub struct ServiceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PrefixLabels {
+    pub service: String,
+    /// `hit` (to the longest cached prefix), `spread` (elsewhere: that
+    /// instance was too loaded) or `miss` (no instance held a prefix).
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LimitLabels {
     /// `requests_per_sec` or `tokens_per_min`.
     pub limit: String,
@@ -55,6 +63,10 @@ pub struct SidecarMetrics {
     /// so under overload many a second (the log says it once per episode).
     pub ejections_skipped: Family<ServiceLabels, Counter>,
     pub rate_limited: Family<LimitLabels, Counter>,
+    /// Cache-aware routing decisions.
+    pub prefix_routed: Family<PrefixLabels, Counter>,
+    /// Entries in use in the prefix index.
+    pub prefix_index_blocks: Gauge,
     pub retries: Counter,
     pub migrations: Counter,
     /// Calls a listener's gate refused (identity, or a key on an operator surface).
@@ -84,6 +96,8 @@ impl SidecarMetrics {
             ejected_instances: Family::default(),
             ejections_skipped: Family::default(),
             rate_limited: Family::default(),
+            prefix_routed: Family::default(),
+            prefix_index_blocks: Gauge::default(),
             retries: Counter::default(),
             migrations: Counter::default(),
             refused_requests: Family::default(),
@@ -108,6 +122,16 @@ impl SidecarMetrics {
         r.register("ejected_instances", "Instances ejected now, by service", self.ejected_instances.clone());
         r.register("ejections_skipped", "Ejections refused by the ejection budget", self.ejections_skipped.clone());
         r.register("rate_limited", "Requests refused by a tenant limit", self.rate_limited.clone());
+        r.register(
+            "prefix_routed",
+            "Cache-aware picks, by service and outcome (hit, spread, miss)",
+            self.prefix_routed.clone(),
+        );
+        r.register(
+            "prefix_index_blocks",
+            "Prompt prefix blocks the routing index holds",
+            self.prefix_index_blocks.clone(),
+        );
         r.register("retries", "Attempts after the first, before a first token", self.retries.clone());
         r.register("migrations", "Streams moved to another instance mid-way", self.migrations.clone());
         r.register(
@@ -141,6 +165,10 @@ impl SidecarMetrics {
     /// The refusal counter of the `direction` listener's gate.
     pub fn refused(&self, direction: &str) -> Counter {
         self.refused_requests.get_or_create(&DirectionLabels { direction: direction.to_string() }).clone()
+    }
+
+    pub fn prefix(&self, service: &str, outcome: &'static str) -> PrefixLabels {
+        PrefixLabels { service: service.to_string(), outcome }
     }
 
     pub fn service(&self, service: &str) -> ServiceLabels {

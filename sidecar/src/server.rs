@@ -71,7 +71,7 @@ pub async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
     let tls = cfg.tls.as_ref().map(TlsMaterial::load).transpose()?;
     let dial = Dialer { tls: tls.as_ref().map(TlsMaterial::client), http2: cfg.http2 };
     let registry = EtcdRegistry::start(cfg.etcd().with_stats(metrics.registry_stats.clone()))?;
-    let balancer = Arc::new(Balancer::new(cfg.routing.policy, cfg.outlier.clone(), metrics.clone(), dial.clone()));
+    let balancer = Arc::new(Balancer::new(&cfg.routing, cfg.outlier.clone(), metrics.clone(), dial.clone()));
     Balancer::follow(balancer.clone(), registry.watch(), metrics.etcd_reachable.clone());
     crate::outbound::health::spawn(balancer.clone());
 

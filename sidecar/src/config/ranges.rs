@@ -17,6 +17,10 @@ pub const MAX_COUNT: usize = 1_000_000;
 /// A request message: from a short prompt's worth up to 64 MiB.
 const REQUEST_BYTES: std::ops::RangeInclusive<usize> = (64 << 10)..=(64 << 20);
 
+/// Prefix index entries (40 bytes each): from a few thousand prompts' worth
+/// up to 4 GB.
+const PREFIX_INDEX_BLOCKS: std::ops::RangeInclusive<usize> = 1_000..=100_000_000;
+
 /// Tenant rates, per second or per minute: from one per ~17 minutes up.
 const RATE: (f64, f64) = (1e-3, 1e12);
 
@@ -64,6 +68,10 @@ pub(super) fn check(cfg: &SidecarConfig) -> Result<(), ConfigError> {
             "max_request_bytes",
             format!("must be in [{}, {}] bytes", REQUEST_BYTES.start(), REQUEST_BYTES.end()),
         ));
+    }
+    if !PREFIX_INDEX_BLOCKS.contains(&r.prefix_index_blocks) {
+        let (lo, hi) = (PREFIX_INDEX_BLOCKS.start(), PREFIX_INDEX_BLOCKS.end());
+        return Err(invalid("routing.prefix_index_blocks", format!("must be in [{lo}, {hi}]")));
     }
     within("routing.retry_floor_per_sec", r.retry_floor_per_sec, (0.0, 1e6))?;
     within("outlier.success_rate_margin", cfg.outlier.success_rate_margin, (0.0, 1.0))?;

@@ -9,6 +9,9 @@ use serde::Deserialize;
 #[serde(rename_all = "kebab-case")]
 pub enum Policy {
     LeastLoaded,
+    /// Least-loaded, weighed against the prefill a cached prompt prefix
+    /// saves (`outbound::prefix`).
+    CacheAware,
     RoundRobin,
 }
 
@@ -32,6 +35,9 @@ pub struct Routing {
     /// flood on one service cannot take the memory and connections the
     /// others need.
     pub max_streams_per_service: usize,
+    /// Cache-aware routing: prefix blocks (128 bytes of prompt each) the
+    /// index remembers, for all services together; 40 bytes each.
+    pub prefix_index_blocks: usize,
 }
 
 impl Default for Routing {
@@ -44,6 +50,7 @@ impl Default for Routing {
             retry_ratio: 0.2,
             retry_floor_per_sec: 5.0,
             max_streams_per_service: 1024,
+            prefix_index_blocks: 1_000_000,
         }
     }
 }

@@ -37,6 +37,7 @@ const KEYS: &[(&str, &str, Kind)] = &[
     ("[routing]", "retry_ratio", Kind::Share),
     ("[routing]", "retry_floor_per_sec", Kind::Share),
     ("[routing]", "max_streams_per_service", Kind::Count),
+    ("[routing]", "prefix_index_blocks", Kind::Count),
     ("[outlier]", "consecutive_failures", Kind::Count),
     ("[outlier]", "base_ejection", Kind::Time),
     ("[outlier]", "max_ejection", Kind::Time),

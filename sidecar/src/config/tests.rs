@@ -88,3 +88,13 @@ fn numbers_that_would_overflow_later_are_refused_naming_the_key() {
     );
     assert!(err.starts_with("services[0].max_concurrency: must be at most 1000000"), "{err}");
 }
+
+#[test]
+fn cache_aware_routing_is_named_in_kebab_case_and_its_index_is_bounded() {
+    let cfg: SidecarConfig = toml::from_str(&format!("{MINIMAL}\n[routing]\npolicy = \"cache-aware\"\n")).unwrap();
+    cfg.validate().unwrap();
+    assert_eq!((cfg.routing.policy, cfg.routing.prefix_index_blocks), (Policy::CacheAware, 1_000_000));
+    let huge = format!("{MINIMAL}\n[routing]\nprefix_index_blocks = 1000000000\n");
+    let err = toml::from_str::<SidecarConfig>(&huge).unwrap().validate().unwrap_err().to_string();
+    assert_eq!(err, "routing.prefix_index_blocks: must be in [1000, 100000000]");
+}

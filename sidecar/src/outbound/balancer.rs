@@ -1,6 +1,8 @@
 //! The instances of every service, kept in step with the registry, and the
 //! choice of one for each request: power of two choices over the load
-//! score (or round robin, for comparison), skipping ejected instances.
+//! score, weighed against cached prefixes under cache-aware routing
+//! ([`super::prefix`]), or round robin, for comparison; skipping ejected
+//! instances.
 //! An ejection the budget refuses is counted every time but logged once
 //! when the budget becomes spent, summarised every [`SUMMARY_INTERVAL`],
 //! and logged once when it is available again.
@@ -16,8 +18,11 @@ use registry::View;
 use registry::episode::{Episode, SUMMARY_INTERVAL};
 use tokio::sync::watch;
 
+use mesh_proto::v1::GenerateRequest;
+
 use super::instance::{Instance, Outcome};
-use crate::config::{Outlier, Policy};
+use super::prefix::PrefixRouting;
+use crate::config::{Outlier, Policy, Routing};
 use crate::metrics::SidecarMetrics;
 use crate::upstream::Dialer;
 
@@ -31,19 +36,24 @@ pub struct Balancer {
     dial: Dialer,
     services: RwLock<Arc<Instances>>,
     rr: AtomicUsize,
+    /// Under cache-aware routing: the prefix index and its scoring.
+    prefix: Option<PrefixRouting>,
     /// Per service: the stretch during which its ejection budget is spent.
     budget_spent: Mutex<HashMap<String, Episode>>,
 }
 
 impl Balancer {
-    pub fn new(policy: Policy, outlier: Outlier, metrics: SidecarMetrics, dial: Dialer) -> Self {
+    pub fn new(routing: &Routing, outlier: Outlier, metrics: SidecarMetrics, dial: Dialer) -> Self {
+        let prefix = (routing.policy == Policy::CacheAware)
+            .then(|| PrefixRouting::new(routing.prefix_index_blocks, metrics.clone()));
         Self {
-            policy,
+            policy: routing.policy,
             outlier,
             metrics,
             dial,
             services: RwLock::new(Arc::default()),
             rr: AtomicUsize::new(0),
+            prefix,
             budget_spent: Mutex::default(),
         }
     }
@@ -174,9 +184,16 @@ impl Balancer {
         self.snapshot().values().flatten().cloned().collect()
     }
 
-    /// Picks an instance of `service` not in `exclude`, taking it (a
-    /// probation trial counts). `None` when none is available.
-    pub fn pick(&self, service: &str, exclude: &HashSet<String>) -> Option<Arc<Instance>> {
+    /// The request's prefix blocks, for [`Self::pick`]; none unless routing
+    /// is cache-aware.
+    pub fn prefix_blocks(&self, req: &GenerateRequest) -> Vec<u64> {
+        self.prefix.as_ref().map(|p| p.blocks(req)).unwrap_or_default()
+    }
+
+    /// Picks an instance of `service` not in `exclude` for a request with
+    /// these prefix blocks, taking it (a probation trial counts). `None`
+    /// when none is available.
+    pub fn pick(&self, service: &str, exclude: &HashSet<String>, blocks: &[u64]) -> Option<Arc<Instance>> {
         let services = self.snapshot();
         let now = Instant::now();
         let candidates: Vec<&Arc<Instance>> = services
@@ -184,22 +201,18 @@ impl Balancer {
             .iter()
             .filter(|e| !exclude.contains(&e.record.instance_id) && e.is_available(now))
             .collect();
-        let order: Vec<&Arc<Instance>> = match self.policy {
+        let mut order: Vec<&Arc<Instance>> = match self.policy {
             Policy::RoundRobin => {
                 let start = self.rr.fetch_add(1, Ordering::Relaxed);
                 (0..candidates.len()).map(|i| candidates[(start + i) % candidates.len()]).collect()
             }
-            Policy::LeastLoaded => {
-                let mut two: Vec<&Arc<Instance>> = candidates.choose_multiple(&mut rand::rng(), 2).copied().collect();
-                two.sort_by(|a, b| a.load().total_cmp(&b.load()));
-                // The rest, in case both lose a race for a probation trial.
-                let rest: Vec<&Arc<Instance>> =
-                    candidates.iter().filter(|c| !two.iter().any(|t| Arc::ptr_eq(t, c))).copied().collect();
-                two.extend(rest);
-                two
-            }
+            Policy::LeastLoaded | Policy::CacheAware => power_of_two(candidates),
         };
+        let matches = self.prefix.as_ref().map(|p| p.rank(service, &mut order, blocks));
         let chosen = order.into_iter().find(|e| e.try_admit(now))?;
+        if let (Some(prefix), Some(matches)) = (&self.prefix, matches) {
+            prefix.routed(service, blocks, &matches, chosen);
+        }
         tracing::debug!(instance = %chosen.record.instance_id, load = chosen.load(), "picked");
         Some(chosen.clone())
     }
@@ -252,14 +265,30 @@ impl Balancer {
     }
 }
 
+/// Two candidates drawn at random, the less loaded first, then the rest,
+/// in case both lose a race for a probation trial.
+fn power_of_two(candidates: Vec<&Arc<Instance>>) -> Vec<&Arc<Instance>> {
+    let mut two: Vec<&Arc<Instance>> = candidates.choose_multiple(&mut rand::rng(), 2).copied().collect();
+    two.sort_by(|a, b| a.load().total_cmp(&b.load()));
+    let rest: Vec<&Arc<Instance>> =
+        candidates.iter().filter(|c| !two.iter().any(|t| Arc::ptr_eq(t, c))).copied().collect();
+    two.extend(rest);
+    two
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use registry::InstanceRecord;
 
     use super::*;
     use crate::outbound::instance::Health;
 
-    fn view(n: usize) -> View {
+    fn balancer(policy: Policy, outlier: Outlier) -> Balancer {
+        let routing = Routing { policy, ..Routing::default() };
+        Balancer::new(&routing, outlier, SidecarMetrics::new(), Dialer::default())
+    }
+
+    pub(crate) fn view(n: usize) -> View {
         let instances = (0..n)
             .map(|i| {
                 let r = InstanceRecord::new("chat", format!("i{i}"), format!("127.0.0.1:{}", 9000 + i));
@@ -271,12 +300,12 @@ mod tests {
 
     #[tokio::test]
     async fn least_loaded_avoids_the_busy_instance() {
-        let b = Balancer::new(Policy::LeastLoaded, Outlier::default(), SidecarMetrics::new(), Dialer::default());
+        let b = balancer(Policy::LeastLoaded, Outlier::default());
         b.update(&view(2));
-        let busy = b.pick("chat", &HashSet::new()).unwrap();
+        let busy = b.pick("chat", &HashSet::new(), &[]).unwrap();
         let _streams: Vec<_> = (0..10).map(|_| busy.start()).collect();
         for _ in 0..20 {
-            let e = b.pick("chat", &HashSet::new()).unwrap();
+            let e = b.pick("chat", &HashSet::new(), &[]).unwrap();
             assert_ne!(e.record.instance_id, busy.record.instance_id);
         }
     }
@@ -284,13 +313,13 @@ mod tests {
     #[tokio::test]
     async fn never_ejects_every_instance() {
         let cfg = Outlier { consecutive_failures: 1, max_ejected_percent: 100, ..Default::default() };
-        let b = Balancer::new(Policy::RoundRobin, cfg, SidecarMetrics::new(), Dialer::default());
+        let b = balancer(Policy::RoundRobin, cfg);
         b.update(&view(2));
         for e in b.all() {
             b.record(&e, Outcome::Failure, "boom");
         }
         assert_eq!(b.all().iter().filter(|e| e.is_ejected()).count(), 1);
-        assert!(b.pick("chat", &HashSet::new()).is_some());
+        assert!(b.pick("chat", &HashSet::new(), &[]).is_some());
     }
 
     /// Under overload every failure past the threshold asks for an
@@ -298,7 +327,7 @@ mod tests {
     #[tokio::test]
     async fn a_spent_budget_counts_every_refusal_in_one_episode() {
         let cfg = Outlier { consecutive_failures: 1, max_ejected_percent: 50, ..Default::default() };
-        let b = Balancer::new(Policy::RoundRobin, cfg, SidecarMetrics::new(), Dialer::default());
+        let b = balancer(Policy::RoundRobin, cfg);
         b.update(&view(2));
         let (first, second) = (b.all()[0].clone(), b.all()[1].clone());
         b.record(&first, Outcome::Failure, "boom");
@@ -322,7 +351,7 @@ mod tests {
     #[tokio::test]
     async fn success_rate_far_below_the_peers_ejects() {
         let cfg = Outlier { consecutive_failures: 1000, success_rate_min_requests: 10, ..Default::default() };
-        let b = Balancer::new(Policy::RoundRobin, cfg, SidecarMetrics::new(), Dialer::default());
+        let b = balancer(Policy::RoundRobin, cfg);
         b.update(&view(3));
         let all = b.all();
         for (i, e) in all.iter().enumerate() {
@@ -341,9 +370,9 @@ mod tests {
 
     #[tokio::test]
     async fn updates_keep_state_of_unchanged_instances() {
-        let b = Balancer::new(Policy::RoundRobin, Outlier::default(), SidecarMetrics::new(), Dialer::default());
+        let b = balancer(Policy::RoundRobin, Outlier::default());
         b.update(&view(2));
-        let e = b.pick("chat", &HashSet::new()).unwrap();
+        let e = b.pick("chat", &HashSet::new(), &[]).unwrap();
         e.observe_ttft(Duration::from_secs(3));
         b.update(&view(3));
         let same = b.all().into_iter().find(|x| x.record == e.record).unwrap();

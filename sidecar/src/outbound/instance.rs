@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use registry::InstanceRecord;
 use tonic::transport::Channel;
 
+use super::prefix::new_holder_id;
 use crate::config::Outlier;
 use crate::upstream::{Dialer, Peer};
 use crate::wire::generation_client::GenerationClient;
@@ -65,6 +66,9 @@ pub struct Instance {
     pool: Vec<Channel>,
     next: AtomicUsize,
     in_flight: AtomicU32,
+    /// Its id in the prefix index; a new one at each ejection, since its
+    /// node may have lost its cache (see `prefix::new_holder_id`).
+    prefix_holder: AtomicU32,
     state: Mutex<State>,
 }
 
@@ -95,6 +99,7 @@ impl Instance {
             next: AtomicUsize::new(0),
             record,
             in_flight: AtomicU32::new(0),
+            prefix_holder: AtomicU32::new(new_holder_id()),
             state: Mutex::new(State {
                 health: Health::Healthy,
                 consecutive_failures: 0,
@@ -136,6 +141,11 @@ impl Instance {
         let s = self.lock();
         let pending = f64::from(self.in_flight() + s.reported_queued + 1);
         pending * s.ewma_ttft.as_secs_f64() / f64::from(self.record.weight.max(1))
+    }
+
+    /// Who it is in the prefix index.
+    pub fn prefix_holder(&self) -> u32 {
+        self.prefix_holder.load(Ordering::Relaxed)
     }
 
     pub fn ewma_ttft(&self) -> Duration {
@@ -233,6 +243,7 @@ impl Instance {
         s.ejections += 1;
         s.last_ejected = Some(now);
         s.consecutive_failures = 0;
+        self.prefix_holder.store(new_holder_id(), Ordering::Relaxed);
         tracing::warn!(instance = %self.record.instance_id, service = %self.record.service, ?time, %reason, "ejected");
         s.health = Health::Ejected { until: now + time, reason };
     }

@@ -7,6 +7,7 @@ pub mod authenticate;
 pub mod balancer;
 pub mod health;
 pub mod instance;
+pub mod prefix;
 pub mod route;
 pub mod service_slot;
 pub mod surfaces;

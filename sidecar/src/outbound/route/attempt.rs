@@ -89,8 +89,9 @@ impl Route {
     ) -> Result<(Attempt, Relayed), Status> {
         let service = req.model.as_str();
         let mut last: Option<Status> = None;
+        let blocks = self.balancer.prefix_blocks(req);
         loop {
-            let Some(ep) = self.balancer.pick(service, exclude) else {
+            let Some(ep) = self.balancer.pick(service, exclude, &blocks) else {
                 return Err(last.unwrap_or_else(|| no_instance(service)));
             };
             exclude.insert(ep.record.instance_id.clone());

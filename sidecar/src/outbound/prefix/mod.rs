@@ -1,0 +1,144 @@
+//! Cache-aware routing (`routing.policy = "cache-aware"`): a request goes
+//! where its prompt's prefix was recently sent, so the node there skips
+//! prefilling it, unless that instance is loaded enough to cost more than
+//! the prefill saves.
+//!
+//! The rule prices both sides in the load score's own unit, the expected
+//! wait for a first token. `Instance::load` is `(streams + queue + 1) × t`,
+//! with `t` the instance's TTFT per unit of weight: one typical request's
+//! worth. A request whose first `m` blocks an instance holds skips their
+//! prefill there; if a typical request of the service has `n̄` blocks and
+//! its TTFT `t` is mostly that prefill, the `m` blocks are worth `m / n̄ × t`.
+//! So each contender costs
+//!
+//! ```text
+//! cost = load − m / n̄ × t
+//! ```
+//!
+//! and the cheapest wins (ties to the longer match). The contenders are the
+//! two instances power-of-two-choices drew, as under least-loaded, plus
+//! every instance the index says holds the first block. Consequences:
+//! - no match anywhere: the order is least-loaded's, untouched;
+//! - a hot prefix stays on its instance while that one is no more loaded
+//!   than the others by `m / n̄` typical requests, and spreads to another
+//!   past that (which then holds it too, and both compete on load);
+//! - a long conversation (`m` several times `n̄`) is worth several queued
+//!   requests: resending its history to a fresh instance would prefill all
+//!   of it again.
+//!
+//! `n̄` is a moving average over the service's requests, measured, so the
+//! rule needs no per-hardware constant.
+
+mod blocks;
+mod index;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use mesh_proto::v1::GenerateRequest;
+
+pub use blocks::{BLOCK_BYTES, BlockNamer, MAX_BLOCKS};
+pub use index::{HOLDERS, PrefixIndex, WAYS, new_holder_id};
+
+use super::instance::Instance;
+use crate::metrics::SidecarMetrics;
+
+/// Weight of the newest request in a service's typical block count: about
+/// the last 20 requests count.
+const TYPICAL_WEIGHT: f64 = 0.05;
+
+pub struct PrefixRouting {
+    namer: BlockNamer,
+    state: Mutex<State>,
+    metrics: SidecarMetrics,
+}
+
+struct State {
+    index: PrefixIndex,
+    /// Per service: blocks of a typical request (`n̄`).
+    typical: HashMap<String, f64>,
+}
+
+/// What the index said about one request's candidates.
+pub struct Matches {
+    /// The longest run any candidate holds.
+    best: usize,
+    /// Holder id and run of each candidate holding the first block.
+    runs: Vec<(u32, usize)>,
+}
+
+impl PrefixRouting {
+    /// Routing over an index of at most `index_blocks` blocks.
+    pub fn new(index_blocks: usize, metrics: SidecarMetrics) -> Self {
+        let state = State { index: PrefixIndex::new(index_blocks), typical: HashMap::new() };
+        Self { namer: BlockNamer::default(), state: Mutex::new(state), metrics }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The request's prefix blocks.
+    pub fn blocks(&self, req: &GenerateRequest) -> Vec<u64> {
+        self.namer.blocks(req)
+    }
+
+    /// Reorders least-loaded's `order` (its two drawn instances first) by
+    /// cost, with every instance holding a prefix of `blocks` among the
+    /// contenders; leaves it as it is when none does.
+    pub fn rank(&self, service: &str, order: &mut Vec<&Arc<Instance>>, blocks: &[u64]) -> Matches {
+        let ids: Vec<u32> = order.iter().map(|e| e.prefix_holder()).collect();
+        let (runs, typical) = {
+            let state = self.lock();
+            let typical = state.typical.get(service).copied().unwrap_or(blocks.len() as f64);
+            (state.index.runs(blocks, &ids), typical.max(1.0))
+        };
+        let best = runs.iter().copied().max().unwrap_or(0);
+        let matches = Matches { best, runs: ids.into_iter().zip(runs.iter().copied()).filter(|m| m.1 > 0).collect() };
+        if best == 0 {
+            return matches;
+        }
+        let (mut contenders, mut rest) = (Vec::new(), Vec::new());
+        for (i, (ep, run)) in order.drain(..).zip(runs).enumerate() {
+            match i < 2 || run > 0 {
+                true => contenders.push((cost(ep, run, typical), run, ep)),
+                false => rest.push(ep),
+            }
+        }
+        contenders.sort_by(|a, b| a.0.total_cmp(&b.0).then(b.1.cmp(&a.1)));
+        order.extend(contenders.into_iter().map(|c| c.2));
+        order.extend(rest);
+        matches
+    }
+
+    /// Counts how the request was routed and records its blocks as held by
+    /// `chosen`.
+    pub fn routed(&self, service: &str, blocks: &[u64], matches: &Matches, chosen: &Instance) {
+        let id = chosen.prefix_holder();
+        let run = matches.runs.iter().find(|m| m.0 == id).map_or(0, |m| m.1);
+        let outcome = match (matches.best, run) {
+            (0, _) => "miss",
+            (best, run) if run == best => "hit",
+            _ => "spread",
+        };
+        self.metrics.prefix_routed.get_or_create(&self.metrics.prefix(service, outcome)).inc();
+        let mut state = self.lock();
+        state.index.record(blocks, id);
+        let n = blocks.len() as f64;
+        match state.typical.get_mut(service) {
+            Some(typical) => *typical += (n - *typical) * TYPICAL_WEIGHT,
+            None => drop(state.typical.insert(service.to_string(), n)),
+        }
+        self.metrics.prefix_index_blocks.set(state.index.len() as i64);
+    }
+}
+
+/// Expected wait for a first token at `ep` less the prefill its `run`
+/// cached blocks save (see the module's documentation).
+fn cost(ep: &Instance, run: usize, typical: f64) -> f64 {
+    let per_request = ep.ewma_ttft().as_secs_f64() / f64::from(ep.record.weight.max(1));
+    ep.load() - run as f64 / typical * per_request
+}
+
+#[cfg(test)]
+mod tests;
