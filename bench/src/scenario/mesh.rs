@@ -42,6 +42,8 @@ pub struct MeshArgs {
 pub enum Policy {
     LeastLoaded,
     RoundRobin,
+    /// Prefers the node whose prefix cache holds the prompt's first blocks.
+    CacheAware,
 }
 
 impl Policy {
@@ -49,6 +51,7 @@ impl Policy {
         match self {
             Policy::LeastLoaded => "least-loaded",
             Policy::RoundRobin => "round-robin",
+            Policy::CacheAware => "cache-aware",
         }
     }
 }

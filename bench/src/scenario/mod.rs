@@ -14,8 +14,11 @@ pub mod direct_vs_mesh;
 pub mod fault;
 pub mod measures;
 pub mod mesh;
+pub mod node_metrics;
 pub mod nodes;
 pub mod overload;
+pub mod prefix;
+pub mod prefix_report;
 pub mod scale;
 pub mod usage;
 
@@ -44,6 +47,10 @@ pub enum Scenario {
     /// errors, TTFT, inter-token p99, RSS and CPU per process per step; then
     /// tokens/s at saturation straight to the node against through the mesh.
     Scale(scale::Args),
+    /// Real-model nodes with the prefix cache off and on: TTFT of a shared
+    /// system prompt, multi-turn conversations, and a shared-prefix workload
+    /// through the mesh with least-loaded and cache-aware routing.
+    Prefix(prefix::Args),
 }
 
 pub async fn run(scenario: Scenario) -> anyhow::Result<()> {
@@ -54,6 +61,7 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<()> {
             Scenario::DirectVsMesh(args) => direct_vs_mesh::run(args).await.map(|_| ()),
             Scenario::Overload(args) => overload::run(args).await.map(|_| ()),
             Scenario::Scale(args) => scale::run(args).await.map(|_| ()),
+            Scenario::Prefix(args) => prefix::run(args).await.map(|_| ()),
         }
     };
     // On Ctrl-C the scenario future is dropped, which kills the processes

@@ -120,6 +120,13 @@ impl NodeSet {
         Ok(self.node(i)?.addr)
     }
 
+    /// Each node's metrics address; an error names a node started without
+    /// `--metrics-listen`.
+    pub fn metrics(&self) -> anyhow::Result<Vec<SocketAddr>> {
+        let addr = |(i, n): (usize, &Node)| n.metrics.with_context(|| format!("node {i} serves no metrics"));
+        self.nodes.iter().enumerate().map(addr).collect()
+    }
+
     /// SIGKILL: the process dies without draining, as in a crash or OOM kill.
     pub fn kill(&mut self, i: usize) -> anyhow::Result<()> {
         let node = self.nodes.get_mut(i).with_context(|| format!("no node {i}"))?;
