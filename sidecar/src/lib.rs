@@ -14,5 +14,5 @@ pub mod server;
 mod stack;
 pub mod tls;
 mod trace;
-mod upstream;
+pub mod upstream;
 pub mod wire;

@@ -17,7 +17,7 @@ pub const MAX_COUNT: usize = 1_000_000;
 /// A request message: from a short prompt's worth up to 64 MiB.
 const REQUEST_BYTES: std::ops::RangeInclusive<usize> = (64 << 10)..=(64 << 20);
 
-/// Prefix index entries (40 bytes each): from a few thousand prompts' worth
+/// Prefix index entries (44 bytes each): from a few thousand prompts' worth
 /// up to 4 GB.
 const PREFIX_INDEX_BLOCKS: std::ops::RangeInclusive<usize> = 1_000..=100_000_000;
 

@@ -36,7 +36,7 @@ pub struct Routing {
     /// others need.
     pub max_streams_per_service: usize,
     /// Cache-aware routing: prefix blocks (128 bytes of prompt each) the
-    /// index remembers, for all services together; 40 bytes each.
+    /// index remembers, for all services together; 44 bytes each.
     pub prefix_index_blocks: usize,
 }
 
