@@ -24,7 +24,8 @@ pub const BLOCK_BYTES: usize = 128;
 
 /// Blocks read from one request at most: its first 64 KiB (~16k tokens).
 /// Two prompts that share that much are routed as equals; the cap bounds
-/// the hashing (~10 µs) and the index entries one request writes.
+/// the hashing (about 70 µs at the cap, 4.6 µs for 32 blocks, on a shared
+/// EPYC core) and the index entries one request writes.
 pub const MAX_BLOCKS: usize = 512;
 
 /// Names the blocks of requests: keyed SipHash (std's `RandomState`,
