@@ -105,16 +105,18 @@ impl PrefixReport {
         report
     }
 
+    /// Mesh run `i`, when it ran and some request ended OK.
     fn mesh_run(&self, i: usize) -> Option<&Measured> {
-        self.mesh.get(i).and_then(|m| m.measured.as_ref())
+        self.mesh.get(i).and_then(|m| m.measured.as_ref()).filter(|m| m.ttft.count > 0)
     }
 
-    /// The targets. A missing run fails its checks.
+    /// The targets. A run that did not happen, or had no request
+    /// end OK, fails its checks.
     fn judge(&self) -> Vec<Check> {
         let (off, on) = (&self.cache_off, &self.cache_on);
         let aware = self.mesh_run(2);
-        let p50 = |m: Option<&Measured>| m.map(|m| m.ttft.p50_ms);
-        let hit = |m: Option<&Measured>| m.map(|m| m.prompt_cache.hit_rate);
+        let p50 = |m: Option<&Measured>| m.filter(|m| m.ttft.count > 0).map(|m| m.ttft.p50_ms);
+        let hit = |m: Option<&Measured>| m.filter(|m| m.prompt_cache.requests > 0).map(|m| m.prompt_cache.hit_rate);
         vec![
             ratio_check(
                 "single node TTFT p50, cache on / off",
@@ -211,12 +213,15 @@ fn row(name: &str, m: Option<&Measured>) -> String {
     )
 }
 
+/// Turn 1's TTFT p50, when some turn-1 request received a token.
 fn first_turn(single: &SingleNode) -> Option<f64> {
-    single.conversations.prompt_cache.turns.first().map(|t| t.ttft.p50_ms)
+    single.conversations.prompt_cache.turns.first().filter(|t| t.ttft.count > 0).map(|t| t.ttft.p50_ms)
 }
 
+/// The last turn reached's TTFT p50 (fewer than `--turns` when the run's
+/// time ran out first).
 fn last_turn(single: &SingleNode) -> Option<f64> {
-    single.conversations.prompt_cache.turns.last().map(|t| t.ttft.p50_ms)
+    single.conversations.prompt_cache.turns.last().filter(|t| t.ttft.count > 0).map(|t| t.ttft.p50_ms)
 }
 
 #[derive(Debug, Clone, Copy)]
