@@ -66,7 +66,7 @@ pub struct Args {
     #[arg(long, default_value_t = 48)]
     pub requests: u64,
     /// The longest any run sends for.
-    #[arg(long, default_value = "25s", value_parser = parse_duration)]
+    #[arg(long, default_value = "150s", value_parser = parse_duration)]
     pub duration: Duration,
     /// Requests of the single-node TTFT measurement, one at a time, each side.
     #[arg(long, default_value_t = 8)]
