@@ -143,6 +143,11 @@ impl Instance {
         pending * s.ewma_ttft.as_secs_f64() / f64::from(self.record.weight.max(1))
     }
 
+    /// Streams in flight here and the queue the instance reported.
+    pub fn pending(&self) -> u32 {
+        self.in_flight() + self.lock().reported_queued
+    }
+
     /// Who it is in the prefix index.
     pub fn prefix_holder(&self) -> u32 {
         self.prefix_holder.load(Ordering::Relaxed)

@@ -98,16 +98,19 @@ impl PrefixRouting {
         if best == 0 {
             return matches;
         }
-        let (mut contenders, mut rest) = (Vec::new(), Vec::new());
-        for (i, (ep, run)) in order.drain(..).zip(runs).enumerate() {
-            match i < 2 || run > 0 {
-                true => contenders.push((cost(ep, run, typical), run, ep)),
-                false => rest.push(ep),
+        let over = past_balance(order);
+        let (mut contenders, mut rest, mut demoted) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, ((ep, run), over)) in order.drain(..).zip(runs).zip(over).enumerate() {
+            match (over, i < 2 || run > 0) {
+                (true, _) => demoted.push(ep),
+                (false, true) => contenders.push((cost(ep, run, typical), run, ep)),
+                (false, false) => rest.push(ep),
             }
         }
         contenders.sort_by(|a, b| a.0.total_cmp(&b.0).then(b.1.cmp(&a.1)));
         order.extend(contenders.into_iter().map(|c| c.2));
         order.extend(rest);
+        order.extend(demoted);
         matches
     }
 
@@ -131,6 +134,22 @@ impl PrefixRouting {
         }
         self.metrics.prefix_index_blocks.set(state.index.len() as i64);
     }
+}
+
+/// Most streams an instance may carry, as a share of the mean over the
+/// service's available instances (this request included), and one more,
+/// while a request that matches a cached prefix is routed: past it, an
+/// instance goes last, so a hot prefix spreads however light its holder
+/// looks (its TTFT, lowered by those very hits, keeps its load score
+/// light while it takes ever more).
+const BALANCE: f64 = 1.5;
+const BALANCE_SLACK: f64 = 1.0;
+
+/// Which of `order` carry more than the balance bound.
+fn past_balance(order: &[&Arc<Instance>]) -> Vec<bool> {
+    let pending: Vec<f64> = order.iter().map(|e| f64::from(e.pending())).collect();
+    let mean_after = (pending.iter().sum::<f64>() + 1.0) / pending.len().max(1) as f64;
+    pending.into_iter().map(|p| p + 1.0 > BALANCE * mean_after + BALANCE_SLACK).collect()
 }
 
 /// Expected wait for a first token at `ep` less the prefill its `run`

@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::*;
 use crate::config::{Outlier, Policy, Routing};
@@ -72,12 +72,34 @@ async fn a_long_match_outweighs_a_few_queued_requests() {
     for i in 0..100 {
         drop(pick(&b, &prompt(10_000 + i * 8, 8)));
     }
+    // A busy service: every instance carries 2 streams.
+    let mut streams: Vec<_> = b.all().iter().flat_map(|e| [e.start(), e.start()]).collect();
     // 32 blocks are worth ~4 typical requests: 3 streams more still stick...
-    let mut streams: Vec<_> = (0..3).map(|_| first.start()).collect();
+    streams.extend((0..3).map(|_| first.start()));
     assert!(Arc::ptr_eq(&pick(&b, &conversation), &first));
     // ...5 do not.
     streams.extend((0..2).map(|_| first.start()));
     assert!(!Arc::ptr_eq(&pick(&b, &conversation), &first));
+}
+
+#[tokio::test]
+async fn a_holder_made_cheap_by_its_hits_still_spreads_past_the_balance_bound() {
+    let (b, metrics) = cache_aware(3);
+    let hot = prompt(1, 32);
+    let first = pick(&b, &hot);
+    // Hits make its first tokens 100x faster than the others' cold ones,
+    // so its load score stays light however many streams it takes.
+    for ep in b.all() {
+        let ttft = if Arc::ptr_eq(&ep, &first) { 10 } else { 1000 };
+        (0..50).for_each(|_| ep.observe_ttft(Duration::from_millis(ttft)));
+    }
+    // One stream more: within 1.5x the mean and one, it sticks...
+    let mut streams = vec![first.start()];
+    assert!(Arc::ptr_eq(&pick(&b, &hot), &first));
+    // ...two are past it: the next goes elsewhere.
+    streams.push(first.start());
+    assert!(!Arc::ptr_eq(&pick(&b, &hot), &first));
+    assert_eq!(routed(&metrics, "spread"), 1);
 }
 
 #[tokio::test]
