@@ -85,7 +85,7 @@ pub struct NodeConfig {
     /// Keep the keys and values of computed prompt blocks (32 tokens) for
     /// later requests that start with the same tokens, in the
     /// --max-kv-tokens budget (idle blocks are evicted, least recently used
-    /// first, when a request needs their room). The gguf backend only.
+    /// first, when a request needs their room). Not the synthetic backend.
     #[arg(long, env = "MESH_NODE_PREFIX_CACHE", value_enum, default_value = "on")]
     pub prefix_cache: Switch,
 

@@ -218,6 +218,9 @@ impl Engine {
     /// this step: each one the cache takes moves from the sequence's own KV
     /// commitment to the cache's.
     fn publish(&mut self, i: usize) {
+        if !self.shared.caching {
+            return;
+        }
         let seq = &mut self.running[i].0;
         let completed = seq.completed_blocks(&self.shared.namer);
         if completed.is_empty() {

@@ -99,6 +99,9 @@ struct Shared {
     limits: Limits,
     metrics: NodeMetrics,
     accounting: Mutex<Accounting>,
+    /// Whether the prefix cache is on (`Limits::prefix_cache` and a
+    /// backend that can keep blocks); `namer` names blocks for it.
+    caching: bool,
     namer: Namer,
     /// Admitted count, watched by the drain.
     admitted: watch::Sender<usize>,
@@ -261,6 +264,7 @@ impl Scheduler {
                 next_id: 0,
             }),
             admitted: watch::channel(0).0,
+            caching,
             namer: Namer::default(),
         });
         let engine = Engine::new(shared.clone(), backend, codec.clone(), rx);
@@ -302,7 +306,9 @@ impl Scheduler {
         let max_wait = self.shared.limits.max_queue_wait;
         let wait_bound = req.deadline.map_or(max_wait, |d| max_wait.min(d.saturating_duration_since(now)));
         let mut blocks = SeqBlocks::default();
-        self.shared.namer.extend(&mut blocks.chain, &req.prompt);
+        if self.shared.caching {
+            self.shared.namer.extend(&mut blocks.chain, &req.prompt);
+        }
         let (admitted, load) = self.shared.admit(&req, blocks, wait_bound)?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let seq = Sequence::new(admitted, req, tx, self.codec.as_ref());

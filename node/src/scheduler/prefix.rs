@@ -143,9 +143,12 @@ impl PrefixIndex {
         self.entries.remove(&name);
     }
 
-    /// A request that held these blocks has left.
+    /// A request that held these blocks (`names`, in chain order) has left.
+    /// A chain's last block becomes idle first, so eviction shortens a
+    /// cached prefix from its end: a chain without its first block could
+    /// never be hit again.
     pub fn release(&mut self, names: &[u64]) {
-        for name in names {
+        for name in names.iter().rev() {
             let Some(entry) = self.entries.get_mut(name) else { continue };
             entry.users -= 1;
             if entry.users == 0 {
@@ -206,6 +209,18 @@ mod tests {
         assert_eq!(index.probe(&[1, 2]), (0, 0));
         assert_eq!(index.probe(&[2]), (1, 0));
         assert_eq!(index.make_room(BLOCK_TOKENS, 0), 0, "a held block is never evicted");
+    }
+
+    #[test]
+    fn eviction_shortens_a_prefix_from_its_end() {
+        let mut index = PrefixIndex::new(true);
+        let chain = [10, 11, 12];
+        for name in chain {
+            index.publish(name).unwrap();
+        }
+        index.release(&chain);
+        assert_eq!(index.make_room(BLOCK_TOKENS, 0), 1);
+        assert_eq!(index.probe(&chain), (2, 2 * BLOCK_TOKENS), "the first two blocks still hit");
     }
 
     #[test]

@@ -125,6 +125,11 @@ impl PrefixRouting {
             _ => "spread",
         };
         self.metrics.prefix_routed.get_or_create(&self.metrics.prefix(service, outcome)).inc();
+        if blocks.is_empty() {
+            // Too short to name a block: nothing to record, and not a
+            // request length that should make blocks look dear.
+            return;
+        }
         let mut state = self.lock();
         state.index.record(blocks, id);
         let n = blocks.len() as f64;
