@@ -37,7 +37,11 @@ impl PagedBackend {
     fn forward(&mut self, seqs: &[SeqStep<'_>]) -> Result<Option<Tensor>, ModelError> {
         let chunks: Vec<StepChunk<'_>> = seqs.iter().map(SeqStep::chunk).collect();
         for (s, chunk) in seqs.iter().zip(&chunks) {
-            let shared: Vec<u32> = s.reuse.iter().map_while(|id| self.prefixes.get(id)).flatten().copied().collect();
+            // Read only at a sequence's first step: its blocks are fixed then.
+            let shared: Vec<u32> = match self.pool.seq(s.id) {
+                Some(_) => Vec::new(),
+                None => s.reuse.iter().map_while(|id| self.prefixes.get(id)).flatten().copied().collect(),
+            };
             let blocks = self.pool.reserve(s.id, s.capacity, &shared)?;
             step_fits(chunk, blocks.len(), blocks.room())?;
         }

@@ -225,11 +225,14 @@ impl Shared {
 
     /// Publishes the load gauges.
     fn export_load(&self) {
-        let load = self.load(&self.lock());
+        let (load, cached) = {
+            let acc = self.lock();
+            (self.load(&acc), acc.prefix.cached_tokens())
+        };
         self.metrics.running.set(load.running as i64);
         self.metrics.queued.set(load.queued as i64);
         self.metrics.kv_tokens_free.set(load.kv_free as i64);
-        self.metrics.prefix_blocks.set((self.lock().prefix.cached_tokens() / BLOCK_TOKENS) as i64);
+        self.metrics.prefix_blocks.set((cached / BLOCK_TOKENS) as i64);
     }
 }
 
