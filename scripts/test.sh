@@ -4,6 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# The tests' Python (.venv: the generated client's runtime, the OpenAI SDK),
+# and the generated Python client still what mesh.proto generates.
+bash scripts/python-env.sh
+bash scripts/gen-python-client.sh --check
 cargo build --release --workspace --all-targets
 # One test at a time: the end-to-end tests run whole meshes of processes
 # and compare latencies, which is only fair on an otherwise quiet machine.
