@@ -33,17 +33,24 @@ pub struct SidecarConfig {
     pub node: Option<SocketAddr>,
     /// More TOML, appended: `[routing]`, `[[services]]`, `[outlier]`, `[tls]`...
     pub extra: String,
+    /// Serve the HTTP edge (`listen.http`) on a free port.
+    pub http: bool,
 }
 
 impl SidecarConfig {
     /// A client-side sidecar of the mesh at `etcd`.
     pub fn new(etcd: impl Into<String>) -> SidecarConfig {
-        SidecarConfig { etcd: etcd.into(), etcd_keys: String::new(), node: None, extra: String::new() }
+        SidecarConfig { etcd: etcd.into(), etcd_keys: String::new(), node: None, extra: String::new(), http: false }
     }
 
     /// The same, fronting the node at `node`.
     pub fn fronting(self, node: SocketAddr) -> SidecarConfig {
         SidecarConfig { node: Some(node), ..self }
+    }
+
+    /// The same, serving the HTTP edge too.
+    pub fn with_http(self) -> SidecarConfig {
+        SidecarConfig { http: true, ..self }
     }
 
     /// The same, with `keys` (TOML lines) added to `[etcd]`.
@@ -73,8 +80,9 @@ impl SidecarConfig {
             Some(addr) => format!("[node]\naddress = \"{addr}\"\n"),
             None => String::new(),
         };
+        let http = if self.http { "http = \"127.0.0.1:0\"\n" } else { "" };
         format!(
-            "drain_grace = \"5s\"\n{plaintext}[listen]\noutbound = \"127.0.0.1:0\"\ninbound = \"127.0.0.1:0\"\n\
+            "drain_grace = \"5s\"\n{plaintext}[listen]\noutbound = \"127.0.0.1:0\"\ninbound = \"127.0.0.1:0\"\n{http}\
              [etcd]\nendpoints = [\"{}\"]\nlease_ttl = \"2s\"\n{}{node}{}{operator}",
             self.etcd, self.etcd_keys, self.extra
         )
@@ -111,6 +119,8 @@ pub struct Sidecar {
     pub inbound: Option<SocketAddr>,
     /// Set when it serves metrics.
     pub metrics: Option<SocketAddr>,
+    /// Set when it serves the HTTP edge.
+    pub http: Option<SocketAddr>,
     pub config: ConfigFile,
 }
 
@@ -134,7 +144,8 @@ impl Sidecar {
             Some(_) => Some(addresses.require(process.name(), "inbound")?),
             None => None,
         };
-        Ok(Sidecar { outbound, inbound, metrics: addresses.get("metrics"), process, config: file })
+        let (metrics, http) = (addresses.get("metrics"), addresses.get("http"));
+        Ok(Sidecar { outbound, inbound, metrics, http, process, config: file })
     }
 
     /// A channel to its outbound side (generation and admin).

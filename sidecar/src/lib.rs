@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod edge;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;

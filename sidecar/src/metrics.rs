@@ -38,6 +38,13 @@ pub struct PrefixLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    /// `chat`, `completions` or `models`; unknown routes are not counted.
+    pub route: &'static str,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LimitLabels {
     /// `requests_per_sec` or `tokens_per_min`.
     pub limit: String,
@@ -71,6 +78,8 @@ pub struct SidecarMetrics {
     pub migrations: Counter,
     /// Calls a listener's gate refused (identity, or a key on an operator surface).
     pub refused_requests: Family<DirectionLabels, Counter>,
+    /// Requests to the HTTP edge, by route and HTTP status.
+    pub http_requests: Family<HttpLabels, Counter>,
     pub etcd_reachable: Gauge,
     pub instances: Family<ServiceLabels, Gauge>,
     /// The registry's own counts (watch breaks, reconnects, registration
@@ -101,6 +110,7 @@ impl SidecarMetrics {
             retries: Counter::default(),
             migrations: Counter::default(),
             refused_requests: Family::default(),
+            http_requests: Family::default(),
             etcd_reachable: Gauge::default(),
             instances: Family::default(),
             registry_stats: Arc::default(),
@@ -121,6 +131,7 @@ impl SidecarMetrics {
         r.register("ejections", "Instances ejected, by service", self.ejections.clone());
         r.register("ejected_instances", "Instances ejected now, by service", self.ejected_instances.clone());
         r.register("ejections_skipped", "Ejections refused by the ejection budget", self.ejections_skipped.clone());
+        r.register("http_requests", "Requests to the HTTP edge, by route and status", self.http_requests.clone());
         r.register("rate_limited", "Requests refused by a tenant limit", self.rate_limited.clone());
         r.register(
             "prefix_routed",

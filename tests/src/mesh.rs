@@ -17,6 +17,8 @@ pub struct SidecarProcess {
     pub outbound: SocketAddr,
     /// Set when it fronts a node.
     pub inbound: Option<SocketAddr>,
+    /// Set when it serves the HTTP edge ([`SidecarProcess::start_edge`]).
+    pub http: Option<SocketAddr>,
     sidecar: Sidecar,
 }
 
@@ -39,9 +41,18 @@ impl SidecarProcess {
         if let Some(n) = node {
             full = full.fronting(n.addr);
         }
+        Self::launch(full, args).await
+    }
+
+    /// A client sidecar (no node) serving the HTTP edge too.
+    pub async fn start_edge(etcd: &Etcd, config: &str, args: &[&str]) -> SidecarProcess {
+        Self::launch(SidecarConfig::new(etcd.url()).with(config).with_http(), args).await
+    }
+
+    async fn launch(full: SidecarConfig, args: &[&str]) -> SidecarProcess {
         let bin = harness::workspace_bin("mesh-sidecar", None, "cargo build --release").expect("mesh-sidecar");
         let sidecar = Sidecar::start("mesh-sidecar", &bin, &full, args).await.expect("starting mesh-sidecar");
-        SidecarProcess { outbound: sidecar.outbound, inbound: sidecar.inbound, sidecar }
+        SidecarProcess { outbound: sidecar.outbound, inbound: sidecar.inbound, http: sidecar.http, sidecar }
     }
 
     /// The process, to signal or wait for.

@@ -13,6 +13,11 @@ pub struct Listen {
     pub inbound: SocketAddr,
     /// Address other hosts use to reach `inbound` (default: `inbound`).
     pub advertise: Option<String>,
+    /// Where OpenAI-API clients call (the HTTP edge, `/v1/...`); off
+    /// when absent. Plaintext HTTP/1.1: loopback only unless
+    /// `insecure_plaintext_anywhere`.
+    #[serde(default)]
+    pub http: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

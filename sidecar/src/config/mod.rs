@@ -160,6 +160,7 @@ impl SidecarConfig {
             anywhere: self.insecure_plaintext_anywhere,
             outbound: self.listen.outbound,
             inbound: self.node.as_ref().map(|_| self.listen.inbound),
+            http: self.listen.http,
         }
     }
 

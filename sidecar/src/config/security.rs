@@ -49,6 +49,8 @@ pub(super) struct Plaintext<'a> {
     pub outbound: SocketAddr,
     /// `None` for a client-only sidecar (no inbound side).
     pub inbound: Option<SocketAddr>,
+    /// The HTTP edge, which has no TLS.
+    pub http: Option<SocketAddr>,
 }
 
 impl Plaintext<'_> {
@@ -63,6 +65,7 @@ impl Plaintext<'_> {
             Some(t) if !t.outbound => plain.push(("listen.outbound", self.outbound, "tls.outbound = false")),
             Some(_) => {}
         }
+        plain.extend(self.http.map(|a| ("listen.http", a, "the HTTP edge has no TLS")));
         plain
     }
 
@@ -156,7 +159,7 @@ mod tests {
 
     fn plain<'a>(tls: Option<&'a TlsSection>, anywhere: bool, outbound: &str) -> Plaintext<'a> {
         let inbound = Some("0.0.0.0:7101".parse().unwrap());
-        Plaintext { tls, plaintext: tls.is_none(), anywhere, outbound: outbound.parse().unwrap(), inbound }
+        Plaintext { tls, plaintext: tls.is_none(), anywhere, outbound: outbound.parse().unwrap(), inbound, http: None }
     }
 
     #[test]
