@@ -108,4 +108,21 @@ impl Collector {
     pub fn spans(&self) -> Vec<CollectedSpan> {
         self.sink.0.lock().unwrap().clone()
     }
+
+    /// The spans collected once one of each `names` is among them (spans
+    /// are exported in batches); panics naming what came after 20 s.
+    pub async fn wait_for(&self, names: &[&str]) -> Vec<CollectedSpan> {
+        let all_there = async {
+            loop {
+                let spans = self.spans();
+                if names.iter().all(|w| spans.iter().any(|s| s.name == *w)) {
+                    return spans;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        };
+        let waited = tokio::time::timeout(std::time::Duration::from_secs(20), all_there).await;
+        waited
+            .unwrap_or_else(|_| panic!("spans missing: {:?}", self.spans().iter().map(|s| &s.name).collect::<Vec<_>>()))
+    }
 }

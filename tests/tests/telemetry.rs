@@ -43,17 +43,7 @@ async fn one_request_is_one_trace_across_two_sidecars_and_the_node() {
         "node.prefill",
         "node.decode",
     ];
-    let spans = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            let spans = collector.spans();
-            if wanted.iter().all(|w| spans.iter().any(|s| s.name == *w)) {
-                return spans;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("spans missing: {:?}", collector.spans().iter().map(|s| &s.name).collect::<Vec<_>>()));
+    let spans = collector.wait_for(&wanted).await;
 
     let by_name: HashMap<&str, &CollectedSpan> = spans.iter().map(|s| (s.name.as_str(), s)).collect();
     assert!(spans.iter().all(|s| s.trace_id == caller_trace), "{spans:#?}");

@@ -2,12 +2,14 @@
 //! etcd, a node, its sidecar (with tenant limits) and a client sidecar with
 //! API keys serving `listen.http`. The official `openai` Python package
 //! talks to it (openai.rs); bad HTTP never reaches the node (inputs.rs);
-//! streams survive disconnects and a thousand clients at once (streams.rs).
+//! streams survive disconnects and a thousand clients at once (streams.rs);
+//! a `traceparent` header continues the caller's trace (trace.rs).
 
 mod client;
 mod inputs;
 mod openai;
 mod streams;
+mod trace;
 
 use std::net::SocketAddr;
 
