@@ -1,12 +1,18 @@
 //! One gRPC server shape for every mesh daemon: the caller's services plus
-//! health and reflection, over TCP (or TLS) with HTTP/2 settings chosen for
-//! many long-lived token streams, stopping gracefully.
+//! health and reflection (listing what the listener serves), over TCP (or
+//! TLS) with HTTP/2 settings chosen for many long-lived token streams,
+//! stopping gracefully.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::time::Duration;
 
 use serde::Deserialize;
 use tokio::net::{TcpListener, TcpStream};
+use tonic::body::Body;
+use tonic::codegen::Service;
+use tonic::codegen::http::{Request, Response};
+use tonic::server::NamedService;
 use tonic::service::Routes;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Server, ServerTlsConfig};
@@ -134,17 +140,57 @@ pub struct Listening {
     pub gate: GateLayer,
 }
 
-/// Serves `routes` plus `health` and reflection on `listener` until
-/// `shutdown` resolves; then stops accepting and waits for open streams to
-/// end (drain them before resolving `shutdown`).
+/// A listener's own services and their names, which its reflection lists
+/// (beside health and reflection): a client sees what this listener serves,
+/// not everything in the mesh contract. Names come from what is added, so
+/// the list cannot drift from the routes.
+#[derive(Default)]
+pub struct Services {
+    routes: Routes,
+    names: Vec<&'static str>,
+}
+
+impl Services {
+    /// `svc` alone; add more with [`Services::add_service`].
+    pub fn new<S>(svc: S) -> Self
+    where
+        S: Service<Request<Body>, Response = Response<Body>, Error = Infallible> + NamedService,
+        S: Clone + Send + Sync + 'static,
+        S::Future: Send + 'static,
+    {
+        Self::default().add_service(svc)
+    }
+
+    /// `svc` beside those already added, under its own name.
+    pub fn add_service<S>(mut self, svc: S) -> Self
+    where
+        S: Service<Request<Body>, Response = Response<Body>, Error = Infallible> + NamedService,
+        S: Clone + Send + Sync + 'static,
+        S::Future: Send + 'static,
+    {
+        self.names.push(S::NAME);
+        self.routes = self.routes.add_service(svc);
+        self
+    }
+
+    /// The names of the services added, in order.
+    pub fn names(&self) -> &[&'static str] {
+        &self.names
+    }
+}
+
+/// Serves `services` plus `health` and reflection (v1 and v1alpha, listing
+/// exactly those) on `listener` until `shutdown` resolves; then stops
+/// accepting and waits for open streams to end (drain them before resolving
+/// `shutdown`).
 ///
-/// Callers build `routes` as
-/// `Routes::new(GenerationServer::new(svc)).add_service(AdminServer::new(admin))`.
+/// Callers build `services` as
+/// `Services::new(GenerationServer::new(svc)).add_service(AdminServer::new(admin))`.
 pub async fn serve(
     how: Listening,
     listener: TcpListener,
     health: HealthServer,
-    routes: Routes,
+    services: Services,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let http2 = how.http2;
@@ -168,26 +214,12 @@ pub async fn serve(
         true => Box::pin(crate::preface::screened(incoming, http2.preface_timeout)),
         false => Box::pin(incoming),
     };
-    builder
-        .layer(how.gate)
-        .add_routes(routes.add_service(health).add_service(reflection()))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
+    let Services { routes, names } = services.add_service(health);
+    let routes = crate::reflection::add(routes, &names);
+    builder.layer(how.gate).add_routes(routes).serve_with_incoming_shutdown(incoming, shutdown).await
 }
 
 type Incoming = std::pin::Pin<Box<dyn futures_core::Stream<Item = std::io::Result<TcpStream>> + Send>>;
-
-/// `grpc.reflection.v1` over the mesh contract and health, so `grpcurl`
-/// works without .proto files.
-fn reflection()
--> tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection> {
-    tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(mesh_proto::v1::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        // Both sets are compiled in; the test below builds them.
-        .expect("the embedded descriptor sets are valid")
-}
 
 #[cfg(test)]
 mod tests {
@@ -200,11 +232,6 @@ mod tests {
     use super::*;
     use crate::health::{GENERATION, Health};
 
-    #[test]
-    fn the_embedded_descriptor_sets_build() {
-        let _ = reflection();
-    }
-
     #[tokio::test]
     async fn serves_health_and_stops_on_shutdown() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -212,8 +239,8 @@ mod tests {
         let (health, health_server) = Health::new();
         health.set(true).await;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let routes = Routes::default();
-        let server = tokio::spawn(serve(Listening::default(), listener, health_server, routes, async {
+        let services = Services::default();
+        let server = tokio::spawn(serve(Listening::default(), listener, health_server, services, async {
             let _ = stopped.await;
         }));
 

@@ -9,6 +9,7 @@ pub mod health;
 pub mod metrics;
 pub mod preface;
 pub mod ready;
+pub mod reflection;
 pub mod server_identity;
 pub mod signal;
 pub mod tls;

@@ -4,11 +4,11 @@
 use std::time::Duration;
 
 use candle_core::Device;
+use daemon::grpc::Services;
 use daemon::health::Health;
 use mesh_proto::v1::generation_server::GenerationServer;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
-use tonic::service::Routes;
 
 use crate::config::{BackendKind, NodeConfig};
 use crate::generation_api::GenerationApi;
@@ -113,8 +113,8 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let how = daemon::grpc::Listening { tls, gate, ..Default::default() };
     // Sized to the largest request that could be valid here (see
     // `validate::max_request_bytes`), not tonic's 4 MiB default.
-    let routes = Routes::new(GenerationServer::new(api).max_decoding_message_size(max_request));
-    daemon::grpc::serve(how, listener, health_server, routes, async {
+    let services = Services::new(GenerationServer::new(api).max_decoding_message_size(max_request));
+    daemon::grpc::serve(how, listener, health_server, services, async {
         let _ = stop.await;
     })
     .await?;

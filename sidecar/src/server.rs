@@ -6,13 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use daemon::gate::GateLayer;
-use daemon::grpc::Listening;
+use daemon::grpc::{Listening, Services};
 use daemon::health::Health;
 use mesh_proto::v1::sidecar_admin_server::SidecarAdminServer;
 use registry::{EtcdRegistry, Registry};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tonic::service::Routes;
 use tower::ServiceBuilder;
 
 use crate::admin::Admin;
@@ -78,10 +77,10 @@ pub async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let admin = Admin { balancer: balancer.clone(), view: registry.watch() };
     let generation = GenerationServer::new(outbound_stack(&cfg, &balancer, &metrics));
-    let routes = Routes::new(generation.max_decoding_message_size(cfg.max_request_bytes))
+    let services = Services::new(generation.max_decoding_message_size(cfg.max_request_bytes))
         .add_service(SidecarAdminServer::new(admin));
     let gate = GateLayer::new("outbound", OperatorSurfaces(ApiKeys::new(&cfg.api_keys)), metrics.refused("outbound"));
-    let (out_addr, out_server) = serve_outbound(&cfg, (tls.as_ref(), gate), routes, stop_rx.clone()).await?;
+    let (out_addr, out_server) = serve_outbound(&cfg, (tls.as_ref(), gate), services, stop_rx.clone()).await?;
     addresses.push(("outbound", out_addr));
 
     let shutdown = daemon::signal::shutdown();
@@ -117,7 +116,7 @@ pub async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
 async fn serve_outbound(
     cfg: &SidecarConfig,
     (tls, gate): (Option<&TlsMaterial>, GateLayer),
-    routes: Routes,
+    services: Services,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<Result<(), tonic::transport::Error>>)> {
     let listener = TcpListener::bind(cfg.listen.outbound).await?;
@@ -130,7 +129,7 @@ async fn serve_outbound(
         let _ = stop.wait_for(|s| *s).await;
     };
     let how = Listening { http2: cfg.http2, tls, gate };
-    let server = daemon::grpc::serve(how, listener, health_service, routes, shutdown);
+    let server = daemon::grpc::serve(how, listener, health_service, services, shutdown);
     Ok((bound, tokio::spawn(server)))
 }
 

@@ -1,5 +1,6 @@
 //! Operating sidecars: a graceful stop deregisters and drains; meshctl
-//! shows a sidecar's live view of every instance.
+//! shows a sidecar's live view of every instance; reflection (v1 and
+//! v1alpha) lists what each listener serves.
 
 use std::time::{Duration, Instant};
 
@@ -7,6 +8,8 @@ use mesh_proto::v1::{FinishReason, GenerateRequest};
 use mesh_tests::etcd::Etcd;
 use mesh_tests::mesh::{SidecarProcess, signal};
 use mesh_tests::{NodeProcess, bin_dir, generate, prompt_request};
+use tonic::transport::Channel;
+use tonic_reflection::pb::{v1, v1alpha};
 
 fn chat(max_tokens: u32) -> GenerateRequest {
     GenerateRequest { model: "chat".into(), ..prompt_request("ops", max_tokens) }
@@ -150,4 +153,50 @@ async fn bad_configuration_is_refused_naming_the_key() {
     assert_eq!(out.status.code(), Some(2));
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("etcd.endpoints: needs at least one endpoint"), "{log}");
+}
+
+/// The sorted names `ListServices` answers over `$version`'s client.
+macro_rules! list_services {
+    ($version:ident, $channel:expr) => {{
+        use $version::server_reflection_client::ServerReflectionClient;
+        use $version::server_reflection_request::MessageRequest;
+        use $version::server_reflection_response::MessageResponse;
+        let ask = $version::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut client = ServerReflectionClient::new($channel.clone());
+        let mut answers = client.server_reflection_info(tokio_stream::once(ask)).await.unwrap().into_inner();
+        match answers.message().await.unwrap().and_then(|a| a.message_response) {
+            Some(MessageResponse::ListServicesResponse(list)) => {
+                let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+                names.sort();
+                names
+            }
+            other => panic!("{} answered {other:?}", stringify!($version)),
+        }
+    }};
+}
+
+/// What every listener serves beside its own services.
+const ALWAYS_SERVED: [&str; 3] =
+    ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reflection_lists_what_each_listener_serves_in_both_versions() {
+    let etcd = Etcd::start().await;
+    let node = NodeProcess::start(&["--backend", "synthetic", "--model-name", "chat"]).await;
+    let sidecar = SidecarProcess::start(&etcd, Some(&node), "").await;
+    let (generation, admin) = ("mesh.v1.Generation", "mesh.v1.SidecarAdmin");
+    for (listener, addr, own) in [
+        ("node", node.addr, vec![generation]),
+        ("inbound", sidecar.inbound.unwrap(), vec![generation]),
+        ("outbound", sidecar.outbound, vec![generation, admin]),
+    ] {
+        let mut want: Vec<&str> = own.into_iter().chain(ALWAYS_SERVED).collect();
+        want.sort();
+        let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+        assert_eq!(list_services!(v1, channel), want, "{listener} over v1");
+        assert_eq!(list_services!(v1alpha, channel), want, "{listener} over v1alpha");
+    }
 }

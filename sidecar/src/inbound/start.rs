@@ -7,14 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use daemon::gate::GateLayer;
-use daemon::grpc::Listening;
+use daemon::grpc::{Listening, Services};
 use daemon::health::{GENERATION, Health};
 use mesh_proto::v1::ModelInfo;
 use prometheus_client::metrics::counter::Counter;
 use registry::{EtcdRegistry, Registry};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tonic::service::Routes;
 use tonic::transport::Channel;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::{HealthCheckRequest, health_check_response};
@@ -75,13 +74,13 @@ pub async fn serve(
     // on every service (health from loopback stays open).
     let allow = tls.map(|t| t.inbound_peers.clone()).unwrap_or_default();
     let server = GenerationServer::new(Authorized(front));
-    let routes = Routes::new(server.max_decoding_message_size(cfg.max_request_bytes));
+    let services = Services::new(server.max_decoding_message_size(cfg.max_request_bytes));
     let shutdown = async move {
         let _ = stop.wait_for(|s| *s).await;
     };
     let gate = GateLayer::new("inbound", allow, refused);
     let how = Listening { http2: cfg.http2, tls: tls.map(TlsMaterial::mutual_server), gate };
-    tokio::spawn(daemon::grpc::serve(how, listener, health_service, routes, shutdown));
+    tokio::spawn(daemon::grpc::serve(how, listener, health_service, services, shutdown));
     let advertise = cfg.listen.advertise.clone().unwrap_or_else(|| bound.to_string());
     registry.register(registration::record(section, &node.model, &node.service, &advertise)).await?;
     tracing::info!(service = %node.service, %advertise, "node registered in the mesh");

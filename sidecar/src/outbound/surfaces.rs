@@ -60,8 +60,13 @@ mod tests {
         assert_eq!(call(GENERATE_PATH, None), Ok(()), "Authenticate's to check");
         assert_eq!(call("/mesh.v1.Generation/ListModels", None), Err(Unauthenticated));
         assert_eq!(call("/mesh.v1.Generation/ListModels", Some("k")), Ok(()));
-        let reflection = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
-        assert_eq!(call(reflection, Some("wrong")), Err(Unauthenticated));
+        // Both reflection versions under one rule: any key, and only a key.
+        for version in ["v1", "v1alpha"] {
+            let reflection = format!("/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo");
+            assert_eq!(call(&reflection, None), Err(Unauthenticated), "{version}");
+            assert_eq!(call(&reflection, Some("wrong")), Err(Unauthenticated), "{version}");
+            assert_eq!(call(&reflection, Some("k")), Ok(()), "{version}");
+        }
         assert_eq!(call("/grpc.health.v1.Health/Check", None), Err(Unauthenticated), "no address: not loopback");
         assert_eq!(call("/mesh.v1.SidecarAdmin/Instances", Some("k")), Err(PermissionDenied));
     }
