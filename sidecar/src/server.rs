@@ -16,6 +16,7 @@ use tower::ServiceBuilder;
 
 use crate::admin::Admin;
 use crate::config::SidecarConfig;
+use crate::edge::Edge;
 use crate::inbound::accept::{Accept, Draining};
 use crate::inbound::admission::Admission;
 use crate::inbound::charge::ChargeTenant;
@@ -27,15 +28,16 @@ use crate::outbound::balancer::Balancer;
 use crate::outbound::route::Route;
 use crate::outbound::service_slot::{Known, ServiceSlot};
 use crate::outbound::surfaces::OperatorSurfaces;
-use crate::stack::{Front, Next, step};
+use crate::stack::{Front, ListModels, Next, step};
 use crate::tls::TlsMaterial;
 use crate::trace::{Hop, Trace};
 use crate::upstream::Dialer;
 use crate::wire::generation_client::GenerationClient;
 use crate::wire::generation_server::GenerationServer;
 
-/// The outbound request path, first layer first.
-fn outbound_stack(cfg: &SidecarConfig, balancer: &Arc<Balancer>, metrics: &SidecarMetrics) -> Front {
+/// The outbound request path, first layer first, shared by the gRPC
+/// listener and the HTTP edge.
+fn outbound_stack(cfg: &SidecarConfig, balancer: &Arc<Balancer>, metrics: &SidecarMetrics) -> (Next, ListModels) {
     let registered = balancer.clone();
     let known: Known = Arc::new(move |s| registered.knows(s));
     let generate = ServiceBuilder::new()
@@ -43,7 +45,7 @@ fn outbound_stack(cfg: &SidecarConfig, balancer: &Arc<Balancer>, metrics: &Sidec
         .layer(step(Authenticate(ApiKeys::new(&cfg.api_keys))))
         .layer(step(ServiceSlot::new(cfg.routing.max_streams_per_service, known, metrics.clone())))
         .service(Route::new(balancer.clone(), cfg.routing.clone(), metrics.clone()).service());
-    Front::new(Next::new(generate), crate::outbound::list_models(balancer.clone()))
+    (Next::new(generate), crate::outbound::list_models(balancer.clone()))
 }
 
 /// The inbound request path, first layer first.
@@ -76,7 +78,11 @@ pub async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let admin = Admin { balancer: balancer.clone(), view: registry.watch() };
-    let generation = GenerationServer::new(outbound_stack(&cfg, &balancer, &metrics));
+    let (generate, list_models) = outbound_stack(&cfg, &balancer, &metrics);
+    if let Some(bound) = serve_edge(&cfg, (&generate, &list_models), &metrics, stop_rx.clone()).await? {
+        addresses.push(("http", bound));
+    }
+    let generation = GenerationServer::new(Front::new(generate, list_models));
     let services = Services::new(generation.max_decoding_message_size(cfg.max_request_bytes))
         .add_service(SidecarAdminServer::new(admin));
     let gate = GateLayer::new("outbound", OperatorSurfaces(ApiKeys::new(&cfg.api_keys)), metrics.refused("outbound"));
@@ -131,6 +137,25 @@ async fn serve_outbound(
     let how = Listening { http2: cfg.http2, tls, gate };
     let server = daemon::grpc::serve(how, listener, health_service, services, shutdown);
     Ok((bound, tokio::spawn(server)))
+}
+
+/// Serves the HTTP edge on `listen.http`, if set, down the outbound stack.
+async fn serve_edge(
+    cfg: &SidecarConfig,
+    (generate, list_models): (&Next, &ListModels),
+    metrics: &SidecarMetrics,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<Option<SocketAddr>> {
+    let Some(addr) = cfg.listen.http else { return Ok(None) };
+    let edge = Edge {
+        generate: generate.clone(),
+        list_models: list_models.clone(),
+        keys: ApiKeys::new(&cfg.api_keys),
+        max_body: cfg.max_request_bytes,
+        requests: metrics.http_requests.clone(),
+    };
+    let (bound, _) = crate::edge::serve(addr, crate::edge::router(Arc::new(edge)), stop).await?;
+    Ok(Some(bound))
 }
 
 /// Starts the inbound side in front of the node and registers it.
