@@ -26,6 +26,13 @@ pub mod metadata {
     pub const LOAD_KV_FREE: &str = "x-mesh-load-kv-free";
     /// Requests wait in an inbound sidecar's queue (added to the node's own).
     pub const SIDECAR_QUEUED: &str = "x-mesh-sidecar-queued";
+    /// On a `Generate` response a client sidecar's response cache took part
+    /// in: `hit` (replayed from the cache, no node work), `coalesced`
+    /// (joined an identical request's stream) or `miss` (went upstream).
+    pub const RESPONSE_CACHE: &str = "x-mesh-cache";
+    /// Sent by a caller (`no-cache` or `no-store`): neither serve this
+    /// request from the client sidecar's response cache nor store its answer.
+    pub const CACHE_CONTROL: &str = "cache-control";
 }
 
 /// API keys: clients send `authorization: Bearer <key>`; sidecar configs

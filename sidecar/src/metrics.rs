@@ -50,6 +50,19 @@ pub struct LimitLabels {
     pub limit: String,
 }
 
+/// The outbound response cache's counts (`outbound::cache`). Unlabelled:
+/// the cache sits before the service check, so a service label would let
+/// callers add series with made-up names.
+#[derive(Clone, Default)]
+pub struct ResponseCacheMetrics {
+    pub hits: Counter,
+    pub misses: Counter,
+    /// Calls that followed an identical call's upstream stream.
+    pub coalesced: Counter,
+    pub evictions: Counter,
+    pub bytes: Gauge,
+}
+
 /// One direction's token latency histograms (handles to the families' own).
 #[derive(Clone)]
 pub struct Latency {
@@ -80,6 +93,7 @@ pub struct SidecarMetrics {
     pub refused_requests: Family<DirectionLabels, Counter>,
     /// Requests to the HTTP edge, by route and HTTP status.
     pub http_requests: Family<HttpLabels, Counter>,
+    pub response_cache: ResponseCacheMetrics,
     pub etcd_reachable: Gauge,
     pub instances: Family<ServiceLabels, Gauge>,
     /// The registry's own counts (watch breaks, reconnects, registration
@@ -111,6 +125,7 @@ impl SidecarMetrics {
             migrations: Counter::default(),
             refused_requests: Family::default(),
             http_requests: Family::default(),
+            response_cache: ResponseCacheMetrics::default(),
             etcd_reachable: Gauge::default(),
             instances: Family::default(),
             registry_stats: Arc::default(),
@@ -150,6 +165,12 @@ impl SidecarMetrics {
             "Calls a listener refused before any service, by direction (identity; key on admin, reflection, models)",
             self.refused_requests.clone(),
         );
+        let c = &self.response_cache;
+        r.register("response_cache_hits", "Calls answered from the response cache", c.hits.clone());
+        r.register("response_cache_misses", "Cacheable calls that opened an upstream stream", c.misses.clone());
+        r.register("response_cache_coalesced", "Calls that followed an identical call's stream", c.coalesced.clone());
+        r.register("response_cache_evictions", "Responses evicted to make room", c.evictions.clone());
+        r.register("response_cache_bytes", "Bytes the response cache holds", c.bytes.clone());
         let reg = registry.sub_registry_with_prefix("mesh_registry");
         reg.register("etcd_reachable", "1 when the last contact with etcd succeeded", self.etcd_reachable.clone());
         reg.register("instances", "Instances known, by service", self.instances.clone());

@@ -25,6 +25,7 @@ use crate::inbound::tenants::Tenants;
 use crate::metrics::SidecarMetrics;
 use crate::outbound::authenticate::{ApiKeys, Authenticate};
 use crate::outbound::balancer::Balancer;
+use crate::outbound::cache::ResponseCache;
 use crate::outbound::route::Route;
 use crate::outbound::service_slot::{Known, ServiceSlot};
 use crate::outbound::surfaces::OperatorSurfaces;
@@ -40,9 +41,11 @@ use crate::wire::generation_server::GenerationServer;
 fn outbound_stack(cfg: &SidecarConfig, balancer: &Arc<Balancer>, metrics: &SidecarMetrics) -> (Next, ListModels) {
     let registered = balancer.clone();
     let known: Known = Arc::new(move |s| registered.knows(s));
+    let cache = cfg.response_cache.enabled;
     let generate = ServiceBuilder::new()
         .layer(step(Trace::new(Hop::Outbound { known: known.clone() }, metrics.clone())))
         .layer(step(Authenticate(ApiKeys::new(&cfg.api_keys))))
+        .option_layer(cache.then(|| step(ResponseCache::new(&cfg.response_cache, metrics.response_cache.clone()))))
         .layer(step(ServiceSlot::new(cfg.routing.max_streams_per_service, known, metrics.clone())))
         .service(Route::new(balancer.clone(), cfg.routing.clone(), metrics.clone()).service());
     (Next::new(generate), crate::outbound::list_models(balancer.clone()))

@@ -12,12 +12,14 @@ mod etcd;
 mod limits;
 mod listen;
 mod ranges;
+mod response_cache;
 mod routing;
 mod security;
 
 pub use etcd::EtcdSection;
 pub use limits::{ServiceLimits, TenantLimits};
 pub use listen::{Listen, NodeSection};
+pub use response_cache::ResponseCache;
 pub use routing::{Outlier, Policy, Routing};
 pub use security::{ApiKey, TlsSection};
 
@@ -71,6 +73,9 @@ pub struct SidecarConfig {
     /// before its bytes are buffered (see [`DEFAULT_MAX_REQUEST_BYTES`]).
     #[serde(default = "default_max_request")]
     pub max_request_bytes: usize,
+    /// Complete responses of deterministic requests, kept for repeats.
+    #[serde(default)]
+    pub response_cache: ResponseCache,
 }
 
 /// 2 MiB: a node takes at most 32 bytes per context token + 64 KiB (its
@@ -115,6 +120,7 @@ impl SidecarConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.etcd.validate()?;
         ranges::check(self)?;
+        self.response_cache.validate()?;
         if let Some((key, problem)) = self.http2.invalid() {
             return Err(invalid(format!("http2.{key}"), problem));
         }

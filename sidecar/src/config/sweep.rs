@@ -54,6 +54,8 @@ const KEYS: &[(&str, &str, Kind)] = &[
     ("[http2]", "keep_alive_interval", Kind::Time),
     ("[http2]", "keep_alive_timeout", Kind::Time),
     ("[http2]", "preface_timeout", Kind::Time),
+    ("[response_cache]", "max_bytes", Kind::Count),
+    ("[response_cache]", "ttl", Kind::Time),
 ];
 
 fn values(kind: Kind) -> &'static [&'static str] {

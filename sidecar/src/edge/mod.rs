@@ -24,6 +24,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures_util::StreamExt;
+use mesh_proto::metadata as md;
 use mesh_proto::v1::ListModelsRequest;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -116,15 +117,21 @@ impl Edge {
         let envelope = Envelope { api, id: format!("{}-{id}", prefix(api)), created: now(), model: req.model.clone() };
         let call = Call::new(grpc_request(req, &headers)?);
         let reply = self.generate.clone().oneshot(call).await.map_err(|s| ApiError::from_status(&s))?;
+        let cache = reply.metadata.get(md::RESPONSE_CACHE).and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok());
         let mut stream = reply.stream;
         // Wait for the first message, so a refusal still gets its own status.
         let first = reply::decode(stream.next().await)?;
-        if !parsed.stream {
-            return Ok(json_response(StatusCode::OK, &reply::collect(&envelope, first, stream).await?));
+        let mut response = if parsed.stream {
+            let events = reply::events(envelope, parsed.include_usage, first, stream);
+            let headers = [(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")];
+            (headers, Body::from_stream(events)).into_response()
+        } else {
+            json_response(StatusCode::OK, &reply::collect(&envelope, first, stream).await?)
+        };
+        if let Some(cache) = cache {
+            response.headers_mut().insert(md::RESPONSE_CACHE, cache);
         }
-        let events = reply::events(envelope, parsed.include_usage, first, stream);
-        let headers = [(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")];
-        Ok((headers, Body::from_stream(events)).into_response())
+        Ok(response)
     }
 
     /// The body, refused with 413 past `max_body` before it is all read.
@@ -176,15 +183,16 @@ fn request_id(headers: &HeaderMap) -> Result<String, ApiError> {
     }
 }
 
-/// The gRPC request an edge request becomes: the key, the trace context
-/// and the deadline (`x-request-timeout`, seconds) as metadata.
+/// The gRPC request an edge request becomes: the key, the trace context,
+/// `cache-control` (the response cache's opt-out) and the deadline
+/// (`x-request-timeout`, seconds) as metadata.
 fn grpc_request(
     req: mesh_proto::v1::GenerateRequest,
     headers: &HeaderMap,
 ) -> Result<tonic::Request<mesh_proto::v1::GenerateRequest>, ApiError> {
     let mut request = tonic::Request::new(req);
     let meta = request.metadata_mut();
-    for name in ["authorization", "traceparent", "tracestate"] {
+    for name in ["authorization", "traceparent", "tracestate", md::CACHE_CONTROL] {
         if let Some(value) = headers.get(name).and_then(|v| v.to_str().ok()?.parse().ok()) {
             meta.insert(name, value);
         }

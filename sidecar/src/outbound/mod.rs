@@ -1,10 +1,12 @@
 //! The outbound side: a client's entry point into the mesh. Its layers, in
-//! order, are assembled in `server.rs`: trace, authenticate, service slot,
-//! route. A gate in front of the listener ([`surfaces`]) holds the other
-//! methods on it (models, admin, reflection, health) to the same keys.
+//! order, are assembled in `server.rs`: trace, authenticate, response
+//! cache, service slot, route. A gate in front of the listener
+//! ([`surfaces`]) holds the other methods on it (models, admin,
+//! reflection, health) to the same keys.
 
 pub mod authenticate;
 pub mod balancer;
+pub mod cache;
 pub mod health;
 pub mod instance;
 pub mod prefix;

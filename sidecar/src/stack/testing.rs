@@ -51,7 +51,7 @@ impl Calls {
         self.0.load(Ordering::SeqCst)
     }
 
-    fn add(&self) {
+    pub fn add(&self) {
         self.0.fetch_add(1, Ordering::SeqCst);
     }
 }

@@ -43,6 +43,11 @@ impl Relayed {
     pub fn is_last(&self) -> bool {
         self.finish_reason != 0
     }
+
+    /// The `FinishReason` it carries (0 before the last message).
+    pub fn finish_reason(&self) -> i32 {
+        self.finish_reason
+    }
 }
 
 #[cfg(test)]
