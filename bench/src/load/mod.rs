@@ -16,7 +16,7 @@
 
 pub mod cache;
 pub mod cli;
-mod client;
+pub(crate) mod client;
 pub mod conversation;
 mod engine;
 pub mod mix;

@@ -103,6 +103,22 @@ impl Mesh {
         bulkhead: Option<&Bulkhead>,
         client_routing: &str,
     ) -> anyhow::Result<Mesh> {
+        Self::launch(args, nodes, bulkhead, |etcd| client_sidecar_config(etcd, args.policy, client_routing)).await
+    }
+
+    /// Like `start`, with the client sidecar serving the HTTP edge too
+    /// ([`Mesh::edge`]).
+    pub async fn start_with_edge(args: &MeshArgs, nodes: NodeSet) -> anyhow::Result<Mesh> {
+        Self::launch(args, nodes, None, |etcd| client_sidecar_config(etcd, args.policy, "").with_http()).await
+    }
+
+    /// Starts the mesh; `client` is the client sidecar's config for etcd's URL.
+    async fn launch(
+        args: &MeshArgs,
+        nodes: NodeSet,
+        bulkhead: Option<&Bulkhead>,
+        client: impl FnOnce(&str) -> SidecarConfig,
+    ) -> anyhow::Result<Mesh> {
         let bin =
             harness::workspace_bin("mesh-sidecar", args.sidecar_bin.as_deref(), "cargo build --release -p sidecar")?;
         let service = service_name(&nodes).await?;
@@ -114,8 +130,7 @@ impl Mesh {
             let config = node_sidecar_config(&etcd.url(), nodes.addr(i)?, &service, bulkhead);
             node_sidecars.push(start_sidecar(format!("sidecar of node {i}"), &bin, &config).await?);
         }
-        let config = client_sidecar_config(&etcd.url(), args.policy, client_routing);
-        let client = start_sidecar("client sidecar".into(), &bin, &config).await?;
+        let client = start_sidecar("client sidecar".into(), &bin, &client(&etcd.url())).await?;
         let routable = |all: &[InstanceState]| all.iter().filter(|i| i.service == service && !i.ejected).count();
         client.wait_for_instances(ROUTABLE_TIMEOUT, |all| routable(all) == nodes.len()).await?;
         Ok(Mesh { client, node_sidecars, nodes, etcd, service })
@@ -124,6 +139,12 @@ impl Mesh {
     /// Where clients send: the client sidecar's outbound address.
     pub fn target(&self) -> anyhow::Result<Target> {
         Ok(Target::loopback(self.client.outbound)?)
+    }
+
+    /// The client sidecar's HTTP edge (OpenAI's API), when it serves one.
+    pub fn edge(&self) -> anyhow::Result<Target> {
+        let addr = self.client.http.context("the client sidecar serves no HTTP edge (start_with_edge)")?;
+        Ok(Target::loopback(addr)?)
     }
 
     /// Every node and sidecar process, named (etcd is not on the request path).

@@ -11,6 +11,7 @@
 
 pub mod baseline;
 pub mod direct_vs_mesh;
+pub mod edge;
 pub mod fault;
 pub mod measures;
 pub mod mesh;
@@ -51,6 +52,9 @@ pub enum Scenario {
     /// system prompt, multi-turn conversations, and a shared-prefix workload
     /// through the mesh with least-loaded and cache-aware routing.
     Prefix(prefix::Args),
+    /// The same open loop as gRPC streams to the client sidecar and as
+    /// streaming chat completions to its HTTP edge: the TTFT the edge adds.
+    Edge(edge::Args),
 }
 
 pub async fn run(scenario: Scenario) -> anyhow::Result<()> {
@@ -62,6 +66,7 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<()> {
             Scenario::Overload(args) => overload::run(args).await.map(|_| ()),
             Scenario::Scale(args) => scale::run(args).await.map(|_| ()),
             Scenario::Prefix(args) => prefix::run(args).await.map(|_| ()),
+            Scenario::Edge(args) => edge::run(args).await.map(|_| ()),
         }
     };
     // On Ctrl-C the scenario future is dropped, which kills the processes
