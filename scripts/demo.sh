@@ -28,18 +28,22 @@ for _ in $(seq 1800); do
   sleep 0.1
 done
 [ "$(wc -l <"$work/mesh.json")" -ge 1 ] || { echo "the mesh did not come up" >&2; cat "$work/mesh.log" >&2; exit 1; }
-read -r etcd_url node_addr client_addr < <(python3 -c '
+read -r etcd_url node_addr client_addr http_addr < <(python3 -c '
 import json, sys
 m = json.loads(open(sys.argv[1]).readline())
-print(m["etcd"], m["nodes"][0]["grpc"], m["addresses"]["outbound"])' "$work/mesh.json")
+print(m["etcd"], m["nodes"][0]["grpc"], m["addresses"]["outbound"], m["addresses"]["http"])' "$work/mesh.json")
 echo "etcd at $etcd_url"
 echo "node (SmolLM2-135M) at $node_addr"
 echo "node sidecar registered the node in etcd"
-echo "client sidecar at $client_addr"
+echo "client sidecar at $client_addr (gRPC) and http://$http_addr/v1 (OpenAI's API)"
 
 target/release/meshctl status --etcd "$etcd_url"
 echo
 target/release/meshctl --addr "http://$client_addr" generate --model chat \
   "${1:-Explain in two sentences why batching makes LLM serving cheaper.}"
+echo
+echo "the same mesh through the HTTP edge (server-sent events):"
+curl -sN "http://$http_addr/v1/chat/completions" -H 'Content-Type: application/json' \
+  -d '{"model": "chat", "messages": [{"role": "user", "content": "Name three colors."}], "max_tokens": 24, "temperature": 0, "stream": true}'
 echo
 target/release/meshctl status --sidecar "http://$client_addr"

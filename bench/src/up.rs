@@ -4,9 +4,10 @@
 //! node it prints one JSON line on stdout, then runs until SIGINT or
 //! SIGTERM and takes every process down with it:
 //!
-//! `{"event":"ready","role":"mesh","service":"chat","etcd":"http://127.0.0.1:2379","addresses":{"outbound":"127.0.0.1:4000"},"nodes":[{"grpc":"127.0.0.1:4001","sidecar_inbound":"127.0.0.1:4002"}]}`
+//! `{"event":"ready","role":"mesh","service":"chat","etcd":"http://127.0.0.1:2379","addresses":{"outbound":"127.0.0.1:4000","http":"127.0.0.1:4003"},"nodes":[{"grpc":"127.0.0.1:4001","sidecar_inbound":"127.0.0.1:4002"}]}`
 //!
-//! `addresses.outbound` is where clients send (the client sidecar).
+//! `addresses.outbound` is where gRPC clients send (the client sidecar),
+//! `addresses.http` where OpenAI-API clients do (its HTTP edge).
 
 use std::io::Write;
 
@@ -29,7 +30,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
     let start = async {
         let nodes = NodeSet::start(&args.nodes, args.nodes.nodes.unwrap_or(1)).await?;
-        Mesh::start(&args.mesh, nodes, None).await
+        Mesh::start_with_edge(&args.mesh, nodes).await
     };
     // A signal while starting drops the half-started mesh, which kills
     // what it started (kill_on_drop), as does one once it is up.
@@ -59,7 +60,7 @@ fn ready_line(mesh: &Mesh) -> anyhow::Result<serde_json::Value> {
         "role": "mesh",
         "service": mesh.service,
         "etcd": mesh.etcd.url(),
-        "addresses": { "outbound": mesh.client.outbound.to_string() },
+        "addresses": { "outbound": mesh.client.outbound.to_string(), "http": mesh.client.http.map(|a| a.to_string()) },
         "nodes": nodes,
     }))
 }
