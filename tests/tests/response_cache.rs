@@ -5,6 +5,9 @@
 //! 100 identical requests at once open exactly one upstream stream.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use mesh_proto::metadata as md;
 use mesh_proto::v1::generation_client::GenerationClient;
@@ -139,4 +142,86 @@ async fn a_hundred_identical_requests_at_once_open_one_upstream_stream() {
     let hits = mesh.client_metric("mesh_sidecar_response_cache_hits_total").await;
     eprintln!("100 identical requests: 1 miss, {coalesced} coalesced, {hits} hits");
     assert_eq!(coalesced + hits, 99.0);
+}
+
+/// Runs `prompts` greedily, 4 callers taking them in order: each call's
+/// `x-mesh-cache` marker, time to its first message at the caller, and its
+/// node work (prompt + completion tokens, from the usage it reports).
+async fn drive(mesh: &Mesh, prompts: &[String]) -> Vec<(String, Duration, u32)> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut callers = Vec::new();
+    for _ in 0..4 {
+        let (mut client, prompts, next) = (mesh.client.client().await, prompts.to_vec(), next.clone());
+        callers.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while let Some(prompt) = prompts.get(next.fetch_add(1, Ordering::SeqCst)) {
+                let sent = Instant::now();
+                let response = client.generate(greedy(prompt, 8)).await.expect("generate");
+                let marker = response.metadata().get(md::RESPONSE_CACHE).unwrap().to_str().unwrap().to_string();
+                let mut stream = response.into_inner();
+                let first = stream.message().await.unwrap().expect("a first message");
+                let ttft = sent.elapsed();
+                let mut usage = first.usage;
+                while let Some(msg) = stream.message().await.unwrap() {
+                    usage = msg.usage.or(usage);
+                }
+                let usage = usage.expect("usage on the last message");
+                seen.push((marker, ttft, usage.prompt_tokens + usage.completion_tokens));
+            }
+            seen
+        }));
+    }
+    let mut all = Vec::new();
+    for caller in callers {
+        all.extend(caller.await.unwrap());
+    }
+    all
+}
+
+/// The client sidecar's outbound first-token histogram: calls within 2 ms, and all calls.
+async fn ttft_within_2ms(mesh: &Mesh) -> (f64, f64) {
+    let metrics = scrape(&mesh.client.metrics().unwrap().to_string()).await;
+    let outbound = |name: &str, le: Option<&str>| {
+        let mut found = metrics.iter().filter(|(k, _)| {
+            k.starts_with(name) && k.contains("direction=\"outbound\"") && le.is_none_or(|le| k.contains(le))
+        });
+        found.next().map_or(0.0, |(_, v)| *v)
+    };
+    let within = outbound("mesh_sidecar_time_to_first_token_seconds_bucket", Some("le=\"0.002\""));
+    (within, outbound("mesh_sidecar_time_to_first_token_seconds_count", None))
+}
+
+/// The issue's figure: of 300 greedy requests, every tenth's last three
+/// repeat that tenth's first three (30%). Node work (prompt + completion
+/// tokens of the streams the node ran) against what every request would
+/// have cost without the cache; then the same 300 again, all hits, timed
+/// by the client sidecar's own first-token histogram.
+#[tokio::test(flavor = "multi_thread")]
+async fn thirty_percent_repeats_cut_node_work_and_hits_start_within_2ms() {
+    let mesh = mesh().await;
+    let prompts: Vec<String> = (0..300).map(|i| format!("question {}", if i % 10 >= 7 { i - 7 } else { i })).collect();
+    let all = drive(&mesh, &prompts).await;
+    let work = |f: &dyn Fn(&str) -> bool| all.iter().filter(|(m, ..)| f(m)).map(|(.., w)| *w as f64).sum::<f64>();
+    let (without, with) = (work(&|_| true), work(&|m| m != "hit" && m != "coalesced"));
+    let drop = 1.0 - with / without;
+    let mut hits: Vec<_> = all.iter().filter(|(m, ..)| m == "hit").map(|(_, t, _)| *t).collect();
+    hits.sort();
+    let misses = all.iter().filter(|(m, ..)| m == "miss").count();
+    assert_eq!(mesh.node_requests().await, misses as f64, "the node ran exactly the misses");
+
+    let before = ttft_within_2ms(&mesh).await;
+    let again = drive(&mesh, &prompts).await;
+    assert!(again.iter().all(|(m, ..)| m == "hit"));
+    let after = ttft_within_2ms(&mesh).await;
+    let share = (after.0 - before.0) / (after.1 - before.1);
+    eprintln!(
+        "300 greedy requests, 30% repeats: node work {with} of {without} tokens ({:.1}% less), {misses} misses; \
+         hits' first message at the caller p50 {:?} p99 {:?}; 300 hits: {:.1}% within 2 ms at the client sidecar",
+        drop * 100.0,
+        hits[hits.len() / 2],
+        hits[(hits.len() * 99).div_ceil(100) - 1],
+        share * 100.0,
+    );
+    assert!(drop >= 0.28, "node work fell by {:.1}%", drop * 100.0);
+    assert!(share >= 0.99, "only {:.1}% of hits started within 2 ms at the client sidecar", share * 100.0);
 }
