@@ -63,7 +63,9 @@ impl GenerationApi {
             telemetry::propagation::record_status(&span, &status);
             status
         })?;
-        let mut response = Response::new(ReplyStream { replies: UnboundedReceiverStream::new(rx), span: span.clone() });
+        let replies = UnboundedReceiverStream::new(rx);
+        let model = self.model_name.clone();
+        let mut response = Response::new(ReplyStream { replies, span: span.clone(), model });
         load.put(response.metadata_mut());
         Ok(response)
     }
@@ -106,6 +108,9 @@ impl Generation for GenerationApi {
 pub struct ReplyStream {
     replies: UnboundedReceiverStream<Reply>,
     span: tracing::Span,
+    /// Named on the last message, so a caller whose call a sidecar degraded
+    /// to an overflow service can tell which model answered.
+    model: String,
 }
 
 impl Drop for ReplyStream {
@@ -118,7 +123,13 @@ impl Stream for ReplyStream {
     type Item = Reply;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Reply>> {
-        Pin::new(&mut self.replies).poll_next(cx)
+        let mut reply = std::task::ready!(Pin::new(&mut self.replies).poll_next(cx));
+        if let Some(Ok(msg)) = &mut reply
+            && msg.finish_reason != 0
+        {
+            msg.model = std::mem::take(&mut self.model);
+        }
+        Poll::Ready(reply)
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {

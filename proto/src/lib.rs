@@ -33,6 +33,13 @@ pub mod metadata {
     /// Sent by a caller (`no-cache` or `no-store`): neither serve this
     /// request from the client sidecar's response cache nor store its answer.
     pub const CACHE_CONTROL: &str = "cache-control";
+    /// On every `Generate` response from a client sidecar: the service that
+    /// served it, the one asked for or, when the call overflowed, the
+    /// smaller service that took it instead (`[[routing.overflow]]`).
+    pub const SERVED_BY: &str = "x-mesh-served-by";
+    /// On a refusal for a tenant's rate limit: the tenant is over its share,
+    /// so the call is not degraded to an overflow service either.
+    pub const TENANT_LIMITED: &str = "x-mesh-tenant-limited";
 }
 
 /// API keys: clients send `authorization: Bearer <key>`; sidecar configs

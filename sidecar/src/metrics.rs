@@ -38,6 +38,16 @@ pub struct PrefixLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OverflowLabels {
+    /// The primary service (one with an overflow rule, so the set is the config's).
+    pub service: String,
+    /// What the primary said: `full` (RESOURCE_EXHAUSTED: bulkheads or
+    /// queues full), `unavailable` (no healthy instance) or `deadline` (it
+    /// could not start the call before its deadline).
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpLabels {
     /// `chat`, `completions` or `models`; unknown routes are not counted.
     pub route: &'static str,
@@ -89,6 +99,8 @@ pub struct SidecarMetrics {
     pub prefix_index_blocks: Gauge,
     pub retries: Counter,
     pub migrations: Counter,
+    /// Calls the overflow service served because their primary could not.
+    pub overflowed: Family<OverflowLabels, Counter>,
     /// Calls a listener's gate refused (identity, or a key on an operator surface).
     pub refused_requests: Family<DirectionLabels, Counter>,
     /// Requests to the HTTP edge, by route and HTTP status.
@@ -123,6 +135,7 @@ impl SidecarMetrics {
             prefix_index_blocks: Gauge::default(),
             retries: Counter::default(),
             migrations: Counter::default(),
+            overflowed: Family::default(),
             refused_requests: Family::default(),
             http_requests: Family::default(),
             response_cache: ResponseCacheMetrics::default(),
@@ -160,6 +173,11 @@ impl SidecarMetrics {
         );
         r.register("retries", "Attempts after the first, before a first token", self.retries.clone());
         r.register("migrations", "Streams moved to another instance mid-way", self.migrations.clone());
+        r.register(
+            "overflowed_requests",
+            "Calls served by an overflow service because their primary could not take them, by service and reason",
+            self.overflowed.clone(),
+        );
         r.register(
             "refused_requests",
             "Calls a listener refused before any service, by direction (identity; key on admin, reflection, models)",

@@ -26,6 +26,7 @@ use crate::metrics::SidecarMetrics;
 use crate::outbound::authenticate::{ApiKeys, Authenticate};
 use crate::outbound::balancer::Balancer;
 use crate::outbound::cache::ResponseCache;
+use crate::outbound::overflow::Overflow;
 use crate::outbound::route::Route;
 use crate::outbound::service_slot::{Known, ServiceSlot};
 use crate::outbound::surfaces::OperatorSurfaces;
@@ -37,7 +38,9 @@ use crate::wire::generation_client::GenerationClient;
 use crate::wire::generation_server::GenerationServer;
 
 /// The outbound request path, first layer first, shared by the gRPC
-/// listener and the HTTP edge.
+/// listener and the HTTP edge. Overflow sits above the cache, so a cache
+/// hit of the primary comes first and an overflowed answer is cached under
+/// the service that gave it, never the primary's.
 fn outbound_stack(cfg: &SidecarConfig, balancer: &Arc<Balancer>, metrics: &SidecarMetrics) -> (Next, ListModels) {
     let registered = balancer.clone();
     let known: Known = Arc::new(move |s| registered.knows(s));
@@ -45,6 +48,7 @@ fn outbound_stack(cfg: &SidecarConfig, balancer: &Arc<Balancer>, metrics: &Sidec
     let generate = ServiceBuilder::new()
         .layer(step(Trace::new(Hop::Outbound { known: known.clone() }, metrics.clone())))
         .layer(step(Authenticate(ApiKeys::new(&cfg.api_keys))))
+        .layer(step(Overflow::new(&cfg.routing.overflow, ApiKeys::new(&cfg.api_keys), metrics.clone())))
         .option_layer(cache.then(|| step(ResponseCache::new(&cfg.response_cache, metrics.response_cache.clone()))))
         .layer(step(ServiceSlot::new(cfg.routing.max_streams_per_service, known, metrics.clone())))
         .service(Route::new(balancer.clone(), cfg.routing.clone(), metrics.clone()).service());

@@ -221,7 +221,13 @@ impl Sequence {
         self.phase.record("completion_tokens", usage.completion_tokens);
         self.phase.record("finish_reason", reason.as_str_name());
         self.phase = tracing::Span::none(); // decoding is over before the last message goes out
-        self.send(GenerateResponse { text, token_ids: Vec::new(), finish_reason: reason.into(), usage: Some(usage) });
+        self.send(GenerateResponse {
+            text,
+            token_ids: Vec::new(),
+            finish_reason: reason.into(),
+            usage: Some(usage),
+            ..Default::default()
+        });
     }
 
     pub fn fail(self, status: Status) {

@@ -11,6 +11,7 @@ use serde::Deserialize;
 mod etcd;
 mod limits;
 mod listen;
+mod overflow;
 mod ranges;
 mod response_cache;
 mod routing;
@@ -19,6 +20,7 @@ mod security;
 pub use etcd::EtcdSection;
 pub use limits::{ServiceLimits, TenantLimits};
 pub use listen::{Listen, NodeSection};
+pub use overflow::{Degradable, OverflowRule};
 pub use response_cache::ResponseCache;
 pub use routing::{Outlier, Policy, Routing};
 pub use security::{ApiKey, TlsSection};
@@ -121,6 +123,7 @@ impl SidecarConfig {
         self.etcd.validate()?;
         ranges::check(self)?;
         self.response_cache.validate()?;
+        overflow::validate(&self.routing.overflow)?;
         if let Some((key, problem)) = self.http2.invalid() {
             return Err(invalid(format!("http2.{key}"), problem));
         }

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::OverflowRule;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Policy {
@@ -38,6 +40,8 @@ pub struct Routing {
     /// Cache-aware routing: prefix blocks (128 bytes of prompt each) the
     /// index remembers, for all services together; 44 bytes each.
     pub prefix_index_blocks: usize,
+    /// Services that take a primary's calls when it cannot.
+    pub overflow: Vec<OverflowRule>,
 }
 
 impl Default for Routing {
@@ -51,6 +55,7 @@ impl Default for Routing {
             retry_floor_per_sec: 5.0,
             max_streams_per_service: 1024,
             prefix_index_blocks: 1_000_000,
+            overflow: Vec::new(),
         }
     }
 }

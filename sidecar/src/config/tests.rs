@@ -98,3 +98,28 @@ fn cache_aware_routing_is_named_in_kebab_case_and_its_index_is_bounded() {
     let err = toml::from_str::<SidecarConfig>(&huge).unwrap().validate().unwrap_err().to_string();
     assert_eq!(err, "routing.prefix_index_blocks: must be in [1000, 100000000]");
 }
+
+#[test]
+fn overflow_rules_default_to_low_and_normal_and_name_the_key_at_fault() {
+    let rule =
+        |extra: &str| format!("{MINIMAL}\n[[routing.overflow]]\nservice = \"chat\"\nto = \"chat-small\"\n{extra}");
+    let cfg: SidecarConfig = toml::from_str(&rule("")).unwrap();
+    cfg.validate().unwrap();
+    let r = &cfg.routing.overflow[0];
+    assert_eq!((r.service.as_str(), r.to.as_str()), ("chat", "chat-small"));
+    assert_eq!(r.priorities, [Degradable::Low, Degradable::Normal]);
+    assert!(r.tenants_never.is_empty());
+    let refused = |text: String| toml::from_str::<SidecarConfig>(&text).unwrap().validate().unwrap_err().to_string();
+    let err = refused(rule("priorities = [\"low\", \"high\"]"));
+    assert!(err.starts_with("routing.overflow[0].priorities: high-priority calls are never degraded"), "{err}");
+    let err = refused(rule("").replace("chat-small", "chat"));
+    assert!(err.starts_with("routing.overflow[0].to: must name a service other"), "{err}");
+    let err = refused(format!("{}\n[[routing.overflow]]\nservice = \"chat\"\nto = \"chat-tiny\"\n", rule("")));
+    assert!(err.starts_with("routing.overflow[1].service: \"chat\" already has an overflow rule"), "{err}");
+    let err = refused(rule("").replace("to = \"chat-small\"", "to = \"\""));
+    assert!(err.starts_with("routing.overflow[0].service: service and to must both"), "{err}");
+    let err = toml::from_str::<SidecarConfig>(&rule("priorities = [\"urgent\"]")).unwrap_err().to_string();
+    assert!(err.contains("urgent"), "{err}");
+    let err = toml::from_str::<SidecarConfig>(&rule("tenant_never = [\"a\"]")).unwrap_err().to_string();
+    assert!(err.contains("tenant_never"), "{err}");
+}

@@ -5,6 +5,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use mesh_proto::metadata as md;
+use tonic::metadata::MetadataValue;
 use tonic::{Code, Status};
 
 use super::tenants::Tenants;
@@ -33,7 +35,9 @@ impl Step for ChargeTenant {
                 "tenant {tenant:?} is over its {} limit of {}; retry after {:?}",
                 over.what, over.limit, over.retry_after
             );
-            return Err(retry_later(Code::ResourceExhausted, message, over.retry_after));
+            let mut refused = retry_later(Code::ResourceExhausted, message, over.retry_after);
+            refused.metadata_mut().insert(md::TENANT_LIMITED, MetadataValue::from_static("1"));
+            return Err(refused);
         }
         let refund = Refund { tenants: self.tenants.clone(), tenant, charge, used: 0 };
         pass_watched(next, call, refund).await
@@ -92,6 +96,7 @@ mod tests {
         let refused = charge.call(asking(10), next.clone()).await.err().unwrap();
         assert_eq!(refused.code(), Code::ResourceExhausted);
         assert!(refused.metadata().get(md::RETRY_AFTER_MS).is_some());
+        assert!(refused.metadata().get(md::TENANT_LIMITED).is_some(), "not to be degraded to an overflow service");
         let limit = LimitLabels { limit: "tokens_per_min".into() };
         assert_eq!(metrics.rate_limited.get_or_create(&limit).get(), 1);
         assert_eq!(calls.get(), 1);

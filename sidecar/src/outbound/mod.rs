@@ -1,6 +1,6 @@
 //! The outbound side: a client's entry point into the mesh. Its layers, in
-//! order, are assembled in `server.rs`: trace, authenticate, response
-//! cache, service slot, route. A gate in front of the listener
+//! order, are assembled in `server.rs`: trace, authenticate, overflow,
+//! response cache, service slot, route. A gate in front of the listener
 //! ([`surfaces`]) holds the other methods on it (models, admin,
 //! reflection, health) to the same keys.
 
@@ -9,6 +9,7 @@ pub mod balancer;
 pub mod cache;
 pub mod health;
 pub mod instance;
+pub mod overflow;
 pub mod prefix;
 pub mod route;
 pub mod service_slot;

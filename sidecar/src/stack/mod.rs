@@ -152,6 +152,19 @@ impl Call {
         Self(Box::new(CallParts { req, metadata, received, deadline, span: tracing::Span::none() }))
     }
 
+    /// A copy of the call for `service` instead: the same request,
+    /// metadata, deadline and span (an overflow keeps the caller's deadline).
+    pub fn redirected(&self, service: &str) -> Self {
+        let req = GenerateRequest { model: service.to_string(), ..self.req.clone() };
+        Self(Box::new(CallParts {
+            req,
+            metadata: self.metadata.clone(),
+            received: self.received,
+            deadline: self.deadline,
+            span: self.span.clone(),
+        }))
+    }
+
     /// The call's parts, to keep (the bottom of a stack).
     pub fn into_parts(self) -> CallParts {
         *self.0

@@ -69,11 +69,12 @@ mod tests {
                 time_to_first_token_us: 11,
                 cached_prompt_tokens: 2,
             }),
+            model: "chat-small".into(),
         };
         let relayed = Relayed::decode(full.encode_to_vec().into()).unwrap();
         assert_eq!(relayed.token_ids(), [7, 300, 70_000]);
         assert!(relayed.is_last());
-        assert_eq!(GenerateResponse::decode(relayed.encoded()).unwrap(), full, "text and usage pass through");
+        assert_eq!(GenerateResponse::decode(relayed.encoded()).unwrap(), full, "text, usage and model pass through");
 
         let middle = GenerateResponse { text: "a".into(), token_ids: vec![1], ..Default::default() };
         assert!(!Relayed::decode(middle.encode_to_vec().into()).unwrap().is_last());

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12mesh/v1/mesh.proto\x12\x07mesh.v1\"\x94\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12%\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x15.mesh.v1.ChatMessagesH\x00\x12)\n\x08sampling\x18\x04 \x01(\x0b\x32\x17.mesh.v1.SamplingParams\x12#\n\x08priority\x18\x05 \x01(\x0e\x32\x11.mesh.v1.Priority\x12\x0e\n\x06tenant\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x1e\n\x16\x63ontinuation_token_ids\x18\x08 \x03(\r\x12\x1c\n\x14\x61llow_special_tokens\x18\t \x01(\x08\x42\x07\n\x05input\"6\n\x0c\x43hatMessages\x12&\n\x08messages\x18\x01 \x03(\x0b\x32\x14.mesh.v1.ChatMessage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x90\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\tB\x08\n\x06_top_pB\x07\n\x05_seed\"\x80\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12,\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x15.mesh.v1.FinishReason\x12\x1d\n\x05usage\x18\x04 \x01(\x0b\x32\x0e.mesh.v1.Usage\"\x8e\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rqueue_time_us\x18\x03 \x01(\x04\x12\x1e\n\x16time_to_first_token_us\x18\x04 \x01(\x04\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x05 \x01(\r\"\x13\n\x11ListModelsRequest\"8\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.mesh.v1.ModelInfo\"\xb2\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\x1a\n\x12\x64\x65\x66\x61ult_max_tokens\x18\x04 \x01(\r\x12\x13\n\x0bmax_running\x18\x05 \x01(\r\x12\x12\n\nmax_queued\x18\x06 \x01(\r\x12\x15\n\rmax_kv_tokens\x18\x07 \x01(\x04\x12\x12\n\nvocab_size\x18\x08 \x01(\r\"\x12\n\x10InstancesRequest\"V\n\x11InstancesResponse\x12)\n\tinstances\x18\x01 \x03(\x0b\x32\x16.mesh.v1.InstanceState\x12\x16\n\x0e\x65tcd_reachable\x18\x02 \x01(\x08\"\xd9\x01\n\rInstanceState\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0e\n\x06weight\x18\x04 \x01(\r\x12\x11\n\tin_flight\x18\x05 \x01(\r\x12\x14\n\x0c\x65wma_ttft_ms\x18\x06 \x01(\x01\x12\x17\n\x0freported_queued\x18\x07 \x01(\r\x12\x0f\n\x07\x65jected\x18\x08 \x01(\x08\x12\x16\n\x0e\x65jected_reason\x18\t \x01(\t\x12\x16\n\x0e\x65jected_for_ms\x18\n \x01(\x04*^\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cPRIORITY_LOW\x10\x01\x12\x13\n\x0fPRIORITY_NORMAL\x10\x02\x12\x11\n\rPRIORITY_HIGH\x10\x03*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\x96\x01\n\nGeneration\x12\x41\n\x08Generate\x12\x18.mesh.v1.GenerateRequest\x1a\x19.mesh.v1.GenerateResponse0\x01\x12\x45\n\nListModels\x12\x1a.mesh.v1.ListModelsRequest\x1a\x1b.mesh.v1.ListModelsResponse2R\n\x0cSidecarAdmin\x12\x42\n\tInstances\x12\x19.mesh.v1.InstancesRequest\x1a\x1a.mesh.v1.InstancesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12mesh/v1/mesh.proto\x12\x07mesh.v1\"\x94\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12%\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x15.mesh.v1.ChatMessagesH\x00\x12)\n\x08sampling\x18\x04 \x01(\x0b\x32\x17.mesh.v1.SamplingParams\x12#\n\x08priority\x18\x05 \x01(\x0e\x32\x11.mesh.v1.Priority\x12\x0e\n\x06tenant\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x1e\n\x16\x63ontinuation_token_ids\x18\x08 \x03(\r\x12\x1c\n\x14\x61llow_special_tokens\x18\t \x01(\x08\x42\x07\n\x05input\"6\n\x0c\x43hatMessages\x12&\n\x08messages\x18\x01 \x03(\x0b\x32\x14.mesh.v1.ChatMessage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x90\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\tB\x08\n\x06_top_pB\x07\n\x05_seed\"\x8f\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12,\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x15.mesh.v1.FinishReason\x12\x1d\n\x05usage\x18\x04 \x01(\x0b\x32\x0e.mesh.v1.Usage\x12\r\n\x05model\x18\x05 \x01(\t\"\x8e\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rqueue_time_us\x18\x03 \x01(\x04\x12\x1e\n\x16time_to_first_token_us\x18\x04 \x01(\x04\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x05 \x01(\r\"\x13\n\x11ListModelsRequest\"8\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.mesh.v1.ModelInfo\"\xb2\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\x1a\n\x12\x64\x65\x66\x61ult_max_tokens\x18\x04 \x01(\r\x12\x13\n\x0bmax_running\x18\x05 \x01(\r\x12\x12\n\nmax_queued\x18\x06 \x01(\r\x12\x15\n\rmax_kv_tokens\x18\x07 \x01(\x04\x12\x12\n\nvocab_size\x18\x08 \x01(\r\"\x12\n\x10InstancesRequest\"V\n\x11InstancesResponse\x12)\n\tinstances\x18\x01 \x03(\x0b\x32\x16.mesh.v1.InstanceState\x12\x16\n\x0e\x65tcd_reachable\x18\x02 \x01(\x08\"\xd9\x01\n\rInstanceState\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0e\n\x06weight\x18\x04 \x01(\r\x12\x11\n\tin_flight\x18\x05 \x01(\r\x12\x14\n\x0c\x65wma_ttft_ms\x18\x06 \x01(\x01\x12\x17\n\x0freported_queued\x18\x07 \x01(\r\x12\x0f\n\x07\x65jected\x18\x08 \x01(\x08\x12\x16\n\x0e\x65jected_reason\x18\t \x01(\t\x12\x16\n\x0e\x65jected_for_ms\x18\n \x01(\x04*^\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cPRIORITY_LOW\x10\x01\x12\x13\n\x0fPRIORITY_NORMAL\x10\x02\x12\x11\n\rPRIORITY_HIGH\x10\x03*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\x96\x01\n\nGeneration\x12\x41\n\x08Generate\x12\x18.mesh.v1.GenerateRequest\x1a\x19.mesh.v1.GenerateResponse0\x01\x12\x45\n\nListModels\x12\x1a.mesh.v1.ListModelsRequest\x1a\x1b.mesh.v1.ListModelsResponse2R\n\x0cSidecarAdmin\x12\x42\n\tInstances\x12\x19.mesh.v1.InstancesRequest\x1a\x1a.mesh.v1.InstancesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mesh.v1.mesh_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PRIORITY']._serialized_start=1423
-  _globals['_PRIORITY']._serialized_end=1517
-  _globals['_FINISHREASON']._serialized_start=1519
-  _globals['_FINISHREASON']._serialized_end=1643
+  _globals['_PRIORITY']._serialized_start=1438
+  _globals['_PRIORITY']._serialized_end=1532
+  _globals['_FINISHREASON']._serialized_start=1534
+  _globals['_FINISHREASON']._serialized_end=1658
   _globals['_GENERATEREQUEST']._serialized_start=32
   _globals['_GENERATEREQUEST']._serialized_end=308
   _globals['_CHATMESSAGES']._serialized_start=310
@@ -44,23 +44,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS']._serialized_start=413
   _globals['_SAMPLINGPARAMS']._serialized_end=557
   _globals['_GENERATERESPONSE']._serialized_start=560
-  _globals['_GENERATERESPONSE']._serialized_end=688
-  _globals['_USAGE']._serialized_start=691
-  _globals['_USAGE']._serialized_end=833
-  _globals['_LISTMODELSREQUEST']._serialized_start=835
-  _globals['_LISTMODELSREQUEST']._serialized_end=854
-  _globals['_LISTMODELSRESPONSE']._serialized_start=856
-  _globals['_LISTMODELSRESPONSE']._serialized_end=912
-  _globals['_MODELINFO']._serialized_start=915
-  _globals['_MODELINFO']._serialized_end=1093
-  _globals['_INSTANCESREQUEST']._serialized_start=1095
-  _globals['_INSTANCESREQUEST']._serialized_end=1113
-  _globals['_INSTANCESRESPONSE']._serialized_start=1115
-  _globals['_INSTANCESRESPONSE']._serialized_end=1201
-  _globals['_INSTANCESTATE']._serialized_start=1204
-  _globals['_INSTANCESTATE']._serialized_end=1421
-  _globals['_GENERATION']._serialized_start=1646
-  _globals['_GENERATION']._serialized_end=1796
-  _globals['_SIDECARADMIN']._serialized_start=1798
-  _globals['_SIDECARADMIN']._serialized_end=1880
+  _globals['_GENERATERESPONSE']._serialized_end=703
+  _globals['_USAGE']._serialized_start=706
+  _globals['_USAGE']._serialized_end=848
+  _globals['_LISTMODELSREQUEST']._serialized_start=850
+  _globals['_LISTMODELSREQUEST']._serialized_end=869
+  _globals['_LISTMODELSRESPONSE']._serialized_start=871
+  _globals['_LISTMODELSRESPONSE']._serialized_end=927
+  _globals['_MODELINFO']._serialized_start=930
+  _globals['_MODELINFO']._serialized_end=1108
+  _globals['_INSTANCESREQUEST']._serialized_start=1110
+  _globals['_INSTANCESREQUEST']._serialized_end=1128
+  _globals['_INSTANCESRESPONSE']._serialized_start=1130
+  _globals['_INSTANCESRESPONSE']._serialized_end=1216
+  _globals['_INSTANCESTATE']._serialized_start=1219
+  _globals['_INSTANCESTATE']._serialized_end=1436
+  _globals['_GENERATION']._serialized_start=1661
+  _globals['_GENERATION']._serialized_end=1811
+  _globals['_SIDECARADMIN']._serialized_start=1813
+  _globals['_SIDECARADMIN']._serialized_end=1895
 # @@protoc_insertion_point(module_scope)
