@@ -114,10 +114,19 @@ impl Edge {
         tracing::debug!(request_id = id, user = parsed.user.as_deref().unwrap_or(""), "http edge request");
         let mut req = parsed.req;
         req.request_id = id.to_string();
-        let envelope = Envelope { api, id: format!("{}-{id}", prefix(api)), created: now(), model: req.model.clone() };
+        let mut envelope =
+            Envelope { api, id: format!("{}-{id}", prefix(api)), created: now(), model: req.model.clone() };
         let call = Call::new(grpc_request(req, &headers)?);
         let reply = self.generate.clone().oneshot(call).await.map_err(|s| ApiError::from_status(&s))?;
-        let cache = reply.metadata.get(md::RESPONSE_CACHE).and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok());
+        // An overflowed call names the service that served it, as OpenAI's
+        // "model" names the model that answered.
+        if let Some(served) = reply.metadata.get(md::SERVED_BY).and_then(|v| v.to_str().ok()) {
+            envelope.model = served.to_string();
+        }
+        let echoed: Vec<_> = [md::RESPONSE_CACHE, md::SERVED_BY]
+            .into_iter()
+            .filter_map(|k| Some((k, HeaderValue::from_bytes(reply.metadata.get(k)?.as_bytes()).ok()?)))
+            .collect();
         let mut stream = reply.stream;
         // Wait for the first message, so a refusal still gets its own status.
         let first = reply::decode(stream.next().await)?;
@@ -128,8 +137,8 @@ impl Edge {
         } else {
             json_response(StatusCode::OK, &reply::collect(&envelope, first, stream).await?)
         };
-        if let Some(cache) = cache {
-            response.headers_mut().insert(md::RESPONSE_CACHE, cache);
+        for (key, value) in echoed {
+            response.headers_mut().insert(key, value);
         }
         Ok(response)
     }

@@ -108,3 +108,28 @@ fn a_stream_cut_short_by_the_server_is_an_error_to_retry() {
     assert_eq!(finish(&msg(2)).unwrap(), Some("length"));
     assert_eq!(finish(&msg(3)).unwrap_err().status, 503);
 }
+
+#[tokio::test]
+async fn an_overflowed_call_names_the_service_that_served_it() {
+    use axum::body::Body;
+    use axum::http::HeaderMap;
+    use mesh_proto::metadata as md;
+
+    use crate::stack::testing::reply;
+    use crate::stack::{Call, ListModels, Reply, last};
+
+    let generate = last(|_: Call| async {
+        let mut served = reply(2);
+        served.metadata.insert(md::SERVED_BY, "chat-small".parse().unwrap());
+        Ok::<Reply, tonic::Status>(served)
+    });
+    let list_models = ListModels::new(tower::service_fn(|_| async { Ok(Default::default()) }));
+    let keys = crate::outbound::authenticate::ApiKeys::new(&[]);
+    let edge = super::Edge { generate, list_models, keys, max_body: 1 << 20, requests: Default::default() };
+    let body = Body::from(json!({"model": "chat", "prompt": "x"}).to_string());
+    let response = edge.generate(Api::Completions, "1", HeaderMap::new(), body).await.unwrap();
+    assert_eq!(response.headers()[md::SERVED_BY], "chat-small");
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
+    let body: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(body["model"], "chat-small", "{body}");
+}
