@@ -4,8 +4,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, ValueEnum};
 
+use crate::device::{DeviceChoice, DeviceSetting};
 use crate::model::qgemm::Kernel;
 use crate::scheduler::Limits;
 
@@ -141,12 +143,77 @@ pub struct NodeConfig {
     #[arg(long, env = "MESH_NODE_KERNEL", value_enum)]
     pub kernel: Option<Kernel>,
 
-    /// Run the model on CUDA device N (needs a build with `--features cuda`).
-    #[arg(long, env = "MESH_NODE_CUDA_DEVICE")]
+    /// Where the model runs: `cpu`, or `cuda:N` for CUDA device N (needs
+    /// the CUDA build, scripts/build-cuda.sh). Without it, the CPU; the start
+    /// log names the device either way. A node told `cuda:N` never falls
+    /// back to the CPU: a build without CUDA, or a device that cannot be
+    /// opened, stops it at start, before the model is read.
+    #[arg(long, env = "MESH_NODE_DEVICE", value_parser = device_choice)]
+    pub device: Option<DeviceChoice>,
+
+    /// Deprecated: `--device cuda:N` (same rules; warned at start).
+    #[arg(long, env = "MESH_NODE_CUDA_DEVICE", hide = true)]
     pub cuda_device: Option<usize>,
+
+    /// How the device settings were given (flag or environment), for
+    /// errors that name the line to change; set by `from_matches`.
+    #[arg(skip)]
+    pub sources: DeviceSources,
+}
+
+/// Whether `--device` and `--cuda-device` came from the command line or
+/// the environment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceSources {
+    pub device_from_env: bool,
+    pub cuda_device_from_env: bool,
 }
 
 impl NodeConfig {
+    /// Parses the process's flags and environment (exiting on errors, as
+    /// clap does), noting where the device settings came from.
+    pub fn from_process() -> Self {
+        let matches = Self::command().get_matches();
+        Self::from_matches(&matches).unwrap_or_else(|e| e.exit())
+    }
+
+    pub fn from_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
+        let mut cfg = Self::from_arg_matches(matches)?;
+        let from_env = |id| matches.value_source(id) == Some(ValueSource::EnvVariable);
+        cfg.sources =
+            DeviceSources { device_from_env: from_env("device"), cuda_device_from_env: from_env("cuda_device") };
+        Ok(cfg)
+    }
+
+    /// The device the model runs on, and the setting that chose it, with a
+    /// warning for the deprecated `--cuda-device`. `--device` and
+    /// `--cuda-device` together must agree.
+    pub fn device_setting(&self) -> Result<(DeviceSetting, Option<String>), String> {
+        let said = |from_env: bool, flag: &str, var: &str, value: &dyn std::fmt::Display| match from_env {
+            true => format!("{var}={value}"),
+            false => format!("{flag} {value}"),
+        };
+        let device = self.device.map(|d| (d, said(self.sources.device_from_env, "--device", "MESH_NODE_DEVICE", &d)));
+        let alias = self.cuda_device.map(|n| {
+            let old = said(self.sources.cuda_device_from_env, "--cuda-device", "MESH_NODE_CUDA_DEVICE", &n);
+            (DeviceChoice::Cuda(n), old)
+        });
+        match (device, alias) {
+            (None, None) => Ok((DeviceSetting::default_cpu(), None)),
+            (Some((choice, said_by)), None) => Ok((DeviceSetting { choice, said_by }, None)),
+            (device, Some((choice, old))) => {
+                if let Some((other, said_by)) = &device
+                    && *other != choice
+                {
+                    return Err(format!("{said_by} and {old} disagree; drop {old} (deprecated)"));
+                }
+                let warning = format!("{old} is deprecated: say MESH_NODE_DEVICE={choice} (or --device {choice})");
+                let said_by = device.map_or(old, |(_, said_by)| said_by);
+                Ok((DeviceSetting { choice, said_by }, Some(warning)))
+            }
+        }
+    }
+
     /// Whether callers who are not this host's must prove a mesh identity:
     /// `Err` when they need not and `--insecure-anywhere` was not given,
     /// `Ok(Some(warning))` when it was.
@@ -219,6 +286,11 @@ fn drain_grace(s: &str) -> Result<Duration, String> {
     duration_within(s, Duration::ZERO, MAX_DRAIN_GRACE)
 }
 
+/// `cpu` or `cuda:N`; clap names the flag, this names the variable too.
+fn device_choice(s: &str) -> Result<DeviceChoice, String> {
+    s.parse().map_err(|e| format!("{e} (--device / MESH_NODE_DEVICE)"))
+}
+
 fn tokens_per_sec(s: &str) -> Result<f64, String> {
     let (lo, hi) = (TOKENS_PER_SEC.start(), TOKENS_PER_SEC.end());
     s.parse::<f64>()
@@ -262,11 +334,42 @@ mod tests {
     }
 
     #[test]
+    fn the_device_is_cpu_unless_said_and_the_old_flag_is_an_alias() {
+        let setting = |args: &[&str]| {
+            let matches = NodeConfig::command().try_get_matches_from([&["mesh-node"][..], args].concat()).unwrap();
+            NodeConfig::from_matches(&matches).unwrap().device_setting()
+        };
+        let (cpu, warning) = setting(&[]).unwrap();
+        assert_eq!((cpu.choice, warning), (DeviceChoice::Cpu, None));
+        assert!(cpu.said_by.contains("the default"), "{}", cpu.said_by);
+        let (gpu, _) = setting(&["--device", "cuda:3"]).unwrap();
+        assert_eq!(gpu, DeviceSetting { choice: DeviceChoice::Cuda(3), said_by: "--device cuda:3".into() });
+        let (old, warning) = setting(&["--cuda-device", "2"]).unwrap();
+        assert_eq!(old, DeviceSetting { choice: DeviceChoice::Cuda(2), said_by: "--cuda-device 2".into() });
+        assert!(warning.unwrap().contains("deprecated: say MESH_NODE_DEVICE=cuda:2"));
+        let (both, _) = setting(&["--device", "cuda:1", "--cuda-device", "1"]).unwrap();
+        assert_eq!(both.said_by, "--device cuda:1");
+        let err = setting(&["--device", "cpu", "--cuda-device", "1"]).unwrap_err();
+        assert_eq!(err, "--device cpu and --cuda-device 1 disagree; drop --cuda-device 1 (deprecated)");
+    }
+
+    #[test]
+    fn a_device_that_is_not_cpu_or_cuda_n_is_refused_naming_flag_variable_and_forms() {
+        for bad in ["gpu", "cuda", "cuda:one", "0"] {
+            let err = NodeConfig::try_parse_from(["mesh-node", "--device", bad]).unwrap_err().to_string();
+            for part in ["--device", "MESH_NODE_DEVICE", "`cpu` or `cuda:N`"] {
+                assert!(err.contains(part), "{bad:?}: {err}");
+            }
+        }
+    }
+
+    #[test]
     fn gguf_backend_requires_a_model_path() {
         let cfg = NodeConfig::try_parse_from(["mesh-node"]).unwrap();
-        let err = crate::server::load_model(&cfg).err().expect("no model path").to_string();
+        let cpu = candle_core::Device::Cpu;
+        let err = crate::server::load_model(&cfg, &cpu).err().expect("no model path").to_string();
         assert!(err.contains("--model is required"), "{err}");
         let cfg = NodeConfig::try_parse_from(["mesh-node", "--backend", "synthetic"]).unwrap();
-        assert!(crate::server::load_model(&cfg).is_ok());
+        assert!(crate::server::load_model(&cfg, &cpu).is_ok());
     }
 }

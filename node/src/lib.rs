@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod device;
 pub mod generation_api;
 pub mod loaded_model;
 pub mod metrics;

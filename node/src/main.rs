@@ -1,13 +1,19 @@
 use std::process::ExitCode;
 
-use clap::Parser;
 use node::config::NodeConfig;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cfg = NodeConfig::parse();
+    let cfg = NodeConfig::from_process();
     let warning = match cfg.exposure() {
         Ok(warning) => warning,
+        Err(e) => {
+            eprintln!("mesh-node: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let (device, deprecated) = match cfg.device_setting() {
+        Ok(setting) => setting,
         Err(e) => {
             eprintln!("mesh-node: {e}");
             return ExitCode::from(2);
@@ -20,10 +26,10 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Some(w) = warning {
+    for w in [warning, deprecated].into_iter().flatten() {
         tracing::warn!("{w}");
     }
-    match node::server::run(cfg).await {
+    match node::server::run(cfg, device).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("node failed: {e:#}");

@@ -20,6 +20,12 @@ pub struct ComputeLabels {
     pub kernel: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeviceLabels {
+    /// `cpu` or `cuda:N`, as `--device` says it.
+    pub device: String,
+}
+
 #[derive(Clone)]
 pub struct NodeMetrics {
     /// The model label of `requests`.
@@ -45,6 +51,8 @@ pub struct NodeMetrics {
     pub prefix_evicted_blocks: Counter,
     /// 1 for the kernel in use.
     pub kernel_info: Family<ComputeLabels, Gauge>,
+    /// 1 for the device the model runs on (`set_device`).
+    pub device_info: Family<DeviceLabels, Gauge>,
 }
 
 impl NodeMetrics {
@@ -71,7 +79,13 @@ impl NodeMetrics {
             prefix_blocks: Gauge::default(),
             prefix_evicted_blocks: Counter::default(),
             kernel_info: info,
+            device_info: Family::default(),
         }
+    }
+
+    /// Marks `device` (`cpu`, `cuda:N`) as the one the model runs on.
+    pub fn set_device(&self, device: &str) {
+        self.device_info.get_or_create(&DeviceLabels { device: device.to_string() }).set(1);
     }
 
     pub fn register(&self, registry: &mut Registry) {
@@ -113,6 +127,11 @@ impl NodeMetrics {
             self.prefix_evicted_blocks.clone(),
         );
         r.register("kernel_info", "What runs the linear layers: label kernel, value 1", self.kernel_info.clone());
+        r.register(
+            "device_info",
+            "Where the model runs: label device (cpu, cuda:N), value 1",
+            self.device_info.clone(),
+        );
     }
 
     /// Admission of a `prompt`-token request that found `hit` of them cached

@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
 use crate::config::{BackendKind, NodeConfig};
+use crate::device::DeviceSetting;
 use crate::generation_api::GenerationApi;
 use crate::loaded_model::LoadedModel;
 use crate::metrics::NodeMetrics;
@@ -20,31 +21,18 @@ use crate::scheduler::Scheduler;
 /// How long cancelled streams get to deliver their last message after the grace period.
 const CANCEL_FLUSH: Duration = Duration::from_secs(5);
 
-pub fn device(cfg: &NodeConfig) -> anyhow::Result<Device> {
-    open_device(cfg.cuda_device)
-}
-
-/// The CPU, or CUDA device `n`. On CUDA, buffers do not track their uses
-/// with events: by default every allocation creates two CUDA events (and
-/// frees them), for syncing buffers across streams, and the node runs
-/// each device on one stream (candle's), where the stream's order is the
-/// only sync needed; the events cost host time on every one of a step's
-/// ~1,000 kernels.
+/// The CPU, or CUDA device `n` (for mesh-bench, which names the device by
+/// its own flag).
 pub fn open_device(cuda_device: Option<usize>) -> anyhow::Result<Device> {
-    let device = match cuda_device {
+    Ok(match cuda_device {
         None => Device::Cpu,
-        Some(n) => Device::new_cuda(n)?,
-    };
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(cuda) = &device {
-        // SAFETY: called before any buffer exists, and every buffer of this
-        // device is used on its one stream (see above).
-        unsafe { cuda.disable_event_tracking() };
-    }
-    Ok(device)
+        Some(n) => crate::device::open_cuda(n)?,
+    })
 }
 
-pub fn load_model(cfg: &NodeConfig) -> anyhow::Result<LoadedModel> {
+/// Loads the model on `device` (opened first, by `run`: a device that
+/// cannot be had stops the node before the model file is read).
+pub fn load_model(cfg: &NodeConfig, device: &Device) -> anyhow::Result<LoadedModel> {
     Ok(match cfg.backend {
         BackendKind::Gguf => {
             let path =
@@ -53,7 +41,7 @@ pub fn load_model(cfg: &NodeConfig) -> anyhow::Result<LoadedModel> {
             let available = Kernel::names(&Kernel::available());
             tracing::info!(kernel = kernel.name(), %available, "matmul kernel chosen");
             let kv = (cfg.max_kv_tokens as usize, cfg.max_running as usize);
-            LoadedModel::gguf(path, cfg.model_name.clone(), &device(cfg)?, kernel, kv)?
+            LoadedModel::gguf(path, cfg.model_name.clone(), device, kernel, kv)?
         }
         BackendKind::Synthetic => LoadedModel::synthetic(
             cfg.model_name.clone().unwrap_or_else(|| "synthetic".into()),
@@ -65,11 +53,15 @@ pub fn load_model(cfg: &NodeConfig) -> anyhow::Result<LoadedModel> {
 }
 
 /// Runs the node until SIGTERM/SIGINT and the drain that follows.
-pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
-    let model = load_model(&cfg)?;
+/// `device` is the setting `NodeConfig::device_setting` resolved.
+pub async fn run(cfg: NodeConfig, device: DeviceSetting) -> anyhow::Result<()> {
+    let opened = crate::device::open(&device)?;
+    tracing::info!(device = %device.choice, set_by = %device.said_by, "model device");
+    let model = load_model(&cfg, &opened)?;
     let limits = cfg.limits(model.context_length);
-    tracing::info!(?limits, backend = model.kind, "starting engine");
+    tracing::info!(?limits, backend = model.kind, device = %device.choice, "starting engine");
     let metrics = NodeMetrics::new(&model.name, model.compute);
+    metrics.set_device(&device.choice.to_string());
     let mut addresses = Vec::new();
     if let Some(addr) = cfg.metrics_listen {
         addresses.push((
