@@ -87,8 +87,18 @@ pub struct SidecarMetrics {
     pub inter_token: Family<DirectionLabels, Histogram, fn() -> Histogram>,
     pub in_flight: Family<ServiceLabels, Gauge>,
     pub queue_depth: Family<ServiceLabels, Gauge>,
+    /// The bulkhead's `max_queue`, beside `queue_depth`, so an alert can
+    /// say "nearly full" without knowing the config. With the shipped
+    /// limits this queue, not the node's, is the one that fills: the
+    /// bulkhead lets through only as many calls as the node runs at once.
+    pub queue_limit: Family<ServiceLabels, Gauge>,
     pub ejections: Family<ServiceLabels, Counter>,
     pub ejected_instances: Family<ServiceLabels, Gauge>,
+    /// Instances this sidecar would route to without doubt, by service
+    /// (`Instance::is_healthy`): 0 when every instance is gone, ejected or
+    /// failing, which `mesh_registry_instances` and `ejected_instances`
+    /// cannot say, as the ejection budget never ejects them all.
+    pub healthy_instances: Family<ServiceLabels, Gauge>,
     /// Ejections the budget refused: one per failure past the threshold,
     /// so under overload many a second (the log says it once per episode).
     pub ejections_skipped: Family<ServiceLabels, Counter>,
@@ -127,8 +137,10 @@ impl SidecarMetrics {
             inter_token: Family::new_with_constructor(latency_histogram),
             in_flight: Family::default(),
             queue_depth: Family::default(),
+            queue_limit: Family::default(),
             ejections: Family::default(),
             ejected_instances: Family::default(),
+            healthy_instances: Family::default(),
             ejections_skipped: Family::default(),
             rate_limited: Family::default(),
             prefix_routed: Family::default(),
@@ -156,8 +168,18 @@ impl SidecarMetrics {
         r.register("inter_token_seconds", "Between two tokens of one stream", self.inter_token.clone());
         r.register("in_flight_streams", "Outbound streams open, by service", self.in_flight.clone());
         r.register("queue_depth", "Inbound requests waiting in the bulkhead, by service", self.queue_depth.clone());
+        r.register(
+            "queue_limit",
+            "Inbound requests the bulkhead may hold waiting, by service",
+            self.queue_limit.clone(),
+        );
         r.register("ejections", "Instances ejected, by service", self.ejections.clone());
         r.register("ejected_instances", "Instances ejected now, by service", self.ejected_instances.clone());
+        r.register(
+            "healthy_instances",
+            "Instances neither ejected, on probation nor failing their last attempts, by service",
+            self.healthy_instances.clone(),
+        );
         r.register("ejections_skipped", "Ejections refused by the ejection budget", self.ejections_skipped.clone());
         r.register("http_requests", "Requests to the HTTP edge, by route and status", self.http_requests.clone());
         r.register("rate_limited", "Requests refused by a tenant limit", self.rate_limited.clone());

@@ -58,9 +58,11 @@ impl Balancer {
         }
     }
 
-    /// Publishes instances known and ejected, per service; ends or
-    /// summarises a spent ejection budget (run periodically, so the
-    /// summary comes even when no request fails meanwhile).
+    /// Publishes instances known, ejected and healthy, per service; ends
+    /// or summarises a spent ejection budget (run periodically, so the
+    /// summary comes even when no request fails meanwhile). A service
+    /// whose last instance left is still in the table, empty, so its
+    /// gauges read 0 rather than their last value (see [`Self::update`]).
     pub fn export_gauges(&self) {
         let now = Instant::now();
         for (service, peers) in self.snapshot().iter() {
@@ -68,7 +70,9 @@ impl Balancer {
             self.metrics.instances.get_or_create(&labels).set(peers.len() as i64);
             let ejected = peers.iter().filter(|e| e.is_ejected()).count();
             self.metrics.ejected_instances.get_or_create(&labels).set(ejected as i64);
-            if ejected < self.ejection_budget(peers.len()) {
+            let healthy = peers.iter().filter(|e| e.is_healthy(&self.outlier)).count();
+            self.metrics.healthy_instances.get_or_create(&labels).set(healthy as i64);
+            if peers.is_empty() || ejected < self.ejection_budget(peers.len()) {
                 self.budget_available(service, now);
             } else {
                 self.summarise_skipped(service, now);
@@ -124,6 +128,14 @@ impl Balancer {
 
     /// Rebuilds the table from a registry view, keeping the state of
     /// instances that did not change.
+    ///
+    /// A service the registry named once stays in the table, empty, after
+    /// its last instance leaves (the view then has no record of it at
+    /// all). Forgetting it would leave its per-service gauges at their
+    /// last value, so "no instance" never shows, and would tell its callers
+    /// NOT_FOUND, a caller's mistake that no alert pages for, when it is an
+    /// outage: kept, its gauges read 0 and its callers get UNAVAILABLE.
+    /// Only registry records add names, so callers cannot grow the table.
     pub fn update(&self, view: &View) {
         let old = self.snapshot();
         let mut next: Instances = BTreeMap::new();
@@ -147,11 +159,8 @@ impl Balancer {
             };
             next.entry(rec.service.clone()).or_default().push(ep);
         }
-        for gone in old.keys().filter(|s| !next.contains_key(*s)) {
-            // Its last instance left: zero, so "no healthy instance" alerts can fire.
-            let labels = self.metrics.service(gone);
-            self.metrics.instances.get_or_create(&labels).set(0);
-            self.metrics.ejected_instances.get_or_create(&labels).set(0);
+        for gone in old.keys() {
+            next.entry(gone.clone()).or_default();
         }
         *self.services.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
         self.export_gauges();
@@ -175,9 +184,17 @@ impl Balancer {
         });
     }
 
-    /// Whether the service has any instance at all.
+    /// Whether the registry has named the service since this sidecar
+    /// started, even if none of its instances is left now: a call to it is
+    /// then an outage (UNAVAILABLE from the route), not a wrong name
+    /// (NOT_FOUND), and is counted under its own name.
     pub fn knows(&self, service: &str) -> bool {
-        self.snapshot().get(service).is_some_and(|v| !v.is_empty())
+        self.snapshot().contains_key(service)
+    }
+
+    /// How many instances of the service the registry lists now.
+    pub fn instance_count(&self, service: &str) -> usize {
+        self.snapshot().get(service).map_or(0, Vec::len)
     }
 
     pub fn all(&self) -> Vec<Arc<Instance>> {
@@ -366,6 +383,58 @@ pub(crate) mod tests {
         assert_eq!(ejected, vec!["i2"]);
         let Health::Ejected { reason, .. } = all[2].health() else { unreachable!() };
         assert!(reason.contains("success rate 50%"), "{reason}");
+    }
+
+    fn gauges(b: &Balancer) -> [i64; 3] {
+        let labels = b.metrics.service("chat");
+        let m = &b.metrics;
+        [&m.instances, &m.ejected_instances, &m.healthy_instances].map(|f| f.get_or_create(&labels).get())
+    }
+
+    /// A service whose last instance left stays known, empty: its gauges
+    /// read 0 (not their last value) and a pick finds nothing (UNAVAILABLE
+    /// from the route), while a name never registered stays unknown.
+    #[tokio::test]
+    async fn a_service_whose_instances_all_left_stays_known_with_zero_gauges() {
+        let cfg = Outlier { consecutive_failures: 1, max_ejected_percent: 100, ..Default::default() };
+        let b = balancer(Policy::RoundRobin, cfg);
+        b.update(&view(2));
+        b.record(&b.all()[0], Outcome::Failure, "boom");
+        b.export_gauges();
+        assert_eq!(gauges(&b), [2, 1, 1]);
+
+        b.update(&view(0));
+        assert_eq!(gauges(&b), [0, 0, 0]);
+        b.export_gauges();
+        assert_eq!(gauges(&b), [0, 0, 0], "still 0 at the next export, not forgotten");
+        assert!(b.knows("chat") && !b.knows("made-up"));
+        assert_eq!(b.instance_count("chat"), 0);
+        assert!(b.pick("chat", &HashSet::new(), &[]).is_none());
+        assert!(b.all().is_empty());
+
+        b.update(&view(1));
+        assert_eq!(gauges(&b), [1, 0, 1]);
+    }
+
+    /// The only instance of a service never gets ejected (the budget keeps
+    /// one), but once it fails `consecutive_failures` in a row it no longer
+    /// counts as healthy, so "no healthy instance" can show.
+    #[tokio::test]
+    async fn a_failing_instance_the_budget_keeps_is_not_healthy() {
+        let cfg = Outlier { consecutive_failures: 2, ..Default::default() };
+        let b = balancer(Policy::RoundRobin, cfg);
+        b.update(&view(1));
+        let only = b.all()[0].clone();
+        b.record(&only, Outcome::Failure, "probe failed");
+        b.export_gauges();
+        assert_eq!(gauges(&b), [1, 0, 1], "one failure is not yet failing");
+        b.record(&only, Outcome::Failure, "probe failed");
+        b.export_gauges();
+        assert!(!only.is_ejected());
+        assert_eq!(gauges(&b), [1, 0, 0]);
+        b.record(&only, Outcome::Success, "");
+        b.export_gauges();
+        assert_eq!(gauges(&b), [1, 0, 1]);
     }
 
     #[tokio::test]

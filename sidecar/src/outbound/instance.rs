@@ -195,6 +195,16 @@ impl Instance {
         matches!(self.lock().health, Health::Ejected { .. })
     }
 
+    /// Whether it is in service and not failing: neither ejected nor on
+    /// probation, and fewer than `consecutive_failures` failed attempts or
+    /// probes in a row. The last part matters because the ejection budget
+    /// never ejects every instance: the only instance of a service that
+    /// stopped answering stays `Healthy` in name, failing every probe.
+    pub fn is_healthy(&self, cfg: &Outlier) -> bool {
+        let s = self.lock();
+        s.health == Health::Healthy && s.consecutive_failures < cfg.consecutive_failures
+    }
+
     pub fn observe_ttft(&self, ttft: Duration) {
         let mut s = self.lock();
         s.ewma_ttft = s.ewma_ttft.mul_f64(0.7) + ttft.mul_f64(0.3);

@@ -1,8 +1,10 @@
 //! Per-service stream slots: this sidecar opens at most
 //! `routing.max_streams_per_service` streams to any one service, so one
 //! service's flood cannot take every stream (and socket) the others need.
-//! Only services in the registry get slots, so a caller cannot grow the
-//! table with made-up names.
+//! Only services the registry has named get slots, so a caller cannot grow
+//! the table with made-up names; a name it never had is NOT_FOUND (the
+//! caller's mistake), while one whose instances all left goes on to the
+//! route, which answers UNAVAILABLE (an outage).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -18,7 +20,8 @@ use crate::stack::{Call, Next, Reply, Step, Watch, pass, retry_later};
 /// How long a caller refused for want of a slot is told to wait.
 const RETRY_AFTER: Duration = Duration::from_millis(200);
 
-/// Whether the registry knows a service.
+/// Whether the registry has named a service since the sidecar started
+/// (`Balancer::knows`), whether or not it has instances now.
 pub type Known = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
 pub struct ServiceSlot {
@@ -55,7 +58,7 @@ impl Step for ServiceSlot {
             return Err(Status::invalid_argument("model is required: it names the service to route to"));
         }
         if !(self.known)(&service) {
-            return Err(Status::not_found(format!("no instances of service {service:?} are registered")));
+            return Err(Status::not_found(format!("service {service:?} is not registered in the mesh")));
         }
         let permit = self.take(&service)?;
         let reply = pass(next, call).await?;

@@ -92,7 +92,7 @@ impl Route {
         let blocks = self.balancer.prefix_blocks(req);
         loop {
             let Some(ep) = self.balancer.pick(service, exclude, &blocks) else {
-                return Err(last.unwrap_or_else(|| no_instance(service)));
+                return Err(last.unwrap_or_else(|| no_instance(service, self.balancer.instance_count(service))));
             };
             exclude.insert(ep.record.instance_id.clone());
             let span = tracing::info_span!(

@@ -79,8 +79,14 @@ impl Budgets {
     }
 }
 
-fn no_instance(service: &str) -> Status {
-    let message = format!("no healthy instance of service {service:?}; retry later");
+/// No instance could take the call: UNAVAILABLE, a server-side failure
+/// the error-ratio alert counts, also when the service has none left at all
+/// (a service never registered is NOT_FOUND earlier, in `service_slot`).
+fn no_instance(service: &str, registered: usize) -> Status {
+    let message = match registered {
+        0 => format!("no instances of service {service:?} are available now; retry later"),
+        _ => format!("no healthy instance of service {service:?}; retry later"),
+    };
     retry_later(Code::Unavailable, message, Duration::from_secs(1))
 }
 
