@@ -24,8 +24,10 @@ use crate::health::HealthServer;
 /// token streams, on the server and the client side. `Default` is the
 /// mesh's choice (the constants below, each with its reason); a sidecar
 /// reads its own from its config (`[http2]`), the node uses the defaults.
+/// Unknown keys are judged by the sidecar's config loader, by the file's
+/// config version (`sidecar::config::version`), so they are not denied here.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct Http2 {
     /// Streams a peer may open on one connection to this server.
     pub max_concurrent_streams: u32,

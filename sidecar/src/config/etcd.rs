@@ -9,7 +9,6 @@ use serde::Deserialize;
 use super::{ConfigError, invalid};
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct EtcdSection {
     pub endpoints: Vec<String>,
     #[serde(default = "default_prefix")]
@@ -136,9 +135,14 @@ fn readable(key: &str, path: &Path) -> Result<(), ConfigError> {
 mod tests {
     use super::*;
 
+    /// The `[etcd]` section of a whole config, so unknown keys are judged
+    /// as the sidecar judges them (`SidecarConfig::parse`).
     fn section(extra: &str) -> Result<(), String> {
-        let text = format!("endpoints = [\"https://127.0.0.1:2379\"]\n{extra}");
-        let s: EtcdSection = toml::from_str(&text).map_err(|e| e.to_string())?;
+        let text = format!(
+            "plaintext = true\n[listen]\noutbound = \"127.0.0.1:7100\"\ninbound = \"127.0.0.1:7101\"\n\
+             [etcd]\nendpoints = [\"https://127.0.0.1:2379\"]\n{extra}"
+        );
+        let s = crate::config::SidecarConfig::parse(&text).map_err(|e| e.to_string())?.etcd;
         s.validate().map_err(|e| e.to_string())
     }
 
@@ -178,7 +182,7 @@ mod tests {
                 format!("ca = \"{ca}\"\nuser = \"mesh\"\npassword_file = \"{}\"\n", file("empty", "")),
                 "etcd.password_file: ",
             ),
-            (format!("ca = \"{ca}\"\npassword = \"inline\"\n"), "unknown field `password`"),
+            (format!("ca = \"{ca}\"\npassword = \"inline\"\n"), "etcd.password: unknown key"),
             (format!("ca = \"{ca}\"\nlease_ttl = \"2h\"\n"), "etcd.lease_ttl: must be in [1s, 1h]"),
         ];
         for (extra, wanted) in cases {

@@ -5,7 +5,6 @@ use std::time::Duration;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ServiceLimits {
     pub name: String,
     /// Streams forwarded to the node at once.
@@ -18,7 +17,6 @@ pub struct ServiceLimits {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct TenantLimits {
     pub requests_per_sec: f64,
     /// Completion tokens per minute (max_tokens is charged up front, the

@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Listen {
     /// Where local clients call (the outbound side).
     pub outbound: SocketAddr,
@@ -21,7 +20,6 @@ pub struct Listen {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct NodeSection {
     /// The node's gRPC address, e.g. `127.0.0.1:50051`.
     pub address: String,

@@ -16,6 +16,7 @@ mod ranges;
 mod response_cache;
 mod routing;
 mod security;
+mod version;
 
 pub use etcd::EtcdSection;
 pub use limits::{ServiceLimits, TenantLimits};
@@ -24,10 +25,17 @@ pub use overflow::{Degradable, OverflowRule};
 pub use response_cache::ResponseCache;
 pub use routing::{Outlier, Policy, Routing};
 pub use security::{ApiKey, TlsSection};
+pub use version::{CONFIG_VERSION, ConfigVersion};
 
+/// Unknown keys are not refused by serde (no `deny_unknown_fields`) but
+/// collected by [`SidecarConfig::parse`], which refuses or ignores them
+/// according to `version`.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct SidecarConfig {
+    /// The config schema the file is written for, "MAJOR.MINOR"; absent
+    /// means "1.0". See [`CONFIG_VERSION`] for what this binary reads.
+    #[serde(default)]
+    pub version: ConfigVersion,
     pub listen: Listen,
     /// The local node this sidecar fronts; absent for a client-only sidecar.
     pub node: Option<NodeSection>,
@@ -101,6 +109,9 @@ pub enum ConfigError {
     Read { path: String, error: std::io::Error },
     #[error("{path}: {error}")]
     Parse { path: String, error: toml::de::Error },
+    /// A syntax or type error in text not read from a file.
+    #[error("{0}")]
+    Syntax(toml::de::Error),
     #[error("{key}: {problem}")]
     Invalid { key: String, problem: String },
 }
@@ -113,10 +124,35 @@ impl SidecarConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|error| ConfigError::Read { path: path.display().to_string(), error })?;
-        let cfg: Self =
-            toml::from_str(&text).map_err(|error| ConfigError::Parse { path: path.display().to_string(), error })?;
+        let cfg = Self::parse(&text).map_err(|e| match e {
+            ConfigError::Syntax(error) => ConfigError::Parse { path: path.display().to_string(), error },
+            e => e,
+        })?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Reads a config (not yet validated). Keys this binary does not know
+    /// are an error naming them, except in a file of a newer minor version,
+    /// where they are logged in one warning and ignored (`version.rs`).
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let (cfg, warning) = Self::parse_quietly(text)?;
+        if let Some(warning) = warning {
+            tracing::warn!("{warning}");
+        }
+        Ok(cfg)
+    }
+
+    /// [`Self::parse`], returning the warning instead of logging it.
+    fn parse_quietly(text: &str) -> Result<(Self, Option<String>), ConfigError> {
+        let version = toml::from_str::<version::VersionOnly>(text).map_err(ConfigError::Syntax)?.version;
+        version::check_major(version)?;
+        let mut ignored = Vec::new();
+        let de = toml::Deserializer::parse(text).map_err(ConfigError::Syntax)?;
+        let cfg: Self = serde_ignored::deserialize(de, |path| ignored.push(version::key_path(&path)))
+            .map_err(ConfigError::Syntax)?;
+        let warning = version::unknown_keys(version, &ignored)?;
+        Ok((cfg, warning))
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {

@@ -20,7 +20,6 @@ pub enum Degradable {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct OverflowRule {
     /// The primary service, as callers name it.
     pub service: String,

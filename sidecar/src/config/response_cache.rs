@@ -18,7 +18,7 @@ const MAX_BYTES: RangeInclusive<usize> = (64 << 10)..=(2 << 30);
 /// node's behaviour (a load test of identical greedy requests would
 /// measure the cache). An operator turns it on knowing both.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct ResponseCache {
     pub enabled: bool,
     /// Bytes of responses, keys and bookkeeping held at most; the least

@@ -18,7 +18,7 @@ pub enum Policy {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct Routing {
     pub policy: Policy,
     /// Longest wait for the first token of one attempt.
@@ -61,7 +61,7 @@ impl Default for Routing {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct Outlier {
     /// Server-side failures in a row that eject an instance.
     pub consecutive_failures: u32,

@@ -11,7 +11,6 @@ use serde::Deserialize;
 use super::{ConfigError, invalid};
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct TlsSection {
     /// The mesh CA (PEM): peers' certificates must chain to it.
     pub ca: PathBuf,
@@ -98,7 +97,6 @@ impl Plaintext<'_> {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ApiKey {
     pub tenant: String,
     /// SHA-256 of the key, hex (`printf %s KEY | meshctl hash-key`); keys are never stored.

@@ -82,7 +82,7 @@ fn every_number_out_of_range_is_refused_naming_its_key_and_nothing_panics() {
         for value in values(kind) {
             let text = config(section, key, value);
             let outcome = std::panic::catch_unwind(|| {
-                toml::from_str::<SidecarConfig>(&text)
+                SidecarConfig::parse(&text)
                     .map_err(|e| e.to_string())
                     .and_then(|c| c.validate().map_err(|e| e.to_string()))
             });
