@@ -48,6 +48,10 @@ pub enum RegistryError {
     Timeout(std::time::Duration),
     #[error("the registry has shut down")]
     Closed,
+    /// The key is held by another process's lease: two hosts claim one
+    /// instance id (their advertise address).
+    #[error("{key} is held by another process (lease {lease:x}): does another host advertise this address?")]
+    Claimed { key: String, lease: i64 },
 }
 
 /// Registration and discovery, implemented over etcd and in memory.

@@ -107,23 +107,54 @@ pub async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
         },
         None => None,
     };
-    if inbound.is_some() || cfg.node.is_none() {
-        addresses.extend(inbound.as_ref().map(|(_, _, addr)| ("inbound", *addr)));
+    let registered = match &inbound {
+        Some((_, serving)) => tokio::select! {
+            () = in_etcd(&registry, &serving.record) => true,
+            _ = &mut shutdown => false,
+        },
+        None => false,
+    };
+    if registered || cfg.node.is_none() {
+        addresses.extend(inbound.as_ref().map(|(_, serving)| ("inbound", serving.addr)));
         daemon::ready::announce("sidecar", &addresses);
         shutdown.await;
     }
     daemon::ready::stopping();
     tracing::info!("draining");
+    let deadline = tokio::time::Instant::now() + cfg.drain_grace;
     registry.shutdown().await.ok(); // our records vanish from every watcher at once
-    if let Some((node, health, _)) = &inbound {
+    if let Some((node, serving)) = &inbound {
         draining.start();
-        health.set(false).await;
-        drain(node, cfg.drain_grace).await;
+        serving.health.set(false).await;
+        drain(node, deadline).await;
     }
+    // The outbound listeners stop taking calls; the streams open on them
+    // (a client sidecar's whole traffic) finish within the same grace.
     let _ = stop_tx.send(true);
-    let _ = out_server.await;
+    if tokio::time::timeout_at(deadline, out_server).await.is_err() {
+        tracing::warn!("drain grace expired with outbound streams still open");
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Resolves once this sidecar's record is in etcd, as its own watch sees
+/// it: readiness (systemd's READY=1, the ready line) means "routable", not
+/// "asked to register" (nor "another host's record holds this address").
+async fn in_etcd(registry: &EtcdRegistry, record: &registry::InstanceRecord) {
+    let key = (record.service.clone(), record.instance_id.clone());
+    let mut view = registry.watch();
+    let mut waiting = tokio::time::interval(Duration::from_secs(10));
+    waiting.tick().await;
+    loop {
+        if view.borrow_and_update().instances.get(&key) == Some(record) {
+            return;
+        }
+        tokio::select! {
+            changed = view.changed() => if changed.is_err() { return std::future::pending().await },
+            _ = waiting.tick() => tracing::info!("not ready: the record of {key:?} is not in etcd yet: {:?}", registry.registrar_state().borrow().clone()),
+        }
+    }
 }
 
 async fn serve_outbound(
@@ -173,17 +204,16 @@ async fn start_inbound(
     registry: &EtcdRegistry,
     (metrics, draining): (&SidecarMetrics, &Draining),
     stop: watch::Receiver<bool>,
-) -> anyhow::Result<(Node, Health, SocketAddr)> {
+) -> anyhow::Result<(Node, start::Serving)> {
     let node = start::connect(section, dial, &cfg.services).await?;
     let front = inbound_stack(cfg, &node, draining.clone(), metrics);
-    let (health, addr) =
-        start::serve(cfg, (section, &node), front, (tls, metrics.refused("inbound")), registry, stop).await?;
-    Ok((node, health, addr))
+    let serving = start::serve(cfg, (section, &node), front, (tls, metrics.refused("inbound")), registry, stop).await?;
+    Ok((node, serving))
 }
 
-/// Waits (up to `grace`) for the streams at the node to finish.
-async fn drain(node: &Node, grace: Duration) {
-    let drained = tokio::time::timeout(grace, async {
+/// Waits (until `deadline`) for the streams at the node to finish.
+async fn drain(node: &Node, deadline: tokio::time::Instant) {
+    let drained = tokio::time::timeout_at(deadline, async {
         while node.bulkhead.in_use() > 0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

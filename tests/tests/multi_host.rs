@@ -1,9 +1,11 @@
-//! Hosts in network namespaces (an etcd host, two GPU hosts, a client
+//! Hosts in network namespaces (three etcd hosts, two GPU hosts, a client
 //! host) run exactly the command lines of deploy/systemd with the configs of
 //! deploy/config (paths moved into a per-host directory), with mutual TLS,
-//! and etcd over TLS with client certificates and auth.
-//! A client streams completions through its sidecar; one GPU host's link is
-//! cut and restored.
+//! and a 3-member etcd cluster over TLS with client certificates and auth.
+//! The two GPU hosts get the same config files: only their certificates
+//! (their identity) differ, and each advertises its own address.
+//! A client streams completions through its sidecar while one etcd member
+//! dies and one GPU host's link is cut and restored.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -13,8 +15,15 @@ use std::time::{Duration, Instant};
 use mesh_tests::netns::Lab;
 use mesh_tests::{Spawned, bin_dir, free_port, model_path};
 
-const HOSTS: [(&str, &str); 4] =
-    [("etcd", "10.77.0.1/24"), ("gpu1", "10.77.0.11/24"), ("gpu2", "10.77.0.12/24"), ("client", "10.77.0.21/24")];
+const HOSTS: [(&str, &str); 6] = [
+    ("etcd-1", "10.77.0.1/24"),
+    ("etcd-2", "10.77.0.2/24"),
+    ("etcd-3", "10.77.0.3/24"),
+    ("gpu1", "10.77.0.11/24"),
+    ("gpu2", "10.77.0.12/24"),
+    ("client", "10.77.0.21/24"),
+];
+const ETCD: [&str; 3] = ["etcd-1", "etcd-2", "etcd-3"];
 const API_KEY: &str = "dev-key-change-me";
 /// The operator's key in the same config (`admin = true`).
 const ADMIN_KEY: &str = "dev-admin-key-change-me";
@@ -81,6 +90,11 @@ async fn start(lab: &Lab, host: &str, unit: &str, instance: &str, dir: &HostDir,
     let (exec, env) = unit_command(unit, instance, dir);
     let mut cmd = lab.command(host, &exec[0]);
     cmd.args(&exec[1..]).envs(env).env("RUST_LOG", "info");
+    if unit.starts_with("mesh-node") {
+        // The one host-specific override: this lab has no GPU
+        // (node-chat.env describes a GPU host).
+        cmd.env("MESH_NODE_DEVICE", "cpu");
+    }
     let mut process = Spawned::spawn(format!("{unit} on {host}"), cmd).unwrap_or_else(|e| panic!("{e}"));
     let timeout = Duration::from_secs(60);
     let ready = match ready {
@@ -148,7 +162,7 @@ async fn enable_etcd_auth(lab: &Lab, dir: &HostDir) {
         "--mesh-password-file",
         &mesh,
     ];
-    let out = run(lab, "etcd", meshctl.to_str().unwrap(), &args).await;
+    let out = run(lab, "etcd-1", meshctl.to_str().unwrap(), &args).await;
     assert!(out.status.success(), "meshctl etcd-enable-auth: {}", String::from_utf8_lossy(&out.stderr));
 }
 
@@ -186,10 +200,7 @@ async fn two_gpu_hosts_behind_mutual_tls_survive_a_cut_link() {
         std::fs::create_dir_all(dir.0.join("tls")).unwrap();
         for entry in std::fs::read_dir(deploy().join("config")).unwrap() {
             let path = entry.unwrap().path();
-            let mut text = dir.localize(&std::fs::read_to_string(&path).unwrap());
-            if host == "gpu2" {
-                text = text.replace("10.77.0.11", "10.77.0.12"); // this host's own address
-            }
+            let text = dir.localize(&std::fs::read_to_string(&path).unwrap());
             std::fs::write(dir.0.join(path.file_name().unwrap()), text).unwrap();
         }
         let ip = addr.split('/').next().unwrap();
@@ -206,8 +217,10 @@ async fn two_gpu_hosts_behind_mutual_tls_survive_a_cut_link() {
     }
 
     let lab = Lab::new(&HOSTS);
-    let _etcd = start(&lab, "etcd", "mesh-etcd.service", "", &dirs["etcd"], Ready::EtcdHealth).await;
-    enable_etcd_auth(&lab, &dirs["etcd"]).await;
+    // All three members at once: none serves before the cluster has quorum.
+    let member = |m: &'static str| start(&lab, m, "mesh-etcd@.service", m, &dirs[m], Ready::EtcdHealth);
+    let (mut etcd_1, _etcd_2, _etcd_3) = tokio::join!(member(ETCD[0]), member(ETCD[1]), member(ETCD[2]));
+    enable_etcd_auth(&lab, &dirs["etcd-1"]).await;
     let mut procs: Vec<Spawned> = Vec::new();
     for gpu in ["gpu1", "gpu2"] {
         procs.push(start(&lab, gpu, "mesh-node@.service", "chat", &dirs[gpu], Ready::Announced("node")).await);
@@ -262,7 +275,7 @@ async fn two_gpu_hosts_behind_mutual_tls_survive_a_cut_link() {
 
     // Steady traffic from three callers for the whole test.
     let results: Arc<Mutex<Vec<(Instant, bool, String)>>> = Arc::default();
-    let stop = Instant::now() + Duration::from_secs(26);
+    let stop = Instant::now() + Duration::from_secs(28);
     let lab = Arc::new(lab);
     let mut callers = Vec::new();
     for _ in 0..3 {
@@ -275,7 +288,12 @@ async fn two_gpu_hosts_behind_mutual_tls_survive_a_cut_link() {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_secs(4)).await; // both hosts serving (a fault at a set time)
+    tokio::time::sleep(Duration::from_secs(3)).await; // both hosts serving (a fault at a set time)
+    // The first etcd member (every sidecar's first endpoint) dies: two of
+    // three keep quorum, and every lease, watch and later registration
+    // goes on through them.
+    etcd_1.kill().unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let gpu2_before_cut = node_requests(&lab, "gpu2").await;
     assert!(gpu2_before_cut > 0.0, "gpu2 took no traffic before the cut");
     lab.cut("gpu2");
@@ -300,7 +318,19 @@ async fn two_gpu_hosts_behind_mutual_tls_survive_a_cut_link() {
     );
     assert!(failed.is_empty(), "requests failed: {:?}", failed.iter().map(|f| &f.2).collect::<Vec<_>>());
     assert!(during >= 3, "traffic stalled while gpu2 was cut ({during} completions)");
+    // gpu2's lease expired while it was cut: it came back by registering
+    // again through the two members left.
+    if gpu2_after <= gpu2_at_restore {
+        for p in &procs[3..] {
+            eprintln!("--- {}:\n{}", p.name(), p.log_tail(40).join("\n"));
+        }
+    }
     assert!(gpu2_after > gpu2_at_restore, "traffic did not spread back to gpu2 after the restore");
+    let seen = instances_seen(&lab).await;
+    assert!(seen.contains("\"etcd_reachable\": true"), "the client lost etcd with one member down: {seen}");
+    for gpu in ["10.77.0.11:7101", "10.77.0.12:7101"] {
+        assert!(seen.contains(&format!("\"instance_id\": \"{gpu}\"")), "{gpu} is not advertised: {seen}");
+    }
     drop(procs);
     let _ = std::fs::remove_dir_all(&root);
 }

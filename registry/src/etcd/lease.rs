@@ -16,10 +16,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, LeaseGrantOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{Client, LeaseGrantOptions};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{EtcdConfig, with_timeout};
+use super::{EtcdConfig, claim, with_timeout};
 use crate::backoff::Backoff;
 use crate::episode::{Episode, SUMMARY_INTERVAL};
 use crate::{InstanceRecord, RegistryError};
@@ -183,7 +183,7 @@ impl Registrar {
         }
         while let Some(key) = self.unwritten.first().cloned() {
             if let Some(rec) = self.desired.get(&key) {
-                with_timeout(limit, client.txn(put_unless_there(&key, rec, lease))).await?;
+                claim::claim(client, &key, rec, lease, limit).await?;
             }
             self.unwritten.remove(&key);
         }
@@ -237,14 +237,4 @@ impl Registrar {
             let _ = done.send(());
         }
     }
-}
-
-/// Writes `rec` under `lease` unless etcd holds exactly that already: a
-/// write retried after a timed-out answer costs no second event to every
-/// watcher of the fleet.
-fn put_unless_there(key: &str, rec: &InstanceRecord, lease: i64) -> Txn {
-    let value = rec.encode();
-    Txn::new()
-        .when([Compare::value(key, CompareOp::Equal, value.clone()), Compare::lease(key, CompareOp::Equal, lease)])
-        .or_else([TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease)))])
 }

@@ -2,6 +2,7 @@
 //! process, both background tasks that outlive any etcd outage.
 
 pub mod auth;
+mod claim;
 mod connection;
 mod lease;
 mod stats;
@@ -68,10 +69,31 @@ impl EtcdConfig {
         self
     }
 
-    /// A fresh client, or an error within `request_timeout`.
+    /// A fresh client on one member that answers (a read of the prefix
+    /// within `request_timeout`), or the last member's error. Members are
+    /// tried in turn from a random one, so a fleet spreads over the
+    /// cluster; a client fails over by reconnecting, which the registrar
+    /// and the watcher do after any error. (etcd-client's own balancing
+    /// over all endpoints keeps sending calls to a dead member: with one
+    /// member of three down, a third of the calls failed.)
     pub async fn connect(&self) -> Result<Client, RegistryError> {
         let opts = self.options()?;
-        with_timeout(self.request_timeout, Client::connect(&self.endpoints, Some(opts))).await
+        let n = self.endpoints.len().max(1);
+        let first = rand::random_range(0..n);
+        let mut last = RegistryError::Config("etcd.endpoints: none".into());
+        for endpoint in self.endpoints.iter().cycle().skip(first).take(self.endpoints.len()) {
+            let answered = with_timeout(self.request_timeout, async {
+                let mut client = Client::connect([endpoint], Some(opts.clone())).await?;
+                let probe = etcd_client::GetOptions::new().with_keys_only().with_limit(1);
+                client.get(self.prefix.as_str(), Some(probe)).await?;
+                Ok(client)
+            });
+            match answered.await {
+                Ok(client) => return Ok(client),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
     }
 }
 

@@ -11,7 +11,7 @@ use daemon::grpc::{Listening, Services};
 use daemon::health::{GENERATION, Health};
 use mesh_proto::v1::ModelInfo;
 use prometheus_client::metrics::counter::Counter;
-use registry::{EtcdRegistry, Registry};
+use registry::{EtcdRegistry, InstanceRecord, Registry};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::Channel;
@@ -54,6 +54,14 @@ pub async fn connect(node: &NodeSection, dial: &Dialer, services: &[ServiceLimit
     Ok(Node { channel, model, service, bulkhead: Bulkhead::new(limits) })
 }
 
+/// The inbound side once it serves.
+pub struct Serving {
+    pub health: Health,
+    pub addr: SocketAddr,
+    /// The node's record, as registered.
+    pub record: InstanceRecord,
+}
+
 /// Serves `front` on `listen.inbound` until `stop`, then registers the node.
 pub async fn serve(
     cfg: &SidecarConfig,
@@ -62,35 +70,50 @@ pub async fn serve(
     (tls, refused): (Option<&TlsMaterial>, Counter),
     registry: &EtcdRegistry,
     mut stop: watch::Receiver<bool>,
-) -> anyhow::Result<(Health, SocketAddr)> {
+) -> anyhow::Result<Serving> {
     let listener = TcpListener::bind(cfg.listen.inbound).await?;
     let bound = listener.local_addr()?;
     tracing::info!("inbound listening on {bound}");
     let (health, health_service) = Health::new();
     health.set(true).await;
-    tokio::spawn(mirror_node_health(node.channel.clone(), health.clone(), stop.clone()));
     // Plaintext has no identities to check (and is on loopback unless the
     // config says otherwise); with TLS, only `tls.inbound_peers` are served,
     // on every service (health from loopback stays open).
     let allow = tls.map(|t| t.inbound_peers.clone()).unwrap_or_default();
     let server = GenerationServer::new(Authorized(front));
     let services = Services::new(server.max_decoding_message_size(cfg.max_request_bytes));
+    let follow = stop.clone();
     let shutdown = async move {
         let _ = stop.wait_for(|s| *s).await;
     };
     let gate = GateLayer::new("inbound", allow, refused);
     let how = Listening { http2: cfg.http2, tls: tls.map(TlsMaterial::mutual_server), gate };
     tokio::spawn(daemon::grpc::serve(how, listener, health_service, services, shutdown));
-    let advertise = cfg.listen.advertise.clone().unwrap_or_else(|| bound.to_string());
-    registry.register(registration::record(section, &node.model, &node.service, &advertise)).await?;
+    let advertise = registration::advertise(cfg.listen.advertise.as_deref(), bound, &cfg.etcd.endpoints).await?;
+    let record = registration::record(section, &node.model, &node.service, &advertise);
+    registry.register(record.clone()).await?;
     tracing::info!(service = %node.service, %advertise, "node registered in the mesh");
-    Ok((health, bound))
+    tokio::spawn(follow_node(node.channel.clone(), health.clone(), (registry.clone(), record.clone()), follow));
+    Ok(Serving { health, addr: bound, record })
 }
 
-/// The inbound side is healthy exactly when its node is.
-async fn mirror_node_health(node: Channel, health: Health, stop: watch::Receiver<bool>) {
+/// Checks of the node in a row that must fail before it leaves the mesh
+/// (one every 500 ms): one slow answer from a busy node is not a restart.
+const UNHEALTHY_CHECKS: u32 = 3;
+
+/// The inbound side is healthy exactly when its node is, and registered
+/// only while it is: a node that stops serving (restarting, draining,
+/// crashed) for [`UNHEALTHY_CHECKS`] checks in a row leaves every
+/// sidecar's view, and comes back at its first healthy answer.
+async fn follow_node(
+    node: Channel,
+    health: Health,
+    (registry, record): (EtcdRegistry, InstanceRecord),
+    stop: watch::Receiver<bool>,
+) {
     let mut client = HealthClient::new(node);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let (mut failed, mut registered) = (0, true);
     while !*stop.borrow() {
         tick.tick().await;
         let req = HealthCheckRequest { service: GENERATION.into() };
@@ -99,5 +122,14 @@ async fn mirror_node_health(node: Channel, health: Health, stop: watch::Receiver
             Ok(Ok(r)) if r.get_ref().status() == health_check_response::ServingStatus::Serving
         );
         health.set(serving).await;
+        failed = if serving { 0 } else { failed + 1 };
+        let service = &record.service;
+        if registered && failed >= UNHEALTHY_CHECKS && !*stop.borrow() {
+            registered = registry.deregister(service, &record.instance_id).await.is_err();
+            tracing::warn!(%service, "node not serving: left the mesh until it serves again");
+        } else if !registered && serving && !*stop.borrow() {
+            registered = registry.register(record.clone()).await.is_ok();
+            tracing::info!(%service, "node serving again: back in the mesh");
+        }
     }
 }
