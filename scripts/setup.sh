@@ -23,3 +23,5 @@ if ! command -v cargo >/dev/null; then
   exit 1
 fi
 bash scripts/fetch-model.sh
+# Prometheus and promtool for the alert test, unpacked into .tools/ (no service).
+bash scripts/fetch-prometheus.sh

@@ -58,6 +58,8 @@ fn outbound_stack(cfg: &SidecarConfig, balancer: &Arc<Balancer>, metrics: &Sidec
 /// The inbound request path, first layer first.
 fn inbound_stack(cfg: &SidecarConfig, node: &Node, draining: Draining, metrics: &SidecarMetrics) -> Front {
     let (service, client) = (node.service.clone(), GenerationClient::new(node.channel.clone()));
+    // The queue's limit beside its depth, for NodeQueueNearlyFull.
+    metrics.queue_limit.get_or_create(&metrics.service(&service)).set(node.bulkhead.max_queue() as i64);
     let generate = ServiceBuilder::new()
         .layer(step(Trace::new(Hop::Inbound { service: service.clone() }, metrics.clone())))
         .layer(step(Accept { service: service.clone(), draining }))
@@ -122,15 +124,15 @@ pub async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
     daemon::ready::stopping();
     tracing::info!("draining");
     let deadline = tokio::time::Instant::now() + cfg.drain_grace;
+    // Every listener stops taking calls now; the streams open on them (a
+    // client sidecar's whole traffic) finish within the grace.
+    let _ = stop_tx.send(true);
     registry.shutdown().await.ok(); // our records vanish from every watcher at once
     if let Some((node, serving)) = &inbound {
         draining.start();
         serving.health.set(false).await;
         drain(node, deadline).await;
     }
-    // The outbound listeners stop taking calls; the streams open on them
-    // (a client sidecar's whole traffic) finish within the same grace.
-    let _ = stop_tx.send(true);
     if tokio::time::timeout_at(deadline, out_server).await.is_err() {
         tracing::warn!("drain grace expired with outbound streams still open");
     }

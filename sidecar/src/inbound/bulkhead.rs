@@ -68,6 +68,11 @@ impl Bulkhead {
         self.lock().queue.len()
     }
 
+    /// The most requests that may wait (`max_queue`).
+    pub fn max_queue(&self) -> usize {
+        self.limits.max_queue
+    }
+
     /// Slots held now (streams at the node).
     pub fn in_use(&self) -> usize {
         self.lock().running

@@ -1,0 +1,95 @@
+//! A node's sidecar follows its node: ready only once its record is in
+//! etcd, out of the mesh while its node does not serve (crashed,
+//! restarting), back as soon as it does; a client sidecar drains the
+//! streams it relays when it is stopped.
+
+use std::time::{Duration, Instant};
+
+use mesh_proto::v1::{FinishReason, GenerateRequest};
+use mesh_tests::etcd::Etcd;
+use mesh_tests::mesh::{SidecarProcess, signal};
+use mesh_tests::{NodeProcess, Spawned, bin_dir, generate, prompt_request};
+use registry::EtcdConfig;
+
+fn chat(max_tokens: u32) -> GenerateRequest {
+    GenerateRequest { model: "chat".into(), ..prompt_request("coupling", max_tokens) }
+}
+
+const NODE: [&str; 6] = ["--backend", "synthetic", "--model-name", "chat", "--synthetic-tokens-per-sec", "20"];
+
+/// The node again, on the address its sidecar dials (as systemd restarts it).
+async fn restart_node(listen: &str) -> Spawned {
+    let mut cmd = tokio::process::Command::new(bin_dir().join("mesh-node"));
+    cmd.args(["--listen", listen]).args(NODE).env("RUST_LOG", "info");
+    let mut node = Spawned::spawn("mesh-node (restarted)", cmd).unwrap();
+    node.announced("node", Duration::from_secs(30)).await.unwrap();
+    node
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sidecar_is_ready_once_registered_and_out_of_the_mesh_while_its_node_is_down() {
+    let etcd = Etcd::start().await;
+    let mut node = NodeProcess::start(&NODE).await;
+    let inbound = SidecarProcess::start(&etcd, Some(&node), "").await;
+    // Ready means routable: the record is in etcd when the ready line is out.
+    let advertised = inbound.inbound.unwrap().to_string();
+    let records = registry::etcd::fetch_all(&EtcdConfig::new(vec![etcd.url()])).await.unwrap();
+    assert!(records.iter().any(|r| r.address == advertised), "ready before registered: {records:?}");
+
+    let client = SidecarProcess::start(&etcd, None, "").await;
+    client.wait_for_instances("chat", 1).await;
+    node.process.kill().unwrap();
+    let killed = Instant::now();
+    client.wait_for_instances("chat", 0).await;
+    let left = killed.elapsed();
+    eprintln!("node killed to its record gone from the client's view: {left:?}");
+    // Three failed checks 500 ms apart, then the watch: 1.5 s and change.
+    assert!(left < Duration::from_millis(2500), "the dead node's record stayed {left:?}");
+    assert_eq!(inbound.logged("node not serving: left the mesh"), 1);
+
+    let _node = restart_node(&node.addr.to_string()).await;
+    let restarted = Instant::now();
+    client.wait_for_instances("chat", 1).await;
+    eprintln!("node ready to its record back in the client's view: {:?}", restarted.elapsed());
+    assert_eq!(inbound.logged("node serving again: back in the mesh"), 1);
+    let out = generate(&mut client.client().await, chat(3)).await.expect("served after the node's restart");
+    assert_eq!(out.token_ids.len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_client_sidecar_finishes_its_streams_and_takes_no_new_calls() {
+    let etcd = Etcd::start().await;
+    let node = NodeProcess::start(&NODE).await;
+    let _inbound = SidecarProcess::start(&etcd, Some(&node), "").await;
+    let mut client = SidecarProcess::start(&etcd, None, "").await;
+    client.wait_for_instances("chat", 1).await;
+    // 2 s streams at 20 tokens/s.
+    let mut streams = Vec::new();
+    for _ in 0..4 {
+        let mut c = client.client().await;
+        streams.push(tokio::spawn(async move { generate(&mut c, chat(40)).await }));
+    }
+    while client.instances().await.iter().map(|i| i.in_flight).sum::<u32>() < 4 {
+        tokio::task::yield_now().await;
+    }
+    signal(client.process(), "TERM");
+    let stopped = Instant::now();
+    while client.logged("draining") == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let late = tokio::time::timeout(Duration::from_secs(2), async {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", client.outbound)).unwrap();
+        let Ok(channel) = endpoint.connect().await else { return Err("connection refused".to_string()) };
+        let mut late = mesh_proto::v1::generation_client::GenerationClient::new(channel);
+        late.generate(chat(2)).await.map(drop).map_err(|s| s.to_string())
+    });
+    let late = late.await;
+    assert!(matches!(late, Ok(Err(_))), "a call after SIGTERM was taken: {late:?}");
+    for s in streams {
+        let out = s.await.unwrap().expect("streams in flight finish during the drain");
+        assert_eq!((out.finish_reason, out.token_ids.len()), (FinishReason::Length as i32, 40));
+    }
+    let status = tokio::time::timeout(Duration::from_secs(5), client.process().wait()).await.unwrap().unwrap();
+    eprintln!("client sidecar: SIGTERM to exit {:?}", stopped.elapsed());
+    assert_eq!(status.code(), Some(0));
+}
