@@ -307,7 +307,7 @@ async fn two_gpu_hosts_behind_mutual_tls_survive_a_cut_link() {
     }
     let gpu2_after = node_requests(&lab, "gpu2").await;
 
-    let results = results.lock().unwrap();
+    let results = results.lock().unwrap().clone();
     let during = results.iter().filter(|(t, _, _)| *t > cut_at && *t < restored_at).count();
     let failed: Vec<&(Instant, bool, String)> = results.iter().filter(|r| !r.1).collect();
     eprintln!(
