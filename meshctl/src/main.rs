@@ -84,7 +84,8 @@ enum Command {
         #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(0..=3650))]
         days: u32,
     },
-    /// Services, instances and their records, read from etcd; with
+    /// Services, instances and their records, read from etcd (exits 1,
+    /// naming them, when two records claim one address); with
     /// `--sidecar`, that sidecar's live view (load, in-flight, ejections).
     Status {
         #[command(flatten)]
@@ -118,6 +119,7 @@ enum Command {
 
 mod certs;
 mod etcd;
+mod status;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -140,7 +142,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Status { ref sidecar, json, .. } if sidecar.is_some() => {
             sidecar_status(sidecar.as_deref().unwrap_or_default(), cli.api_key.as_deref(), json).await?
         }
-        Command::Status { ref etcd, json, .. } => status(&etcd.config(), json).await?,
+        Command::Status { ref etcd, json, .. } => status::from_etcd(&etcd.config(), json).await?,
         Command::Register { ref etcd, ref service, ref instance, ref address, weight } => {
             let mut rec = InstanceRecord::new(service, instance, address);
             rec.weight = weight;
@@ -191,29 +193,6 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         }
-    }
-    Ok(())
-}
-
-async fn status(config: &EtcdConfig, json: bool) -> anyhow::Result<()> {
-    let records = registry::etcd::fetch_all(config).await.context("reading the registry from etcd")?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&records)?);
-        return Ok(());
-    }
-    let mut service = "";
-    for r in &records {
-        if r.service != service {
-            service = &r.service;
-            println!("{service}");
-        }
-        println!(
-            "  {:<24} {:<22} host={} zone={} weight={} max_running={} context={} version={}",
-            r.instance_id, r.address, r.host, r.zone, r.weight, r.max_running, r.context_length, r.version
-        );
-    }
-    if records.is_empty() {
-        println!("no instances registered under {}", config.prefix);
     }
     Ok(())
 }

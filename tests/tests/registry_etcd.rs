@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use mesh_tests::bin_dir;
 use mesh_tests::etcd::Etcd;
 use mesh_tests::proxy::Proxy;
+use registry::etcd::RegistrarState;
 use registry::{EtcdConfig, EtcdRegistry, InstanceRecord, Registry, View};
 use tokio::sync::watch;
 
@@ -203,4 +204,33 @@ async fn futures_join<F: std::future::Future<Output = Result<(), registry::Regis
     for f in futs.collect::<Vec<_>>() {
         f.await.unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_claim_of_one_instance_is_refused_until_the_first_lets_go() {
+    let etcd = Etcd::start().await;
+    let first = EtcdRegistry::start(config(&etcd.url())).unwrap();
+    let second = EtcdRegistry::start(config(&etcd.url())).unwrap();
+    let mut view = first.watch();
+    let mut mine = InstanceRecord::new("chat", "10.77.0.11:7101", "10.77.0.11:7101");
+    mine.host = "gpu-1".into();
+    let theirs = InstanceRecord { host: "gpu-2".into(), ..mine.clone() };
+    first.register(mine.clone()).await.unwrap();
+    wait_view(&mut view, Duration::from_secs(5), |v| v.service("chat").next() == Some(&mine)).await;
+
+    // A second host with the same address: refused, saying why, and the
+    // first host's record stays as it was.
+    second.register(theirs.clone()).await.unwrap();
+    let mut state = second.registrar_state();
+    let refused = tokio::time::timeout(
+        Duration::from_secs(5),
+        state.wait_for(|s| matches!(s, RegistrarState::Disconnected(why) if why.contains("held by another process"))),
+    )
+    .await;
+    assert!(refused.is_ok(), "the second claim was not refused: {:?}", *second.registrar_state().borrow());
+    assert_eq!(view.borrow().service("chat").collect::<Vec<_>>(), vec![&mine]);
+
+    // Once the first lets go, the second's record goes in.
+    first.shutdown().await.unwrap();
+    wait_view(&mut view, Duration::from_secs(5), |v| v.service("chat").next() == Some(&theirs)).await;
 }

@@ -98,9 +98,12 @@ impl EtcdConfig {
 
 impl RegistryError {
     /// etcd answered and refused this client (its certificate at the TLS
-    /// handshake, a wrong password, no permission): not an outage to wait
-    /// out, a configuration to fix.
+    /// handshake, a wrong password, no permission, its key held by another
+    /// process): not an outage to wait out, a configuration to fix.
     pub fn is_refusal(&self) -> bool {
+        if let RegistryError::Claimed { .. } = self {
+            return true;
+        }
         let RegistryError::Etcd(e) = self else { return false };
         if let etcd_client::Error::GRpcStatus(s) = e
             && (matches!(s.code(), tonic::Code::PermissionDenied | tonic::Code::Unauthenticated)
