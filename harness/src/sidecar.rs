@@ -133,11 +133,7 @@ impl Sidecar {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let name = name.into();
-        let file = ConfigFile::write(&name, &config.to_toml())?;
-        let mut cmd = Command::new(bin);
-        cmd.arg("--config").arg(file.path()).args(args).env("RUST_LOG", "info");
-        let mut process = Spawned::spawn(name, cmd)?;
+        let (mut process, file) = Self::launch(name, bin, config, args)?;
         let addresses = process.announced("sidecar", START_TIMEOUT).await?;
         let outbound = addresses.require(process.name(), "outbound")?;
         let inbound = match config.node {
@@ -146,6 +142,26 @@ impl Sidecar {
         };
         let (metrics, http) = (addresses.get("metrics"), addresses.get("http"));
         Ok(Sidecar { outbound, inbound, metrics, http, process, config: file })
+    }
+
+    /// Writes `config` and runs `bin --config FILE ARGS` without waiting
+    /// for it to be ready (a sidecar etcd refuses never is); the config
+    /// file lives as long as the returned handle.
+    pub fn launch<I, S>(
+        name: impl Into<String>,
+        bin: &Path,
+        config: &SidecarConfig,
+        args: I,
+    ) -> Result<(Spawned, ConfigFile)>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let name = name.into();
+        let file = ConfigFile::write(&name, &config.to_toml())?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("--config").arg(file.path()).args(args).env("RUST_LOG", "info");
+        Ok((Spawned::spawn(name, cmd)?, file))
     }
 
     /// A channel to its outbound side (generation and admin).

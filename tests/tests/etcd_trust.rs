@@ -13,7 +13,7 @@ use std::time::Duration;
 use harness::{EtcdTls, MeshGrant, Sidecar, SidecarConfig};
 use mesh_proto::v1::GenerateRequest;
 use mesh_proto::v1::generation_client::GenerationClient;
-use mesh_tests::{NodeProcess, bin_dir, free_port, generate, prompt_request};
+use mesh_tests::{NodeProcess, Spawned, bin_dir, free_port, generate, prompt_request};
 use registry::{Credentials, EtcdConfig, TlsFiles};
 
 const PREFIX: &str = "/mesh/v1/";
@@ -109,18 +109,14 @@ async fn sidecar(name: &str, etcd: &str, node: Option<&NodeProcess>, etcd_keys: 
 
 /// Waits (up to 10 s) for the sidecar's log line saying it could not
 /// register, and returns it.
-async fn refusal(sidecar: &Sidecar) -> String {
+async fn refusal(sidecar: &Spawned) -> String {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let lines = sidecar.process.log_tail(200);
+        let lines = sidecar.log_tail(200);
         if let Some(line) = lines.iter().find(|l| l.contains("not registered in etcd")) {
             return line.clone();
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} never failed to register: {lines:#?}",
-            sidecar.process.name()
-        );
+        assert!(tokio::time::Instant::now() < deadline, "{} never failed to register: {lines:#?}", sidecar.name());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -153,7 +149,10 @@ async fn etcd_with_client_certificates_and_rbac_admits_only_the_mesh_user() {
         ("no user (the certificate's name, gpu, has no role)", pki.etcd_keys(Some("mesh/gpu"), None), NO_ROLE),
     ];
     for (what, keys, wanted) in cases {
-        let refused = sidecar(&format!("sidecar with {what}"), &url, Some(&node), &keys).await;
+        let bin = harness::workspace_bin("mesh-sidecar", None, "cargo build --release").unwrap();
+        let config = SidecarConfig::new(&url).with_etcd(&keys).fronting(node.addr);
+        let (refused, _config) =
+            Sidecar::launch(format!("sidecar with {what}"), &bin, &config, Vec::<&str>::new()).unwrap();
         let line = refusal(&refused).await;
         eprintln!("{what}: {line}");
         assert!(wanted.iter().any(|w| line.contains(w)), "{what}: {line}");
