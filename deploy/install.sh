@@ -2,7 +2,7 @@
 # Installs a release of the mesh on this host, beside the ones already
 # there, and switches to it; or switches back.
 #
-#   sudo deploy/install.sh [--bin-dir target/release] [--version V] [--with-etcd] [--root /]
+#   sudo deploy/install.sh [--bin-dir target/release] [--node-bin PATH] [--version V] [--with-etcd] [--root /]
 #   sudo /opt/mesh/current/install.sh --rollback   # back to the release before
 #   /opt/mesh/current/install.sh --list            # releases; * marks the current one
 #
@@ -22,10 +22,13 @@
 # replaced, the new example is written beside it as NAME.new, to merge by
 # hand. --with-etcd (root / only) installs Debian's etcd-server when
 # /usr/bin/etcd is missing and masks its etcd.service: mesh-etcd@ runs etcd.
+# --node-bin takes mesh-node from PATH instead of --bin-dir: on a GPU host,
+# the CUDA build (target/cuda/release/mesh-node, scripts/build-cuda.sh).
 # --root DIR puts everything under DIR (no user, systemctl or apt).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 bin_dir="$here/../target/release"
+node_bin=
 root=/
 version=
 action=install
@@ -36,6 +39,7 @@ main() {
   while [ $# -gt 0 ]; do
     case "$1" in
       --bin-dir) bin_dir=$2; shift 2 ;;
+      --node-bin) node_bin=$2; shift 2 ;;
       --version) version=$2; shift 2 ;;
       --root) root=$2; shift 2 ;;
       --with-etcd) with_etcd=true; shift ;;
@@ -102,6 +106,7 @@ stage_release() {
   rm -rf "$1"
   install -d "$1/bin" "$1/systemd" "$1/config"
   for b in "${binaries[@]}"; do install -m 0755 "$bin_dir/$b" "$1/bin/$b"; done
+  if [ -n "$node_bin" ]; then install -m 0755 "$node_bin" "$1/bin/mesh-node"; fi
   install -m 0644 "$here"/systemd/* "$1/systemd/"
   install -m 0644 "$here"/config/* "$1/config/"
   if [ -d "$here/gpu-host" ]; then cp -r "$here/gpu-host" "$1/"; fi
