@@ -280,7 +280,8 @@ fn units_start_ready_drain_on_stop_and_restart_on_crash() {
         "sh",
         "-ec",
         "useradd --system --user-group --no-create-home --home-dir /var/lib/mesh --shell /usr/sbin/nologin mesh
-         install -d -o mesh -g mesh /var/lib/mesh /var/lib/mesh/etcd
+         install -d -o mesh -g mesh /var/lib/mesh
+         install -d -m 0700 -o mesh -g mesh /var/lib/mesh/etcd
          install -d /var/lib/mesh/models /etc/mesh
          cp -r /mnt/stage/units/. /etc/systemd/system/
          cp /mnt/stage/mesh/* /etc/mesh/
