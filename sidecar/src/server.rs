@@ -88,8 +88,9 @@ pub async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let admin = Admin { balancer: balancer.clone(), view: registry.watch() };
     let (generate, list_models) = outbound_stack(&cfg, &balancer, &metrics);
-    if let Some(bound) = serve_edge(&cfg, (&generate, &list_models), &metrics, stop_rx.clone()).await? {
-        addresses.push(("http", bound));
+    let edge = serve_edge(&cfg, (&generate, &list_models), &metrics, stop_rx.clone()).await?;
+    if let Some((bound, _)) = &edge {
+        addresses.push(("http", *bound));
     }
     let generation = GenerationServer::new(Front::new(generate, list_models));
     let services = Services::new(generation.max_decoding_message_size(cfg.max_request_bytes))
@@ -133,7 +134,12 @@ pub async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
         serving.health.set(false).await;
         drain(node, deadline).await;
     }
-    if tokio::time::timeout_at(deadline, out_server).await.is_err() {
+    let edge = async move {
+        if let Some((_, connections)) = edge {
+            let _ = connections.await;
+        }
+    };
+    if tokio::time::timeout_at(deadline, async { tokio::join!(out_server, edge) }).await.is_err() {
         tracing::warn!("drain grace expired with outbound streams still open");
     }
     tracing::info!("stopped");
@@ -185,7 +191,7 @@ async fn serve_edge(
     (generate, list_models): (&Next, &ListModels),
     metrics: &SidecarMetrics,
     stop: watch::Receiver<bool>,
-) -> anyhow::Result<Option<SocketAddr>> {
+) -> anyhow::Result<Option<(SocketAddr, tokio::task::JoinHandle<()>)>> {
     let Some(addr) = cfg.listen.http else { return Ok(None) };
     let edge = Edge {
         generate: generate.clone(),
@@ -194,8 +200,7 @@ async fn serve_edge(
         max_body: cfg.max_request_bytes,
         requests: metrics.http_requests.clone(),
     };
-    let (bound, _) = crate::edge::serve(addr, crate::edge::router(Arc::new(edge)), stop).await?;
-    Ok(Some(bound))
+    Ok(Some(crate::edge::serve(addr, crate::edge::router(Arc::new(edge)), stop).await?))
 }
 
 /// Starts the inbound side in front of the node and registers it.

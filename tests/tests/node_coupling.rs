@@ -1,7 +1,7 @@
 //! A node's sidecar follows its node: ready only once its record is in
 //! etcd, out of the mesh while its node does not serve (crashed,
 //! restarting), back as soon as it does; a client sidecar drains the
-//! streams it relays when it is stopped.
+//! streams it relays (gRPC and HTTP edge) when it is stopped.
 
 use std::time::{Duration, Instant};
 
@@ -61,15 +61,21 @@ async fn a_stopped_client_sidecar_finishes_its_streams_and_takes_no_new_calls() 
     let etcd = Etcd::start().await;
     let node = NodeProcess::start(&NODE).await;
     let _inbound = SidecarProcess::start(&etcd, Some(&node), "").await;
-    let mut client = SidecarProcess::start(&etcd, None, "").await;
+    let mut client = SidecarProcess::start_edge(&etcd, "", &[]).await;
     client.wait_for_instances("chat", 1).await;
-    // 2 s streams at 20 tokens/s.
+    // 2 s streams at 20 tokens/s: four over gRPC, one through the HTTP edge.
     let mut streams = Vec::new();
     for _ in 0..4 {
         let mut c = client.client().await;
         streams.push(tokio::spawn(async move { generate(&mut c, chat(40)).await }));
     }
-    while client.instances().await.iter().map(|i| i.in_flight).sum::<u32>() < 4 {
+    let body = r#"{"model":"chat","messages":[{"role":"user","content":"drain"}],"max_tokens":40,"stream":true,"stream_options":{"include_usage":true}}"#;
+    let edge = tokio::process::Command::new("curl")
+        .args(["-sN", "-H", "content-type: application/json", "-d", body])
+        .arg(format!("http://{}/v1/chat/completions", client.http.unwrap()))
+        .output();
+    let edge = tokio::spawn(edge);
+    while client.instances().await.iter().map(|i| i.in_flight).sum::<u32>() < 5 {
         tokio::task::yield_now().await;
     }
     signal(client.process(), "TERM");
@@ -89,6 +95,8 @@ async fn a_stopped_client_sidecar_finishes_its_streams_and_takes_no_new_calls() 
         let out = s.await.unwrap().expect("streams in flight finish during the drain");
         assert_eq!((out.finish_reason, out.token_ids.len()), (FinishReason::Length as i32, 40));
     }
+    let sse = String::from_utf8(edge.await.unwrap().unwrap().stdout).unwrap();
+    assert!(sse.contains(r#""completion_tokens":40"#) && sse.ends_with("data: [DONE]\n\n"), "the edge stream: {sse}");
     let status = tokio::time::timeout(Duration::from_secs(5), client.process().wait()).await.unwrap().unwrap();
     eprintln!("client sidecar: SIGTERM to exit {:?}", stopped.elapsed());
     assert_eq!(status.code(), Some(0));

@@ -41,15 +41,20 @@ pub async fn serve(
     Ok((bound, tokio::spawn(accept(listener, router, stop))))
 }
 
+/// Serves connections until `stop`; then ends once every open connection
+/// has finished its response (each shuts down gracefully), so the drain
+/// can wait for the edge's streams too.
 async fn accept(listener: TcpListener, router: Router, mut stop: watch::Receiver<bool>) {
+    let mut open = tokio::task::JoinSet::new();
     loop {
+        while open.try_join_next().is_some() {} // reap finished connections
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            _ = stop.wait_for(|s| *s) => return,
+            _ = stop.wait_for(|s| *s) => break,
         };
         match accepted {
             Ok((tcp, _)) => {
-                tokio::spawn(connection(tcp, router.clone(), stop.clone()));
+                open.spawn(connection(tcp, router.clone(), stop.clone()));
             }
             // Out of file descriptors, say: back off instead of spinning.
             Err(e) => {
@@ -58,6 +63,8 @@ async fn accept(listener: TcpListener, router: Router, mut stop: watch::Receiver
             }
         }
     }
+    drop(listener);
+    while open.join_next().await.is_some() {}
 }
 
 async fn connection(tcp: TcpStream, router: Router, mut stop: watch::Receiver<bool>) {
