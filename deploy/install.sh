@@ -78,7 +78,7 @@ install_release() {
     ln -sfn "../../../opt/mesh/current/bin/$b" "$root/usr/local/bin/$b"
   done
   ln -sfn "../../../../../opt/mesh/current/DEPLOY.md" "$root/usr/local/share/doc/mesh/DEPLOY.md"
-  install_units "$version"
+  install_units "$version" "$replaced"
   if [ "$root" = / ]; then
     getent group mesh >/dev/null || groupadd --system mesh
     getent passwd mesh >/dev/null || useradd --system --gid mesh --home-dir /var/lib/mesh --shell /usr/sbin/nologin mesh
@@ -131,7 +131,17 @@ install_configs() {
   done
 }
 
+# Installs release $1's units, and removes those of release $2 (the one it
+# replaces) that $1 does not have: a unit renamed between releases
+# (mesh-etcd.service -> mesh-etcd@.service) leaves no stale copy behind.
 install_units() {
+  local unit
+  if [ -n "${2:-}" ] && [ -d "$opt/releases/$2/systemd" ]; then
+    for unit in "$opt/releases/$2"/systemd/*.service; do
+      unit=$(basename "$unit")
+      [ -e "$opt/releases/$1/systemd/$unit" ] || rm -f "$root/etc/systemd/system/$unit"
+    done
+  fi
   install -m 0644 "$opt/releases/$1"/systemd/*.service "$root/etc/systemd/system/"
 }
 
@@ -158,7 +168,7 @@ rollback() {
   fi
   point current "$to"
   point previous "$from"
-  install_units "$to"
+  install_units "$to" "$from"
   reload_systemd
   echo "rolled back from $from to $to; restart the services to run it (configs in /etc/mesh were not touched)"
 }

@@ -109,6 +109,8 @@ fn next_release(dir: &Path) -> PathBuf {
     let unit = copy.join("systemd/mesh-sidecar@.service");
     let text = std::fs::read_to_string(&unit).unwrap();
     std::fs::write(&unit, format!("{text}# release 1.1.0\n")).unwrap();
+    // 1.1.0 renames a unit: the old name must not stay installed.
+    std::fs::rename(copy.join("systemd/mesh-etcd@.service"), copy.join("systemd/mesh-kv@.service")).unwrap();
     copy
 }
 
@@ -250,6 +252,9 @@ async fn an_upgrade_keeps_edited_configs_and_a_rollback_reads_the_newer_config()
     assert_eq!(example, host.read("opt/mesh/releases/1.1.0/config/sidecar-client.toml"));
     assert!(said.contains("sidecar-client.toml.new"), "install.sh did not say so: {said}");
     assert!(!host.path("etc/mesh/sidecar-chat.toml.new").exists(), "an unchanged example was offered as new");
+    let renamed =
+        (host.path("etc/systemd/system/mesh-etcd@.service"), host.path("etc/systemd/system/mesh-kv@.service"));
+    assert!(!renamed.0.exists() && renamed.1.exists(), "a unit the release renamed stayed installed");
     let units_1_1 = host.read("etc/systemd/system/mesh-sidecar@.service");
     assert_eq!(units_1_1, host.read("opt/mesh/releases/1.1.0/systemd/mesh-sidecar@.service"));
 
@@ -271,6 +276,7 @@ async fn an_upgrade_keeps_edited_configs_and_a_rollback_reads_the_newer_config()
     let units = host.read("etc/systemd/system/mesh-sidecar@.service");
     assert_eq!(units, host.read("opt/mesh/releases/1.0.0/systemd/mesh-sidecar@.service"), "1.0.0's units are back");
     assert_ne!(units, units_1_1);
+    assert!(renamed.0.exists() && !renamed.1.exists(), "the rollback did not restore 1.0.0's unit names");
     assert_eq!(host.read("etc/mesh/sidecar-client.toml"), merged, "a rollback leaves configs alone");
     let listed = host.install(&deploy().join("install.sh"), &["--list"]);
     assert_eq!(listed, "* 1.0.0\n  1.1.0 (previous)\n");
