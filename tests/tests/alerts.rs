@@ -402,15 +402,16 @@ async fn shipped_alerts_fire_exactly_when_they_should() {
 
     // (b) The service's only instance is gone while the client calls it:
     // the client sidecar answers UNAVAILABLE, which pages, as does the
-    // service with no healthy instance; the ticket drains away.
+    // service with no healthy instance; the two processes' targets are
+    // down (a warning); the ticket drains away.
     drop(node_sidecar.take());
     drop(node.take());
-    prometheus
-        .settle(
-            "(b) the service's only instance gone",
-            &[("MeshErrorRatioHigh", "page", "chat"), ("ServiceHasNoHealthyInstance", "page", "chat")],
-        )
-        .await;
+    let outage = [
+        ("MeshErrorRatioHigh", "page", "chat"),
+        ("ServiceHasNoHealthyInstance", "page", "chat"),
+        ("MeshTargetDown", "warning", ""),
+    ];
+    prometheus.settle("(b) the service's only instance gone", &outage).await;
     let unavailable = r#"sum(mesh_sidecar_requests_total{direction="outbound",service="chat",code="UNAVAILABLE"})"#;
     assert!(prometheus.query(unavailable).await.is_some_and(|n| n > 0.0), "the outage must read UNAVAILABLE");
     let not_found = r#"sum(mesh_sidecar_requests_total{direction="outbound",code="NOT_FOUND"})"#;
