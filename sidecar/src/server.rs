@@ -122,28 +122,43 @@ pub async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
         daemon::ready::announce("sidecar", &addresses);
         shutdown.await;
     }
+    let edge = edge.map(|(_, connections)| connections);
+    stop(&cfg, stop_tx, &registry, (inbound.as_ref(), &draining), (out_server, edge)).await;
+    Ok(())
+}
+
+type Server = tokio::task::JoinHandle<Result<(), tonic::transport::Error>>;
+
+/// The drain on SIGTERM: every listener stops taking calls, this sidecar's
+/// records leave etcd, and the streams in flight (at the node, outbound
+/// gRPC, through the HTTP edge: a client sidecar's whole traffic) finish
+/// within one `drain_grace`.
+async fn stop(
+    cfg: &SidecarConfig,
+    stop: watch::Sender<bool>,
+    registry: &EtcdRegistry,
+    (inbound, draining): (Option<&(Node, start::Serving)>, &Draining),
+    (outbound, edge): (Server, Option<tokio::task::JoinHandle<()>>),
+) {
     daemon::ready::stopping();
     tracing::info!("draining");
     let deadline = tokio::time::Instant::now() + cfg.drain_grace;
-    // Every listener stops taking calls now; the streams open on them (a
-    // client sidecar's whole traffic) finish within the grace.
-    let _ = stop_tx.send(true);
+    let _ = stop.send(true);
     registry.shutdown().await.ok(); // our records vanish from every watcher at once
-    if let Some((node, serving)) = &inbound {
+    if let Some((node, serving)) = inbound {
         draining.start();
         serving.health.set(false).await;
         drain(node, deadline).await;
     }
     let edge = async move {
-        if let Some((_, connections)) = edge {
+        if let Some(connections) = edge {
             let _ = connections.await;
         }
     };
-    if tokio::time::timeout_at(deadline, async { tokio::join!(out_server, edge) }).await.is_err() {
+    if tokio::time::timeout_at(deadline, async { tokio::join!(outbound, edge) }).await.is_err() {
         tracing::warn!("drain grace expired with outbound streams still open");
     }
     tracing::info!("stopped");
-    Ok(())
 }
 
 /// Resolves once this sidecar's record is in etcd, as its own watch sees
@@ -170,7 +185,7 @@ async fn serve_outbound(
     (tls, gate): (Option<&TlsMaterial>, GateLayer),
     services: Services,
     mut stop: watch::Receiver<bool>,
-) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<Result<(), tonic::transport::Error>>)> {
+) -> anyhow::Result<(SocketAddr, Server)> {
     let listener = TcpListener::bind(cfg.listen.outbound).await?;
     let bound = listener.local_addr()?;
     tracing::info!("outbound listening on {bound}");
