@@ -222,12 +222,12 @@ async fn a_second_claim_of_one_instance_is_refused_until_the_first_lets_go() {
     // first host's record stays as it was.
     second.register(theirs.clone()).await.unwrap();
     let mut state = second.registrar_state();
-    let refused = tokio::time::timeout(
-        Duration::from_secs(5),
-        state.wait_for(|s| matches!(s, RegistrarState::Disconnected(why) if why.contains("held by another process"))),
-    )
-    .await;
-    assert!(refused.is_ok(), "the second claim was not refused: {:?}", *second.registrar_state().borrow());
+    let held =
+        |s: &RegistrarState| matches!(s, RegistrarState::Disconnected(why) if why.contains("held by another process"));
+    // The borrow `wait_for` returns is dropped at once: held, it would
+    // block the registrar's next state change.
+    let refused = tokio::time::timeout(Duration::from_secs(5), state.wait_for(held)).await.is_ok_and(|r| r.is_ok());
+    assert!(refused, "the second claim was not refused: {:?}", *second.registrar_state().borrow());
     assert_eq!(view.borrow().service("chat").collect::<Vec<_>>(), vec![&mine]);
 
     // Once the first lets go, the second's record goes in.
