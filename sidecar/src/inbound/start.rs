@@ -93,27 +93,20 @@ pub async fn serve(
     let record = registration::record(section, &node.model, &node.service, &advertise);
     registry.register(record.clone()).await?;
     tracing::info!(service = %node.service, %advertise, "node registered in the mesh");
-    tokio::spawn(follow_node(node.channel.clone(), health.clone(), (registry.clone(), record.clone()), follow));
+    tokio::spawn(mirror_node_health(node.channel.clone(), health.clone(), follow));
     Ok(Serving { health, addr: bound, record })
 }
 
-/// Checks of the node in a row that must fail before it leaves the mesh
-/// (one every 500 ms): one slow answer from a busy node is not a restart.
-const UNHEALTHY_CHECKS: u32 = 3;
-
-/// The inbound side is healthy exactly when its node is, and registered
-/// only while it is: a node that stops serving (restarting, draining,
-/// crashed) for [`UNHEALTHY_CHECKS`] checks in a row leaves every
-/// sidecar's view, and comes back at its first healthy answer.
-async fn follow_node(
-    node: Channel,
-    health: Health,
-    (registry, record): (EtcdRegistry, InstanceRecord),
-    stop: watch::Receiver<bool>,
-) {
+/// The inbound side is healthy exactly when its node is. The record stays
+/// registered: a crashed or hung node is ejected by every caller (outlier
+/// detection, in about a second), and systemd restarts the sidecar with its
+/// node (`PartOf=` in mesh-sidecar-node.conf), which deregisters it for the
+/// restart. (Leaving etcd on failed health checks instead removed an
+/// instance from callers' views while their streams on it were being moved
+/// elsewhere, and some of those moves failed.)
+async fn mirror_node_health(node: Channel, health: Health, stop: watch::Receiver<bool>) {
     let mut client = HealthClient::new(node);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
-    let (mut failed, mut registered) = (0, true);
     while !*stop.borrow() {
         tick.tick().await;
         let req = HealthCheckRequest { service: GENERATION.into() };
@@ -122,14 +115,5 @@ async fn follow_node(
             Ok(Ok(r)) if r.get_ref().status() == health_check_response::ServingStatus::Serving
         );
         health.set(serving).await;
-        failed = if serving { 0 } else { failed + 1 };
-        let service = &record.service;
-        if registered && failed >= UNHEALTHY_CHECKS && !*stop.borrow() {
-            registered = registry.deregister(service, &record.instance_id).await.is_err();
-            tracing::warn!(%service, "node not serving: left the mesh until it serves again");
-        } else if !registered && serving && !*stop.borrow() {
-            registered = registry.register(record.clone()).await.is_ok();
-            tracing::info!(%service, "node serving again: back in the mesh");
-        }
     }
 }
