@@ -76,13 +76,13 @@ pub async fn serve(
     tracing::info!("inbound listening on {bound}");
     let (health, health_service) = Health::new();
     health.set(true).await;
+    tokio::spawn(mirror_node_health(node.channel.clone(), health.clone(), stop.clone()));
     // Plaintext has no identities to check (and is on loopback unless the
     // config says otherwise); with TLS, only `tls.inbound_peers` are served,
     // on every service (health from loopback stays open).
     let allow = tls.map(|t| t.inbound_peers.clone()).unwrap_or_default();
     let server = GenerationServer::new(Authorized(front));
     let services = Services::new(server.max_decoding_message_size(cfg.max_request_bytes));
-    let follow = stop.clone();
     let shutdown = async move {
         let _ = stop.wait_for(|s| *s).await;
     };
@@ -93,7 +93,6 @@ pub async fn serve(
     let record = registration::record(section, &node.model, &node.service, &advertise);
     registry.register(record.clone()).await?;
     tracing::info!(service = %node.service, %advertise, "node registered in the mesh");
-    tokio::spawn(mirror_node_health(node.channel.clone(), health.clone(), follow));
     Ok(Serving { health, addr: bound, record })
 }
 
