@@ -138,6 +138,12 @@ pub struct NodeConfig {
     #[arg(long, env = "MESH_NODE_INSECURE_ANYWHERE")]
     pub insecure_anywhere: bool,
 
+    /// On a GPU, run every step op by op instead of replaying decode steps
+    /// recorded as CUDA graphs (one recording per batch size, made at its
+    /// first step): for comparison, or if a driver misbehaves with graphs.
+    #[arg(long, env = "MESH_NODE_EAGER")]
+    pub eager: bool,
+
     /// Matmul kernel for the CPU; defaults to the fastest this CPU supports
     /// (avx512, then avx2, then scalar). Forcing one the CPU lacks is an error.
     #[arg(long, env = "MESH_NODE_KERNEL", value_enum)]

@@ -91,7 +91,8 @@ pub fn open(setting: &DeviceSetting) -> Result<Device, DeviceError> {
 /// default every allocation creates two CUDA events (and frees them), for
 /// syncing buffers across streams, and the node runs each device on one
 /// stream (candle's), where the stream's order is the only sync needed; the
-/// events cost host time on every one of a step's ~1,000 kernels.
+/// events cost host time on every one of a step's kernels. Freed buffers
+/// stay in the device's memory pool (`keep_freed_memory`).
 pub fn open_cuda(n: usize) -> candle_core::Result<Device> {
     let device = Device::new_cuda(n)?;
     #[cfg(feature = "cuda")]
@@ -99,8 +100,33 @@ pub fn open_cuda(n: usize) -> candle_core::Result<Device> {
         // SAFETY: called before any buffer exists, and every buffer of this
         // device is used on its one stream (see above).
         unsafe { cuda.disable_event_tracking() };
+        keep_freed_memory(cuda)?;
     }
     Ok(device)
+}
+
+/// Every op of a step allocates its output from the device's default
+/// memory pool (stream-ordered) and frees it; with the pool's default
+/// release threshold of 0, every synchronization (each step's end) hands
+/// the freed memory back to the driver, and the next step maps it again.
+/// The node owns its GPU, so the pool keeps what it has held.
+#[cfg(feature = "cuda")]
+fn keep_freed_memory(cuda: &candle_core::CudaDevice) -> candle_core::Result<()> {
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+    let stream = cuda.cuda_stream();
+    let context = stream.context();
+    if !context.has_async_alloc() {
+        return Ok(());
+    }
+    let mut keep = u64::MAX;
+    // SAFETY: the device handle comes from an open context, and the release
+    // threshold attribute is a u64.
+    unsafe {
+        let pool = result::device::get_default_mem_pool(context.cu_device()).w()?;
+        let attribute = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+        result::mem_pool::set_attribute(pool, attribute, (&mut keep as *mut u64).cast()).w()
+    }
 }
 
 #[cfg(test)]

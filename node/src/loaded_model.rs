@@ -26,13 +26,13 @@ pub struct LoadedModel {
 
 impl LoadedModel {
     /// Loads a llama GGUF; `name` defaults to the file's stem. On a device
-    /// its KV pool holds `kv.0` tokens of at most `kv.1` sequences.
+    /// `plan` sizes and runs its backend.
     pub fn gguf(
         path: &Path,
         name: Option<String>,
         device: &Device,
         kernel: Kernel,
-        kv: (usize, usize),
+        plan: &DevicePlan,
     ) -> anyhow::Result<Self> {
         let (model, content) = LlamaModel::load(path, device, kernel)?;
         let compute = if device.is_cpu() { kernel.name() } else { "device" };
@@ -48,7 +48,7 @@ impl LoadedModel {
             compute,
             "model loaded"
         );
-        let backend = backend(model, kv)?;
+        let backend = backend(model, plan)?;
         Ok(Self {
             name,
             kind: "gguf",
@@ -76,16 +76,33 @@ impl LoadedModel {
     }
 }
 
+/// How the backend on a device is sized and run.
+pub struct DevicePlan {
+    /// The KV pool: committed tokens of at most `sequences` sequences.
+    pub kv_tokens: usize,
+    pub sequences: usize,
+    /// The most tokens one step reads (`--max-step-tokens`).
+    pub max_step_tokens: usize,
+    /// Decode steps replayed from CUDA graphs (not `--eager`).
+    pub graphs: bool,
+}
+
 /// Host caches on the CPU; the block pool on a device, allocated here, so a
 /// budget the device cannot hold fails at start.
-fn backend(model: LlamaModel, kv: (usize, usize)) -> anyhow::Result<Box<dyn Backend>> {
+fn backend(model: LlamaModel, plan: &DevicePlan) -> anyhow::Result<Box<dyn Backend>> {
     if model.device().is_cpu() {
         return Ok(Box::new(GgufBackend::new(Arc::new(model))));
     }
     let formats = model.device_formats().unwrap_or_default();
-    let backend = PagedBackend::new(Arc::new(model), kv.0, kv.1)
-        .map_err(|e| anyhow::anyhow!("cannot allocate the KV pool for --max-kv-tokens {}: {e}", kv.0))?;
+    let mut backend = PagedBackend::new(Arc::new(model), plan.kv_tokens, plan.sequences)
+        .map_err(|e| anyhow::anyhow!("cannot allocate the KV pool for --max-kv-tokens {}: {e}", plan.kv_tokens))?;
+    if plan.graphs {
+        backend = backend.with_graphs(plan.max_step_tokens).map_err(|e| {
+            anyhow::anyhow!("a step of --max-step-tokens {} does not run on the device: {e}", plan.max_step_tokens)
+        })?;
+    }
     let (bytes, positions) = backend.pool_size();
-    tracing::info!(%formats, kv_pool_mib = bytes >> 20, kv_pool_positions = positions, "model on the device");
+    let steps = if plan.graphs { "decode steps replayed from CUDA graphs" } else { "every step op by op (--eager)" };
+    tracing::info!(%formats, kv_pool_mib = bytes >> 20, kv_pool_positions = positions, steps, "model on the device");
     Ok(Box::new(backend))
 }

@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 use crate::config::{BackendKind, NodeConfig};
 use crate::device::DeviceSetting;
 use crate::generation_api::GenerationApi;
-use crate::loaded_model::LoadedModel;
+use crate::loaded_model::{DevicePlan, LoadedModel};
 use crate::metrics::NodeMetrics;
 use crate::model::qgemm::Kernel;
 use crate::scheduler::Scheduler;
@@ -40,8 +40,13 @@ pub fn load_model(cfg: &NodeConfig, device: &Device) -> anyhow::Result<LoadedMod
             let kernel = Kernel::choose(cfg.kernel).map_err(anyhow::Error::msg)?;
             let available = Kernel::names(&Kernel::available());
             tracing::info!(kernel = kernel.name(), %available, "matmul kernel chosen");
-            let kv = (cfg.max_kv_tokens as usize, cfg.max_running as usize);
-            LoadedModel::gguf(path, cfg.model_name.clone(), device, kernel, kv)?
+            let plan = DevicePlan {
+                kv_tokens: cfg.max_kv_tokens as usize,
+                sequences: cfg.max_running as usize,
+                max_step_tokens: cfg.max_step_tokens as usize,
+                graphs: !cfg.eager,
+            };
+            LoadedModel::gguf(path, cfg.model_name.clone(), device, kernel, &plan)?
         }
         BackendKind::Synthetic => LoadedModel::synthetic(
             cfg.model_name.clone().unwrap_or_else(|| "synthetic".into()),

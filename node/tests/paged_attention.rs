@@ -52,18 +52,23 @@ impl Seq {
     }
 }
 
-fn backends() -> (GgufBackend, PagedBackend, GgufText) {
+/// The host backend, the device one (decode steps from recorded-step
+/// inputs with `graphs`, op by op here either way) and the text codec.
+fn backends(graphs: bool) -> (GgufBackend, PagedBackend, GgufText) {
     let kernel = Kernel::choose(None).unwrap();
     let (model, content) = LlamaModel::load(&model_path(), &Device::Cpu, kernel).unwrap();
     let model = Arc::new(model);
-    let paged = PagedBackend::new(model.clone(), 4096, 8).unwrap();
+    let mut paged = PagedBackend::new(model.clone(), 4096, 8).unwrap();
+    if graphs {
+        paged = paged.with_graphs(CHUNK).unwrap();
+    }
     (GgufBackend::new(model), paged, GgufText::from_metadata(&content.metadata).unwrap())
 }
 
 /// Runs every step on both backends; returns (rows compared, largest
 /// difference, tokens decoded).
-fn lockstep(mut seqs: Vec<Seq>) -> (usize, f32, usize) {
-    let (mut host, mut device, _) = backends();
+fn lockstep(mut seqs: Vec<Seq>, graphs: bool) -> (usize, f32, usize) {
+    let (mut host, mut device, _) = backends(graphs);
     let (mut rows, mut worst, mut decoded) = (0, 0f32, 0);
     for step in 0.. {
         let active: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].joins_at <= step && !seqs[i].done()).collect();
@@ -124,6 +129,8 @@ fn lockstep(mut seqs: Vec<Seq>) -> (usize, f32, usize) {
             row += 1;
         }
     }
+    // The last steps decode every sequence left, from device inputs.
+    assert_eq!(graphs, device.replayed_steps() > 0, "replayed steps: {}", device.replayed_steps());
     (rows, worst, decoded)
 }
 
@@ -150,17 +157,20 @@ fn seq(id: u64, tokens: Vec<u32>, joins_at: usize) -> Seq {
 
 #[test]
 fn device_attention_alone_matches_the_host_over_chunked_prefill_and_decode() {
-    let (_, _, codec) = backends();
+    let (_, _, codec) = backends(false);
     let tokens = prompt(&codec, "Explain in two sentences why the sky is blue during the day.");
     assert!(tokens.len() > 2 * CHUNK, "the prompt spans several chunks: {}", tokens.len());
-    let (rows, worst, decoded) = lockstep(vec![seq(1, tokens, 0)]);
+    let (rows, worst, decoded) = lockstep(vec![seq(1, tokens, 0)], false);
     assert_eq!(decoded, DECODE);
     eprintln!("alone: {rows} logits rows, largest difference {worst}");
 }
 
+/// With decode steps as a GPU replays them (`PagedBackend::with_graphs`):
+/// inputs from one device buffer, padded to a power of two (5 sequences
+/// decode as 8 rows).
 #[test]
 fn device_attention_in_a_mixed_batch_matches_the_host() {
-    let (_, _, codec) = backends();
+    let (_, _, codec) = backends(false);
     let texts = [
         "Name three colours of the rainbow.",
         "Write a haiku about autumn leaves falling on a quiet pond.",
@@ -171,7 +181,45 @@ fn device_attention_in_a_mixed_batch_matches_the_host() {
     // Each joins two steps after the one before, so prefill chunks of the
     // later ones share steps with the earlier ones' decoding.
     let seqs = texts.iter().enumerate().map(|(i, t)| seq(i as u64 + 1, prompt(&codec, t), 2 * i)).collect();
-    let (rows, worst, decoded) = lockstep(seqs);
+    let (rows, worst, decoded) = lockstep(seqs, true);
     assert_eq!(decoded, texts.len() * DECODE);
     eprintln!("mixed batch: {rows} logits rows, largest difference {worst}");
+}
+
+/// Decode steps from recorded-step inputs (3 sequences padded to 4 rows)
+/// give the logits the same steps give op by op, to rounding.
+#[test]
+fn replayed_decode_steps_equal_op_by_op_steps() {
+    let (_, mut eager, codec) = backends(false);
+    let (_, mut replayed, _) = backends(true);
+    let texts = ["Hi.", "What is 17 times 3?", "Name three colours of the rainbow."];
+    let mut tokens: Vec<Vec<u32>> = texts.iter().map(|t| prompt(&codec, t)).collect();
+    let capacity = tokens.iter().map(Vec::len).max().unwrap() + DECODE;
+    for round in 0..=DECODE {
+        let fed: Vec<usize> = tokens.iter().map(|t| if round == 0 { 0 } else { t.len() - 1 }).collect();
+        let steps: Vec<SeqStep<'_>> = tokens
+            .iter()
+            .zip(&fed)
+            .enumerate()
+            .map(|(id, (t, &from))| SeqStep {
+                id: id as u64,
+                tokens: &t[from..],
+                start_pos: from,
+                want_logits: true,
+                capacity,
+                prompt_len: 0,
+                greedy: true,
+                reuse: &[],
+            })
+            .collect();
+        let want = eager.step(&steps).unwrap().unwrap().to_vec2::<f32>().unwrap();
+        let got = replayed.step(&steps).unwrap().unwrap().to_vec2::<f32>().unwrap();
+        drop(steps);
+        for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+            let diff = w.iter().zip(g).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(diff <= 1e-3, "round {round}, sequence {i}: logits differ by up to {diff}");
+            tokens[i].push(top_two(w).0.0);
+        }
+    }
+    assert_eq!(replayed.replayed_steps(), DECODE, "every decode step went through the device inputs");
 }

@@ -2,7 +2,8 @@
 //! (`Backend::step` returns once they are queued), the wait for the device
 //! to finish them (the greedy picks coming back), and, by difference with
 //! the engine's rate, the engine's own work per step (sampling, detokenizing,
-//! streaming every sequence's token).
+//! streaming every sequence's token). Each batch size is timed op by op and
+//! replayed from a CUDA graph, in the same run.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,11 +17,21 @@ use serde_json::{Value, json};
 const STEPS: usize = 16;
 
 /// Times `STEPS` decode steps of `streams` sequences, each `context` tokens
-/// long, driving the backend directly. Returns the medians of (issue ms,
-/// wait ms) and the mean whole step.
-pub fn decode_step(model: Arc<LlamaModel>, streams: usize, context: usize) -> anyhow::Result<(f64, f64, f64)> {
+/// long, driving the backend directly (replayed from graphs with
+/// `graphs`). Returns the medians of (issue ms, wait ms) and the mean whole
+/// step.
+pub fn decode_step(
+    model: Arc<LlamaModel>,
+    streams: usize,
+    context: usize,
+    graphs: bool,
+) -> anyhow::Result<(f64, f64, f64)> {
     let capacity = context + STEPS + 1;
     let mut backend = PagedBackend::new(model, streams * capacity, streams)?;
+    if graphs {
+        // The first step reads every prompt at once.
+        backend = backend.with_graphs(streams * context)?;
+    }
     let prompt: Vec<u32> = (0..context as u32).map(|i| 1 + i % 1000).collect();
     let step = |tokens, pos| steps(tokens, pos, streams, capacity);
     wait(backend.step(&step(&prompt, 0)).map_err(anyhow::Error::msg)?)?;
@@ -36,6 +47,9 @@ pub fn decode_step(model: Arc<LlamaModel>, streams: usize, context: usize) -> an
         }
     }
     let mean = issue.iter().chain(&waited).sum::<f64>() / STEPS as f64;
+    if graphs && backend.replayed_steps() == 0 {
+        anyhow::bail!("no decode step of {streams} streams was replayed (see the log)");
+    }
     Ok((median(&mut issue), median(&mut waited), mean))
 }
 
@@ -67,20 +81,26 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-/// The anatomy at each batch size; `engine_rates` are the engine's
-/// aggregate tokens/s at the same sizes (its step time is `streams / rate`).
+/// The anatomy at each batch size, op by op and replayed; `engine_rates`
+/// are the engine's aggregate tokens/s at the same sizes (its step time is
+/// `streams / rate`).
 pub fn report(model: Arc<LlamaModel>, context: usize, engine_rates: &[(usize, f64)]) -> anyhow::Result<Value> {
     let mut rows = Vec::new();
     for &(streams, rate) in engine_rates {
-        let (issue, wait, mean) = decode_step(model.clone(), streams, context)?;
         let engine = streams as f64 / rate * 1e3;
-        println!(
-            "step anatomy, {streams} streams: host issues kernels {issue:.2} ms, then waits for the device {wait:.2} ms \
-             (medians; mean step {mean:.2} ms); engine step {engine:.2} ms (mean)"
-        );
-        rows.push(json!({
-            "streams": streams, "issue_ms": issue, "wait_ms": wait, "mean_step_ms": mean, "engine_step_ms": engine,
-        }));
+        for (graphs, how) in [(false, "op by op"), (true, "replayed")] {
+            let (issue, wait, mean) = decode_step(model.clone(), streams, context, graphs)?;
+            println!(
+                "step anatomy, {streams} streams, {how}: host issues {issue:.2} ms, then waits for the device \
+                 {wait:.2} ms (medians; mean step {mean:.2} ms, {:.0} tokens/s)",
+                streams as f64 / mean * 1e3
+            );
+            rows.push(json!({
+                "streams": streams, "replayed": graphs, "issue_ms": issue, "wait_ms": wait, "mean_step_ms": mean,
+                "engine_step_ms": engine,
+            }));
+        }
+        println!("engine step, {streams} streams: {engine:.2} ms (mean)");
     }
     Ok(Value::Array(rows))
 }

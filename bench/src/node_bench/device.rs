@@ -53,9 +53,25 @@ pub struct Args {
     /// The device's peak memory bandwidth in GB/s, printed beside the achieved.
     #[arg(long)]
     peak_gbs: Option<f64>,
+    /// Run every engine step op by op (the node's `--eager`), not decode
+    /// steps replayed from CUDA graphs. The step anatomy times both anyway.
+    #[arg(long)]
+    eager: bool,
     /// Write every figure here as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+}
+
+/// A device backend as the node runs it: decode steps replayed unless
+/// `--eager`; steps of at most `max_step_rows` tokens.
+fn device_backend(
+    args: &Args,
+    model: &Arc<LlamaModel>,
+    kv: (usize, usize),
+    max_step_rows: usize,
+) -> anyhow::Result<PagedBackend> {
+    let backend = PagedBackend::new(model.clone(), kv.0, kv.1)?;
+    Ok(if args.eager { backend } else { backend.with_graphs(max_step_rows)? })
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -90,7 +106,7 @@ async fn device_run(args: &Args, device: &Device) -> anyhow::Result<Value> {
     let prompt = codec.encode(PROMPT, SpecialTokens::AsText)?;
     let kv_tokens = streams * (prompt.len() + args.background_tokens.max(args.tokens)) + 2 * args.ttft_prompt;
     let model = Arc::new(model);
-    let backend = PagedBackend::new(model.clone(), kv_tokens, streams + 1)?;
+    let backend = device_backend(args, &model, (kv_tokens, streams + 1), args.ttft_prompt)?;
     let (pool_bytes, pool_positions) = backend.pool_size();
     println!("KV pool: {pool_positions} positions, {} MiB", pool_bytes >> 20);
     let limits = Limits {
@@ -131,7 +147,7 @@ async fn device_run(args: &Args, device: &Device) -> anyhow::Result<Value> {
     );
     drop(scheduler);
     let cached = Limits { max_kv_tokens: 64 * 1024, prefix_cache: true, ..limits };
-    let backend = PagedBackend::new(model.clone(), cached.max_kv_tokens, cached.max_running)?;
+    let backend = device_backend(args, &model, (cached.max_kv_tokens, cached.max_running), cached.max_step_tokens)?;
     let scheduler = Scheduler::start(cached, Box::new(backend), codec.clone(), metrics);
     let (cold, warm) = measure::prefix_ttft(&scheduler, &codec, 5).await?;
     println!("TTFT of 512 cached + 32 new prompt tokens: p50 {warm:.1} ms; all 544 cold: p50 {cold:.1} ms");

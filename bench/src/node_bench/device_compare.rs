@@ -29,7 +29,8 @@ pub fn run(model_path: &Path, device: &Device, tokens: usize) -> anyhow::Result<
     let codec = GgufText::from_metadata(&content.metadata)?;
     let (dev_model, _) = LlamaModel::load(model_path, device, kernel)?;
     let mut cpu = GgufBackend::new(Arc::new(cpu_model));
-    let mut dev = PagedBackend::new(Arc::new(dev_model), PROMPTS.len() * (256 + tokens), 1)?;
+    // Decode steps replayed, as the node runs them (prompts are read whole).
+    let mut dev = PagedBackend::new(Arc::new(dev_model), PROMPTS.len() * (256 + tokens), 1)?.with_graphs(256)?;
     let mut results = Vec::new();
     for (i, text) in PROMPTS.iter().enumerate() {
         let turn = ChatTurn { role: "user".into(), content: (*text).into() };
@@ -40,6 +41,7 @@ pub fn run(model_path: &Path, device: &Device, tokens: usize) -> anyhow::Result<
         cpu.release(i as u64);
         dev.release(i as u64);
     }
+    println!("greedy vs CPU: {} device steps replayed", dev.replayed_steps());
     Ok(Value::Array(results))
 }
 

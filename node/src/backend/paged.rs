@@ -8,6 +8,7 @@ use candle_core::Tensor;
 
 use super::{Backend, BlockId, SeqStep};
 use crate::model::KV_CHUNK;
+use crate::model::paged::graph::{self, Graphs};
 use crate::model::paged::{KvPool, PagedAttention};
 use crate::model::{LlamaModel, ModelError, StepChunk, StepPlan, step_fits};
 
@@ -18,6 +19,8 @@ pub struct PagedBackend {
     rope: (Tensor, Tensor),
     /// The pool blocks of each block the prefix cache keeps.
     prefixes: HashMap<BlockId, Vec<u32>>,
+    /// Decode steps replayed from recordings (`with_graphs`).
+    graphs: Option<Graphs>,
 }
 
 impl PagedBackend {
@@ -26,7 +29,48 @@ impl PagedBackend {
     pub fn new(model: Arc<LlamaModel>, kv_tokens: usize, sequences: usize) -> Result<Self, ModelError> {
         let pool = KvPool::new(model.config(), kv_tokens, sequences, model.device())?;
         let rope = model.rope_tables()?;
-        Ok(Self { model, pool, rope, prefixes: HashMap::new() })
+        Ok(Self { model, pool, rope, prefixes: HashMap::new(), graphs: None })
+    }
+
+    /// Replays decode steps from CUDA graphs, one recording per batch size
+    /// (`model::paged::graph`; on the CPU the same device inputs run op by
+    /// op, for tests). `max_step_rows` is the most tokens a step may have
+    /// (the node's `--max-step-tokens`): a step that size runs first, so
+    /// that no later step moves what a recording holds.
+    pub fn with_graphs(mut self, max_step_rows: usize) -> Result<Self, ModelError> {
+        graph::warm_up(&self.model, &mut self.pool, &self.rope, max_step_rows.max(graph::MAX_BATCH))?;
+        self.graphs = Some(Graphs::new(self.model.config().context_length));
+        Ok(self)
+    }
+
+    /// Batch sizes with a recorded decode step so far.
+    pub fn recorded_batches(&self) -> Vec<usize> {
+        self.graphs.as_ref().map(Graphs::recorded).unwrap_or_default()
+    }
+
+    /// Decode steps served by `with_graphs` so far (0 once replays are off).
+    pub fn replayed_steps(&self) -> usize {
+        self.graphs.as_ref().map_or(0, Graphs::steps)
+    }
+
+    /// The step's logits from a replay, when it has one: every sequence
+    /// decodes one token and wants its logits. A recording or replay that
+    /// fails turns replays off (logged): every later step runs op by op.
+    fn replay(&mut self, seqs: &[SeqStep<'_>]) -> Option<Tensor> {
+        let graphs = self.graphs.as_mut()?;
+        let decoding = seqs.iter().all(|s| s.tokens.len() == 1 && s.want_logits);
+        if !decoding || seqs.is_empty() || seqs.len() > graph::MAX_BATCH {
+            return None;
+        }
+        let rows: Vec<(u64, u32, usize)> = seqs.iter().map(|s| (s.id, s.tokens[0], s.start_pos)).collect();
+        match graphs.step(&self.model, &mut self.pool, &self.rope, &rows) {
+            Ok(logits) => Some(logits),
+            Err(error) => {
+                tracing::warn!(%error, batch = rows.len(), "decode steps run op by op from now on: a recorded step failed");
+                self.graphs = None;
+                None
+            }
+        }
     }
 
     /// The pool's device memory in bytes and its size in positions.
@@ -45,12 +89,16 @@ impl PagedBackend {
             let blocks = self.pool.reserve(s.id, s.capacity, &shared)?;
             step_fits(chunk, blocks.len(), blocks.room())?;
         }
-        let plan = StepPlan::new(&chunks);
-        let ids: Vec<u64> = seqs.iter().map(|s| s.id).collect();
-        let cfg = self.model.config();
-        let mut kv = PagedAttention::new(cfg, &mut self.pool, &ids, &plan, &self.rope)?;
         // Logits stay on the device: greedy rows are picked there.
-        let logits = self.model.run(&plan, &mut kv)?;
+        let logits = match self.replay(seqs) {
+            Some(logits) => Some(logits),
+            None => {
+                let plan = StepPlan::new(&chunks);
+                let ids: Vec<u64> = seqs.iter().map(|s| s.id).collect();
+                let mut kv = PagedAttention::new(self.model.config(), &mut self.pool, &ids, &plan, &self.rope)?;
+                self.model.run(&plan, &mut kv)?
+            }
+        };
         // Only a step that succeeded counts its positions as stored; a failed
         // one leaves every sequence as it was (its writes lie past `len`).
         for s in seqs {

@@ -3,6 +3,9 @@
 
 mod attention;
 mod config;
+#[cfg(feature = "cuda")]
+mod cuda;
+mod fused;
 mod kv_cache;
 mod linear;
 pub mod paged;
@@ -160,26 +163,64 @@ impl LlamaModel {
         if plan.ids.is_empty() {
             return Ok(None);
         }
-        let cfg = &self.cfg;
-        let ids = Tensor::new(plan.ids.as_slice(), &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?;
-        let eps = cfg.rms_eps;
-        for (l, layer) in self.layers.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let attn = kv.attend(l, layer.qkv.forward(&h, self.kernel)?)?;
-            x = (x + layer.wo.forward(&attn, self.kernel)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
-            let gate_up = layer.gate_up.forward(&h, self.kernel)?;
-            let ffn = gate_up.dim(D::Minus1)? / 2;
-            let act = (gate_up.narrow(1, 0, ffn)?.silu()? * gate_up.narrow(1, ffn, ffn)?)?;
-            x = (x + layer.down.forward(&act, self.kernel)?)?;
-        }
+        let x = self.hidden(&Tensor::new(plan.ids.as_slice(), &self.device)?, kv)?;
         if plan.logit_rows.is_empty() {
             return Ok(None);
         }
         let rows = Tensor::new(plan.logit_rows.as_slice(), &self.device)?;
-        let x = x.index_select(&rows, 0)?;
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
-        Ok(Some(self.lm_head.forward(&x, self.kernel)?.to_dtype(DType::F32)?))
+        Ok(Some(self.logits(&x.index_select(&rows, 0)?)?))
+    }
+
+    /// Logits `[tokens, vocab]` of every token of `ids`, a tensor on the
+    /// model's device: a step with no host data in it (`paged::graph`).
+    pub fn run_all(&self, ids: &Tensor, kv: &mut dyn StepKv) -> Result<Tensor, ModelError> {
+        self.logits(&self.hidden(ids, kv)?)
+    }
+
+    /// The last layer's output for tokens `ids`.
+    pub(crate) fn hidden(&self, ids: &Tensor, kv: &mut dyn StepKv) -> Result<Tensor, ModelError> {
+        let mut x = self.embed.index_select(ids, 0)?;
+        let (k, fused) = (self.kernel, kv.fused());
+        let mut h = match self.layers.first() {
+            Some(first) => candle_nn::ops::rms_norm(&x, &first.attn_norm, self.cfg.rms_eps)?,
+            None => x.clone(),
+        };
+        for (l, layer) in self.layers.iter().enumerate() {
+            let attn = kv.attend(l, layer.qkv.forward(&h, k)?)?;
+            (x, h) = self.add_norm(fused, &x, &layer.wo.forward(&attn, k)?, &layer.ffn_norm)?;
+            let gate_up = layer.gate_up.forward(&h, k)?;
+            let act = match fused {
+                true => gate_up.apply_op1_no_bwd(&fused::SiluMul)?,
+                false => {
+                    let ffn = gate_up.dim(D::Minus1)? / 2;
+                    (gate_up.narrow(1, 0, ffn)?.silu()? * gate_up.narrow(1, ffn, ffn)?)?
+                }
+            };
+            let down = layer.down.forward(&act, k)?;
+            match self.layers.get(l + 1) {
+                Some(next) => (x, h) = self.add_norm(fused, &x, &down, &next.attn_norm)?,
+                None => x = (x + down)?,
+            }
+        }
+        Ok(x)
+    }
+
+    /// Next-token logits of hidden rows `x`, as f32.
+    fn logits(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        let x = candle_nn::ops::rms_norm(x, &self.norm, self.cfg.rms_eps)?;
+        Ok(self.lm_head.forward(&x, self.kernel)?.to_dtype(DType::F32)?)
+    }
+
+    /// The residual `x + y` and its RMS norm scaled by `w`: one op when
+    /// `fused`, candle's two otherwise.
+    fn add_norm(&self, fused: bool, x: &Tensor, y: &Tensor, w: &Tensor) -> Result<(Tensor, Tensor), ModelError> {
+        let eps = self.cfg.rms_eps;
+        if fused {
+            let both = x.apply_op3_no_bwd(y, w, &fused::AddRmsNorm { eps })?;
+            return Ok((both.get(0)?, both.get(1)?));
+        }
+        let sum = (x + y)?;
+        let norm = candle_nn::ops::rms_norm(&sum, w, eps)?;
+        Ok((sum, norm))
     }
 }

@@ -1,39 +1,47 @@
-//! Attention of one step over the block pool, in candle ops.
+//! Attention of one step over the block pool.
 //!
-//! The step's chunks form groups: every decoding sequence (one new token)
-//! in one group, each prefill chunk a group of its own. A group gathers its
-//! sequences' keys and values from the pool into `[n_kv_head, b, len, hd]`
-//! (shorter sequences padded and masked out) and attends with two batched
-//! matmuls, so a layer costs one attention call per group, not per
-//! sequence. On a GPU the cost of a step is the number of kernels the host
-//! issues (about 6 µs each with candle), so the layout is chosen to need
-//! few: RoPE needs no transposes, the attention scale rides in the queries'
-//! RoPE tables, and the head-major pool gathers straight into batch order. Everything a layer needs besides the weights (rows to write,
-//! rows to gather, masks, RoPE tables at each token's position) is built
-//! once per step and shared by all layers.
+//! Every decoding sequence of a step (one new token) is attended in one op
+//! per layer that reads its keys and values where they lie in the pool
+//! (`decode::DecodeAttention`); each prefill chunk gathers its sequence's
+//! keys and values into `[n_kv_head, 1, len, hd]` and attends with two
+//! batched matmuls in candle ops. On a GPU the cost of a step is mostly the
+//! number of kernels the host issues (about 6 µs each with candle), so a
+//! decode-only layer needs three of our own: RoPE of queries and keys in
+//! place, the pool store of keys and values, the attention. Everything a
+//! layer needs besides the weights (slots to write, decode tables, prefill
+//! gathers and masks, RoPE tables at each token's position) is built once
+//! per step and shared by all layers.
 
 use candle_core::{Device, Tensor};
 use candle_nn::ops::softmax_last_dim;
-use candle_nn::rotary_emb::rope_i;
 
-use super::write::WriteRows;
-use super::{KvPool, SeqBlocks};
+use super::decode::{self, DecodeAttention};
+use super::graph::DecodeInputs;
+use super::rope::RopeRows;
+use super::write::StoreKv;
+use super::{BLOCK_TOKENS, KvPool, SeqBlocks};
 use crate::model::step::{StepKv, StepPlan};
 use crate::model::{LlamaConfig, ModelError};
 
-/// Sequences attended together.
-struct Group {
-    /// Step rows of the group's query tokens, member by member; `None`
-    /// when they are all the step's rows in order (a step of decoding only).
-    rows: Option<Tensor>,
-    members: usize,
-    /// New tokens per member (1 for decoding, the chunk for prefill).
+/// Rows attended together.
+enum Group {
+    /// Every decoding row: their table for `DecodeAttention`.
+    Decode {
+        table: Tensor,
+        rows: usize,
+    },
+    Prefill(Chunk),
+}
+
+/// One prefill chunk: consecutive step rows of one sequence.
+struct Chunk {
+    first: usize,
     qlen: usize,
-    /// Longest member after this step: the padded key length.
+    /// The sequence's positions after this step.
     keys: usize,
-    /// Pool rows of each member's positions `[members * keys]` (padding: row 0).
+    /// Pool rows of the sequence's positions `[keys]`.
     gather: Tensor,
-    /// `[1, members, qlen, 1, keys]`: 0 where a query may look, -inf elsewhere.
+    /// `[1, 1, qlen, 1, keys]`: 0 where a query may look, -inf elsewhere.
     mask: Tensor,
 }
 
@@ -42,12 +50,9 @@ pub struct PagedAttention<'a> {
     pool: &'a mut KvPool,
     /// `[tokens]`: each new token's pool row.
     slots: Tensor,
-    /// RoPE at each token's position, `[tokens, 1, pairs]`; the queries'
-    /// tables carry attention's `1 / sqrt(head_dim)` as well.
+    /// RoPE at each token's position, `[tokens, pairs]`.
     cos: Tensor,
     sin: Tensor,
-    q_cos: Tensor,
-    q_sin: Tensor,
     groups: Vec<Group>,
     /// Back from group order to step order; `None` when they agree.
     order: Option<Tensor>,
@@ -73,66 +78,89 @@ impl<'a> PagedAttention<'a> {
         let slots = Tensor::new(slots.as_slice(), &device)?;
         let positions: Vec<u32> = plan.positions.iter().map(|&p| p as u32).collect();
         let positions = Tensor::new(positions.as_slice(), &device)?;
-        let at = |table: &Tensor| table.index_select(&positions, 0)?.unsqueeze(1);
-        let (cos, sin) = (at(&rope.0)?, at(&rope.1)?);
-        let scale = 1.0 / (cfg.head_dim as f64).sqrt();
-        let (q_cos, q_sin) = ((&cos * scale)?, (&sin * scale)?);
+        let (cos, sin) = (rope.0.index_select(&positions, 0)?, rope.1.index_select(&positions, 0)?);
         let (groups, order) = plan_groups(plan, &seqs, &device)?;
-        Ok(Self { cfg, pool, slots, cos, sin, q_cos, q_sin, groups, order })
+        Ok(Self { cfg, pool, slots, cos, sin, groups, order })
     }
 
-    /// RoPE on `[tokens, heads * head_dim]`, each token at its own position:
-    /// as `[tokens, heads, 1, head_dim]`, one batch entry per token, so
-    /// nothing is transposed.
-    fn rotate(x: Tensor, heads: usize, hd: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor, ModelError> {
-        let n = x.dim(0)?;
-        Ok(rope_i(&x.reshape((n, heads, 1, hd))?, cos, sin)?.reshape((n, heads * hd))?)
+    /// A step of decoding rows only, every input already on the device
+    /// (`graph::DecodeInputs`): nothing is copied from the host, so the
+    /// step can be recorded as a CUDA graph.
+    pub fn decoding(
+        cfg: &'a LlamaConfig,
+        pool: &'a mut KvPool,
+        inputs: &DecodeInputs,
+        rope: &(Tensor, Tensor),
+    ) -> Result<Self, ModelError> {
+        let positions = inputs.positions()?;
+        let (cos, sin) = (rope.0.index_select(&positions, 0)?, rope.1.index_select(&positions, 0)?);
+        let groups = vec![Group::Decode { table: inputs.table()?, rows: inputs.batch() }];
+        Ok(Self { cfg, pool, slots: inputs.slots()?, cos, sin, groups, order: None })
     }
 
-    /// One group's attention output `[members * qlen, n_embd]`.
-    fn attend_group(&self, layer: usize, q: &Tensor, g: &Group) -> Result<Tensor, ModelError> {
+    /// One prefill chunk's attention output `[qlen, n_embd]`; `qkv` holds
+    /// rotated queries and the pool the chunk's keys and values.
+    fn attend_chunk(&self, layer: usize, qkv: &Tensor, c: &Chunk) -> Result<Tensor, ModelError> {
         let cfg = self.cfg;
-        let (b, hd, kvh) = (g.members, cfg.head_dim, cfg.n_kv_head);
+        let (hd, kvh) = (cfg.head_dim, cfg.n_kv_head);
         let per = cfg.n_head / kvh;
-        let q = match &g.rows {
-            Some(rows) => q.index_select(rows, 0)?,
-            None => q.clone(),
-        };
-        // Batched over (KV head, member): the pool is head-major, so a
-        // gather is already `[kv_head, member, key, head_dim]`.
-        let q = q.reshape((b, g.qlen, kvh, per, hd))?.permute((2, 0, 1, 3, 4))?;
-        let q = q.contiguous()?.reshape((kvh, b, g.qlen * per, hd))?;
-        let gather = |pool: &Tensor| pool.index_select(&g.gather, 1)?.reshape((kvh, b, g.keys, hd));
-        let (k, v) = (gather(&self.pool.k[layer])?, gather(&self.pool.v[layer])?);
-        let scores = q.matmul(&k.t()?)?.reshape((kvh, b, g.qlen, per, g.keys))?.broadcast_add(&g.mask)?;
-        let weights = softmax_last_dim(&scores.reshape((kvh, b, g.qlen * per, g.keys))?)?;
-        let out = weights.matmul(&v)?.reshape((kvh, b, g.qlen, per, hd))?.permute((1, 2, 0, 3, 4))?;
-        Ok(out.contiguous()?.reshape((b * g.qlen, cfg.n_embd))?)
+        let q = qkv.narrow(0, c.first, c.qlen)?.narrow(1, 0, cfg.n_embd)?;
+        // Batched over KV heads: the pool is head-major, so a gather is
+        // already `[kv_head, key, head_dim]`.
+        let q = q.reshape((c.qlen, kvh, per, hd))?.permute((1, 0, 2, 3))?;
+        let q = q.contiguous()?.reshape((kvh, 1, c.qlen * per, hd))?;
+        let pool = &self.pool.kv[layer];
+        let gather = |part: usize| pool.get(part)?.index_select(&c.gather, 1)?.reshape((kvh, 1, c.keys, hd));
+        let (k, v) = (gather(0)?, gather(1)?);
+        let scores = q.matmul(&k.t()?)?.reshape((kvh, 1, c.qlen, per, c.keys))?.broadcast_add(&c.mask)?;
+        let weights = softmax_last_dim(&scores.reshape((kvh, 1, c.qlen * per, c.keys))?)?;
+        let out = weights.matmul(&v)?.reshape((kvh, c.qlen, per, hd))?.permute((1, 0, 2, 3))?;
+        Ok(out.contiguous()?.reshape((c.qlen, cfg.n_embd))?)
     }
 }
 
 impl StepKv for PagedAttention<'_> {
     fn attend(&mut self, layer: usize, qkv: Tensor) -> Result<Tensor, ModelError> {
         let cfg = self.cfg;
-        let (qd, kvd) = (cfg.n_embd, cfg.kv_dim());
-        let hd = cfg.head_dim;
-        let q = Self::rotate(qkv.narrow(1, 0, qd)?, cfg.n_head, hd, &self.q_cos, &self.q_sin)?;
-        let k = Self::rotate(qkv.narrow(1, qd, kvd)?, cfg.n_kv_head, hd, &self.cos, &self.sin)?;
-        let v = qkv.narrow(1, qd + kvd, kvd)?.contiguous()?;
-        self.pool.k[layer].inplace_op3(&k, &self.slots, &WriteRows)?;
-        self.pool.v[layer].inplace_op3(&v, &self.slots, &WriteRows)?;
-        let outs: Vec<Tensor> =
-            self.groups.iter().map(|g| self.attend_group(layer, &q, g)).collect::<Result<_, _>>()?;
-        let out = Tensor::cat(&outs, 0)?;
+        let (hd, kvh) = (cfg.head_dim, cfg.n_kv_head);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let rope = RopeRows { q_heads: cfg.n_head, k_heads: kvh, head_dim: hd, q_scale: scale };
+        let qkv = qkv.contiguous()?;
+        qkv.inplace_op3(&self.cos, &self.sin, &rope)?;
+        self.pool.kv[layer].inplace_op3(&qkv, &self.slots, &StoreKv { q_width: cfg.n_embd })?;
+        let mut outs = Vec::with_capacity(self.groups.len());
+        for group in &self.groups {
+            outs.push(match group {
+                &Group::Decode { ref table, rows } => {
+                    let op = DecodeAttention {
+                        rows,
+                        n_head: cfg.n_head,
+                        kv_heads: kvh,
+                        head_dim: hd,
+                        block_tokens: BLOCK_TOKENS,
+                    };
+                    qkv.apply_op3_no_bwd(&self.pool.kv[layer], table, &op)?
+                }
+                Group::Prefill(chunk) => self.attend_chunk(layer, &qkv, chunk)?,
+            });
+        }
+        let out = match outs.len() {
+            1 => outs.remove(0),
+            _ => Tensor::cat(&outs, 0)?,
+        };
         Ok(match &self.order {
             Some(order) => out.index_select(order, 0)?,
             None => out,
         })
     }
+
+    fn fused(&self) -> bool {
+        true
+    }
 }
 
-/// Groups the step's chunks (decoding ones together, each prefill chunk
-/// alone) and the permutation from group order back to step order.
+/// The step's groups (decoding rows together, each prefill chunk alone)
+/// and the permutation from group order back to step order.
 fn plan_groups(
     plan: &StepPlan,
     seqs: &[&SeqBlocks],
@@ -146,20 +174,22 @@ fn plan_groups(
             _ => chunks.push((owner, row, 1)),
         }
     }
-    let decoding: Vec<_> = chunks.iter().copied().filter(|c| c.2 == 1).collect();
-    let mut sets: Vec<Vec<(usize, usize, usize)>> = Vec::new();
+    let (decoding, prefill): (Vec<(usize, usize, usize)>, Vec<_>) = chunks.iter().partition(|c| c.2 == 1);
+    let mut groups = Vec::with_capacity(prefill.len() + 1);
+    let mut rows: Vec<u32> = decoding.iter().map(|c| c.1 as u32).collect();
     if !decoding.is_empty() {
-        sets.push(decoding);
+        let keys = |row: usize| plan.positions[row] + 1;
+        let rows: Vec<_> =
+            decoding.iter().map(|&(owner, row, _)| (row, keys(row), seqs[owner].held(keys(row)))).collect();
+        let table = decode::table(&rows);
+        let len = table.len();
+        groups.push(Group::Decode { table: Tensor::from_vec(table, len, device)?, rows: decoding.len() });
     }
-    sets.extend(chunks.iter().filter(|c| c.2 > 1).map(|c| vec![*c]));
-    let mut groups = Vec::with_capacity(sets.len());
-    let mut rows: Vec<u32> = Vec::with_capacity(plan.owners.len());
-    for set in &sets {
-        let first = rows.len();
-        rows.extend(set.iter().flat_map(|&(_, r, n)| (r..r + n).map(|r| r as u32)));
-        groups.push(group(plan, seqs, set, &rows[first..], device)?);
+    for &(owner, first, qlen) in &prefill {
+        rows.extend((first..first + qlen).map(|r| r as u32));
+        groups.push(Group::Prefill(chunk(plan, seqs[owner], first, qlen, device)?));
     }
-    let order = match in_order(&rows) {
+    let order = match rows.iter().enumerate().all(|(i, &r)| i == r as usize) {
         true => None,
         false => {
             let mut inverse = vec![0u32; rows.len()];
@@ -172,41 +202,22 @@ fn plan_groups(
     Ok((groups, order))
 }
 
-/// Whether `rows` are `0, 1, 2, ...`: the step's own order.
-fn in_order(rows: &[u32]) -> bool {
-    rows.iter().enumerate().all(|(i, &r)| i == r as usize)
-}
-
-/// The gather rows and mask of one group; `set` holds `(chunk, first row,
-/// tokens)` of its members, all with the same number of tokens.
-fn group(
-    plan: &StepPlan,
-    seqs: &[&SeqBlocks],
-    set: &[(usize, usize, usize)],
-    rows: &[u32],
-    device: &Device,
-) -> Result<Group, ModelError> {
-    let qlen = set[0].2;
-    // A member sees its cached positions and its new ones.
-    let seen = |&(_, r, n): &(usize, usize, usize)| plan.positions[r] + n;
-    let keys = set.iter().map(seen).max().unwrap_or(0);
-    let mut gather = Vec::with_capacity(set.len() * keys);
-    let mut mask = Vec::with_capacity(set.len() * qlen * keys);
-    for m in set {
-        let (seq, first) = (seqs[m.0], plan.positions[m.1]);
-        gather.extend((0..keys).map(|j| if j < seen(m) { seq.slot(j) } else { 0 }));
-        for t in 0..qlen {
-            mask.extend((0..keys).map(|j| if j <= first + t { 0f32 } else { f32::NEG_INFINITY }));
-        }
+/// The gather rows and causal mask of a prefill chunk of `qlen` tokens
+/// from step row `first`.
+fn chunk(plan: &StepPlan, seq: &SeqBlocks, first: usize, qlen: usize, device: &Device) -> Result<Chunk, ModelError> {
+    let start = plan.positions[first];
+    let keys = start + qlen;
+    let gather: Vec<u32> = (0..keys).map(|j| seq.slot(j)).collect();
+    let mut mask = Vec::with_capacity(qlen * keys);
+    for t in 0..qlen {
+        mask.extend((0..keys).map(|j| if j <= start + t { 0f32 } else { f32::NEG_INFINITY }));
     }
-    let all_in_order = rows.len() == plan.owners.len() && in_order(rows);
-    Ok(Group {
-        rows: (!all_in_order).then(|| Tensor::new(rows, device)).transpose()?,
-        members: set.len(),
+    Ok(Chunk {
+        first,
         qlen,
         keys,
         gather: Tensor::new(gather.as_slice(), device)?,
-        mask: Tensor::from_vec(mask, (1, set.len(), qlen, 1, keys), device)?,
+        mask: Tensor::from_vec(mask, (1, 1, qlen, 1, keys), device)?,
     })
 }
 
@@ -238,17 +249,19 @@ mod tests {
         (0..n as u32).map(|i| ((i.wrapping_mul(2654435761) ^ seed) % 2000) as f32 / 1000.0 - 1.0).collect()
     }
 
-    /// Two sequences: one decoding a token after 5 cached, one reading a
-    /// 3-token chunk after 2 cached; host and pool outputs agree.
+    /// Three sequences read their prompts in one step; in the next, two
+    /// decode a token each (after 40 and 17 cached: three blocks and two)
+    /// around one reading a 3-token chunk after 2 cached. Host and pool
+    /// outputs agree.
     #[test]
     fn pool_attention_equals_host_attention() {
         let cfg = cfg();
         let rope = Rope::new(&cfg);
         let tables = rope.tables(&Device::Cpu).unwrap();
-        let mut pool = KvPool::new(&cfg, 96, 2, &Device::Cpu).unwrap();
-        let mut host = [KvCache::new(&cfg, 48), KvCache::new(&cfg, 48)];
+        let mut pool = KvPool::new(&cfg, 144, 3, &Device::Cpu).unwrap();
+        let mut host = [KvCache::new(&cfg, 48), KvCache::new(&cfg, 48), KvCache::new(&cfg, 48)];
         let row = cfg.n_embd + 2 * cfg.kv_dim();
-        let steps: [&[(usize, usize)]; 2] = [&[(40, 0), (2, 0)], &[(1, 40), (3, 2)]];
+        let steps: [&[(usize, usize)]; 2] = [&[(40, 0), (2, 0), (17, 0)], &[(1, 40), (3, 2), (1, 17)]];
         for (round, step) in steps.iter().enumerate() {
             let tokens: Vec<Vec<u32>> = step.iter().map(|&(n, _)| vec![0; n]).collect();
             let chunks: Vec<StepChunk<'_>> = step
@@ -268,10 +281,10 @@ mod tests {
                 owners: &plan.owners,
             }
             .run(0, &mut refs);
-            for id in 0..2 {
+            for id in 0..3 {
                 pool.reserve(id, 48, &[]).unwrap();
             }
-            let mut kv = PagedAttention::new(&cfg, &mut pool, &[0, 1], &plan, &tables).unwrap();
+            let mut kv = PagedAttention::new(&cfg, &mut pool, &[0, 1, 2], &plan, &tables).unwrap();
             let qkv = Tensor::from_vec(qkv, (plan.ids.len(), row), &Device::Cpu).unwrap();
             let got = kv.attend(0, qkv).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
             for (i, (w, g)) in want.iter().zip(&got).enumerate() {

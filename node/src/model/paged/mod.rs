@@ -9,6 +9,9 @@
 //! out-of-memory error in the middle of a step.
 
 mod attend;
+mod decode;
+pub mod graph;
+mod rope;
 mod write;
 
 use std::collections::HashMap;
@@ -45,6 +48,11 @@ impl SeqBlocks {
         self.blocks.len() * BLOCK_TOKENS - self.len
     }
 
+    /// The blocks holding positions `0..positions`.
+    fn held(&self, positions: usize) -> &[u32] {
+        &self.blocks[..positions.div_ceil(BLOCK_TOKENS)]
+    }
+
     /// The pool row of position `pos`.
     fn slot(&self, pos: usize) -> u32 {
         self.blocks[pos / BLOCK_TOKENS] * BLOCK_TOKENS as u32 + (pos % BLOCK_TOKENS) as u32
@@ -53,10 +61,10 @@ impl SeqBlocks {
 
 /// Every layer's keys and values of every sequence, on one device.
 pub struct KvPool {
-    /// Per layer `[n_kv_head, blocks * BLOCK_TOKENS, head_dim]`: head-major,
-    /// so one gather gives attention its `[kv_head, sequence, ...]` batches.
-    k: Vec<Tensor>,
-    v: Vec<Tensor>,
+    /// Per layer `[2, n_kv_head, blocks * BLOCK_TOKENS, head_dim]`: keys,
+    /// then values, head-major, so one gather gives a prefill chunk's
+    /// attention its `[kv_head, sequence, ...]` batches.
+    kv: Vec<Tensor>,
     free: Vec<u32>,
     /// Holders of each block: the sequences reading it and the prefix
     /// cache; it is free again when none is left.
@@ -66,29 +74,34 @@ pub struct KvPool {
 
 impl KvPool {
     /// Room for `tokens` committed tokens held by at most `sequences`
-    /// sequences (each may leave one block partly empty).
+    /// sequences (each may leave one block partly empty), and one block no
+    /// sequence gets, where padding rows of a step write (`scratch_slot`).
     pub fn new(cfg: &LlamaConfig, tokens: usize, sequences: usize, device: &Device) -> Result<Self, ModelError> {
         let blocks = tokens.div_ceil(BLOCK_TOKENS) + sequences;
-        let rows = blocks * BLOCK_TOKENS;
-        let layer = || Tensor::zeros((cfg.n_kv_head, rows, cfg.head_dim), DType::F32, device);
-        let k = (0..cfg.n_layer).map(|_| layer()).collect::<Result<Vec<_>, _>>()?;
-        let v = (0..cfg.n_layer).map(|_| layer()).collect::<Result<Vec<_>, _>>()?;
+        let rows = (blocks + 1) * BLOCK_TOKENS;
+        let layer = || Tensor::zeros((2, cfg.n_kv_head, rows, cfg.head_dim), DType::F32, device);
+        let kv = (0..cfg.n_layer).map(|_| layer()).collect::<Result<Vec<_>, _>>()?;
         let free = (0..blocks as u32).rev().collect();
-        Ok(Self { k, v, free, holders: vec![0; blocks], seqs: HashMap::new() })
+        Ok(Self { kv, free, holders: vec![0; blocks], seqs: HashMap::new() })
+    }
+
+    /// A pool row that holds no sequence's position.
+    pub fn scratch_slot(&self) -> u32 {
+        self.holders.len() as u32 * BLOCK_TOKENS as u32
     }
 
     /// Device memory the pool holds.
     pub fn bytes(&self) -> usize {
-        self.k.iter().chain(&self.v).map(|t| t.elem_count() * 4).sum()
+        self.kv.iter().map(|t| t.elem_count() * 4).sum()
     }
 
     /// Positions the pool holds in all (used or free).
     pub fn capacity_tokens(&self) -> usize {
-        self.k.first().map_or(0, |t| t.dim(1).unwrap_or(0))
+        self.holders.len() * BLOCK_TOKENS
     }
 
     pub fn device(&self) -> &Device {
-        self.k.first().map_or(&Device::Cpu, |t| t.device())
+        self.kv.first().map_or(&Device::Cpu, |t| t.device())
     }
 
     /// Gives sequence `id` blocks for `capacity` positions, once: first the
