@@ -18,14 +18,14 @@ const STEPS: usize = 16;
 
 /// Times `STEPS` decode steps of `streams` sequences, each `context` tokens
 /// long, driving the backend directly (replayed from graphs with
-/// `graphs`). Returns the medians of (issue ms, wait ms) and the mean whole
-/// step.
+/// `graphs`). Returns the medians of (issue ms, wait ms), the mean whole
+/// step and the steps replayed.
 pub fn decode_step(
     model: Arc<LlamaModel>,
     streams: usize,
     context: usize,
     graphs: bool,
-) -> anyhow::Result<(f64, f64, f64)> {
+) -> anyhow::Result<(f64, f64, f64, usize)> {
     let capacity = context + STEPS + 1;
     let mut backend = PagedBackend::new(model, streams * capacity, streams)?;
     if graphs {
@@ -47,10 +47,7 @@ pub fn decode_step(
         }
     }
     let mean = issue.iter().chain(&waited).sum::<f64>() / STEPS as f64;
-    if graphs && backend.replayed_steps() == 0 {
-        anyhow::bail!("no decode step of {streams} streams was replayed (see the log)");
-    }
-    Ok((median(&mut issue), median(&mut waited), mean))
+    Ok((median(&mut issue), median(&mut waited), mean, backend.replayed_steps()))
 }
 
 /// Every one of `streams` sequences feeding `tokens` at `pos`.
@@ -89,15 +86,15 @@ pub fn report(model: Arc<LlamaModel>, context: usize, engine_rates: &[(usize, f6
     for &(streams, rate) in engine_rates {
         let engine = streams as f64 / rate * 1e3;
         for (graphs, how) in [(false, "op by op"), (true, "replayed")] {
-            let (issue, wait, mean) = decode_step(model.clone(), streams, context, graphs)?;
+            let (issue, wait, mean, replayed) = decode_step(model.clone(), streams, context, graphs)?;
             println!(
                 "step anatomy, {streams} streams, {how}: host issues {issue:.2} ms, then waits for the device \
-                 {wait:.2} ms (medians; mean step {mean:.2} ms, {:.0} tokens/s)",
+                 {wait:.2} ms (medians; mean step {mean:.2} ms, {:.0} tokens/s; {replayed} steps replayed)",
                 streams as f64 / mean * 1e3
             );
             rows.push(json!({
-                "streams": streams, "replayed": graphs, "issue_ms": issue, "wait_ms": wait, "mean_step_ms": mean,
-                "engine_step_ms": engine,
+                "streams": streams, "graphs": graphs, "replayed_steps": replayed, "issue_ms": issue, "wait_ms": wait,
+                "mean_step_ms": mean, "engine_step_ms": engine,
             }));
         }
         println!("engine step, {streams} streams: {engine:.2} ms (mean)");

@@ -75,6 +75,9 @@ fn device_backend(
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    // The node's warnings (a recording that failed) on stderr; RUST_LOG overrides.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let device = node::server::open_device(args.cuda_device)?;
     let mut report = json!({ "device": format!("{device:?}"), "model": args.model.display().to_string() });
     report["device_run"] = device_run(&args, &device).await?;
