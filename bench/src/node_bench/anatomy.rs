@@ -25,6 +25,7 @@ pub fn decode_step(
     streams: usize,
     context: usize,
     graphs: bool,
+    profile: bool,
 ) -> anyhow::Result<(f64, f64, f64, usize)> {
     let capacity = context + STEPS + 1;
     let mut backend = PagedBackend::new(model, streams * capacity, streams)?;
@@ -38,9 +39,12 @@ pub fn decode_step(
     let (mut issue, mut waited) = (Vec::new(), Vec::new());
     for i in 0..=STEPS {
         let start = Instant::now();
-        let logits = backend.step(&step(&[42], context + i)).map_err(anyhow::Error::msg)?;
-        let issued = Instant::now();
-        wait(logits)?;
+        let last = profile && i == STEPS;
+        let issued = profiled(last, || {
+            let logits = backend.step(&step(&[42], context + i)).map_err(anyhow::Error::msg)?;
+            let issued = Instant::now();
+            wait(logits).map(|()| issued)
+        })?;
         if i > 0 {
             issue.push(issued.duration_since(start).as_secs_f64() * 1e3);
             waited.push(issued.elapsed().as_secs_f64() * 1e3);
@@ -65,6 +69,21 @@ fn steps(tokens: &[u32], pos: usize, streams: usize, capacity: usize) -> Vec<Seq
     (0..streams as u64).map(step).collect()
 }
 
+/// Runs `f` between a profiler start and stop when `on` (a CUDA profiler
+/// attached with `--profile-from-start off` then sees that step alone).
+fn profiled<T>(on: bool, f: impl FnOnce() -> T) -> T {
+    #[cfg(feature = "cuda")]
+    if on {
+        use candle_core::cuda_backend::cudarc::driver::{profiler_start, profiler_stop};
+        let _ = profiler_start();
+        let out = f();
+        let _ = profiler_stop();
+        return out;
+    }
+    let _ = on;
+    f()
+}
+
 /// The greedy picks on the host: the step's end.
 fn wait(logits: Option<candle_core::Tensor>) -> anyhow::Result<()> {
     if let Some(l) = logits {
@@ -80,13 +99,20 @@ fn median(v: &mut [f64]) -> f64 {
 
 /// The anatomy at each batch size, op by op and replayed; `engine_rates`
 /// are the engine's aggregate tokens/s at the same sizes (its step time is
-/// `streams / rate`).
-pub fn report(model: Arc<LlamaModel>, context: usize, engine_rates: &[(usize, f64)]) -> anyhow::Result<Value> {
+/// `streams / rate`). The last step of `profile` streams runs under a
+/// CUDA profiler's start and stop, op by op and replayed.
+pub fn report(
+    model: Arc<LlamaModel>,
+    context: usize,
+    engine_rates: &[(usize, f64)],
+    profile: Option<usize>,
+) -> anyhow::Result<Value> {
     let mut rows = Vec::new();
     for &(streams, rate) in engine_rates {
         let engine = streams as f64 / rate * 1e3;
         for (graphs, how) in [(false, "op by op"), (true, "replayed")] {
-            let (issue, wait, mean, replayed) = decode_step(model.clone(), streams, context, graphs)?;
+            let profile = profile == Some(streams);
+            let (issue, wait, mean, replayed) = decode_step(model.clone(), streams, context, graphs, profile)?;
             println!(
                 "step anatomy, {streams} streams, {how}: host issues {issue:.2} ms, then waits for the device \
                  {wait:.2} ms (medians; mean step {mean:.2} ms, {:.0} tokens/s; {replayed} steps replayed)",

@@ -57,6 +57,11 @@ pub struct Args {
     /// steps replayed from CUDA graphs. The step anatomy times both anyway.
     #[arg(long)]
     eager: bool,
+    /// Runs the step anatomy's last step of this many streams (op by op,
+    /// then replayed) between a CUDA profiler start and stop, for a
+    /// profiler attached with `--profile-from-start off`.
+    #[arg(long)]
+    profile_streams: Option<usize>,
     /// Write every figure here as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -156,7 +161,7 @@ async fn device_run(args: &Args, device: &Device) -> anyhow::Result<Value> {
     println!("TTFT of 512 cached + 32 new prompt tokens: p50 {warm:.1} ms; all 544 cold: p50 {cold:.1} ms");
     drop(scheduler);
     let context = prompt.len() + args.tokens / 2;
-    let anatomy = anatomy::report(model, context, &rates)?;
+    let anatomy = anatomy::report(model, context, &rates, args.profile_streams)?;
     Ok(json!({
         "linear_formats": formats,
         "step_anatomy": anatomy,

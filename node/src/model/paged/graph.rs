@@ -15,7 +15,8 @@
 //! it: the weights, the KV pool and the RoPE tables are allocated once, and
 //! candle's quantized matmuls keep scratch workspaces that only grow, so
 //! the backend first runs the most rows a step can have (`warm_up`) and
-//! no later step grows them. On the CPU the same inputs run op by op (what
+//! no later step grows them; candle's uploads of operand dims and strides
+//! come from a device-side cache while recording (`record`). On the CPU the same inputs run op by op (what
 //! tests check); only the recording is CUDA's.
 
 use std::collections::HashMap;
@@ -197,13 +198,20 @@ impl Graphs {
     }
 }
 
+/// Rows up to which candle multiplies by quantized weights with its
+/// matrix-vector kernels, which keep a workspace of their own.
+const VECTOR_ROWS: usize = 8;
+
 /// Runs `rows` padding rows through the layers (not the logits) op by op,
-/// so that every scratch workspace reaches the size of the largest step.
+/// then `VECTOR_ROWS`, so that both of candle's scratch workspaces reach
+/// the size of the largest step they will see.
 pub fn warm_up(model: &LlamaModel, pool: &mut KvPool, rope: &(Tensor, Tensor), rows: usize) -> Result<(), ModelError> {
-    let inputs = DecodeInputs::new(rows, 0, model.device())?;
-    inputs.load(pool, &[])?;
-    let mut kv = PagedAttention::decoding(model.config(), pool, &inputs, rope)?;
-    model.hidden(&inputs.ids()?, &mut kv)?;
+    for rows in [rows, VECTOR_ROWS] {
+        let inputs = DecodeInputs::new(rows, 0, model.device())?;
+        inputs.load(pool, &[])?;
+        let mut kv = PagedAttention::decoding(model.config(), pool, &inputs, rope)?;
+        model.hidden(&inputs.ids()?, &mut kv)?;
+    }
     Ok(())
 }
 

@@ -37,6 +37,12 @@ pub fn record(
     inputs: &DecodeInputs,
 ) -> Result<Option<Recorded>, ModelError> {
     let Device::Cuda(cuda) = model.device() else { return Ok(None) };
+    // Candle uploads the dims and strides of some ops' operands (index_select
+    // always) with each call: a host copy, which a graph would replay from a
+    // host buffer long gone. With this cache on, the first run keeps each
+    // upload in a device buffer (for the process' life) and the recording
+    // points at those.
+    let _params = cuda.enable_cuda_graph_htod_cache();
     let logits = run(model, pool, rope, inputs)?.zeros_like()?;
     let stream = cuda.cuda_stream();
     stream.synchronize().w()?;
