@@ -37,65 +37,75 @@ extern "C" __global__ void rope_rows(float *qkv, const float *cos, const float *
 }
 
 // Attention of decoding rows over the pool (model::paged::decode): one
-// block of 4 warps per (query head, row); the warps take keys in turn with
-// a running softmax each, then merge. table: a header [step row, keys,
-// first block] per row, then the rows' blocks.
+// block of 4 warps per (query head, row). A key is read by hd / 8 lanes, 8
+// dimensions each, so a warp takes 32 / (hd / 8) keys at a time (4 for
+// hd = 64); every such lane group keeps a running softmax over its keys,
+// and the groups merge at the end. table: a header [step row, keys, first
+// block] per row, then the rows' blocks. hd is a power of two, 8 to 256.
 #define DECODE_WARPS 4
-#define MAX_DIMS_PER_LANE 8
+#define DIMS_PER_LANE 8
 extern "C" __global__ void decode_attend(float *out, const float *qkv, const float *pool,
                                          const unsigned int *table, unsigned int width,
                                          unsigned int n_head, unsigned int kv_heads, unsigned int hd,
                                          unsigned int positions, unsigned int block_tokens) {
-    __shared__ float warp_max[DECODE_WARPS], warp_sum[DECODE_WARPS];
-    __shared__ float warp_acc[DECODE_WARPS * 32 * MAX_DIMS_PER_LANE];
+    // Per lane group: its running max and sum, and its share of the output.
+    __shared__ float group_max[DECODE_WARPS * 32], group_sum[DECODE_WARPS * 32];
+    __shared__ float group_acc[DECODE_WARPS * 32 * DIMS_PER_LANE];
     unsigned int head = blockIdx.x, r = blockIdx.y;
-    unsigned int lane = threadIdx.x % 32, warp = threadIdx.x / 32, per = hd / 32;
+    unsigned int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    unsigned int per_key = hd / DIMS_PER_LANE, keys_per_warp = 32 / per_key;
+    unsigned int sub = lane / per_key, part = lane % per_key, group = warp * keys_per_warp + sub;
     const unsigned int *t = table + 3 * (size_t)r;
     unsigned int len = t[1];
     const unsigned int *blocks = table + 3 * (size_t)gridDim.y + t[2];
     unsigned int g = head / (n_head / kv_heads);
-    const float *q = qkv + (size_t)t[0] * width + head * hd;
-    const float *keys = pool + (size_t)g * positions * hd;
-    const float *values = pool + ((size_t)kv_heads + g) * positions * hd;
-    float qv[MAX_DIMS_PER_LANE], acc[MAX_DIMS_PER_LANE];
-    for (unsigned int i = 0; i < per; ++i) {
-        qv[i] = q[lane + 32 * i];
+    const float *q = qkv + (size_t)t[0] * width + head * hd + part * DIMS_PER_LANE;
+    const float *keys = pool + (size_t)g * positions * hd + part * DIMS_PER_LANE;
+    const float *values = pool + ((size_t)kv_heads + g) * positions * hd + part * DIMS_PER_LANE;
+    float qv[DIMS_PER_LANE], acc[DIMS_PER_LANE];
+    for (int i = 0; i < DIMS_PER_LANE; ++i) {
+        qv[i] = q[i];
         acc[i] = 0.0f;
     }
     float m = __int_as_float(0xff800000), l = 0.0f;
-    for (unsigned int j = warp; j < len; j += DECODE_WARPS) {
-        size_t slot = (size_t)blocks[j / block_tokens] * block_tokens + j % block_tokens;
-        const float *k = keys + slot * hd, *v = values + slot * hd;
+    for (unsigned int j0 = warp * keys_per_warp; j0 < len; j0 += DECODE_WARPS * keys_per_warp) {
+        unsigned int j = j0 + sub;
+        bool valid = j < len;
+        size_t slot = valid ? (size_t)blocks[j / block_tokens] * block_tokens + j % block_tokens : 0;
         float s = 0.0f;
-        for (unsigned int i = 0; i < per; ++i) s += qv[i] * k[lane + 32 * i];
-        for (int off = 16; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
-        float m2 = fmaxf(m, s);
-        float shrink = expf(m - m2), p = expf(s - m2);
-        for (unsigned int i = 0; i < per; ++i) acc[i] = acc[i] * shrink + p * v[lane + 32 * i];
-        l = l * shrink + p;
-        m = m2;
+        if (valid)
+            for (int i = 0; i < DIMS_PER_LANE; ++i) s += qv[i] * keys[slot * hd + i];
+        // Sum over the key's lanes: a group is per_key aligned lanes.
+        for (unsigned int off = per_key / 2; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
+        if (valid) {
+            float m2 = fmaxf(m, s);
+            float shrink = expf(m - m2), p = expf(s - m2);
+            for (int i = 0; i < DIMS_PER_LANE; ++i) acc[i] = acc[i] * shrink + p * values[slot * hd + i];
+            l = l * shrink + p;
+            m = m2;
+        }
     }
-    if (lane == 0) {
-        warp_max[warp] = m;
-        warp_sum[warp] = l;
+    if (part == 0) {
+        group_max[group] = m;
+        group_sum[group] = l;
     }
-    for (unsigned int i = 0; i < per; ++i) warp_acc[warp * hd + lane + 32 * i] = acc[i];
+    for (int i = 0; i < DIMS_PER_LANE; ++i) group_acc[group * hd + part * DIMS_PER_LANE + i] = acc[i];
     __syncthreads();
+    unsigned int groups = DECODE_WARPS * keys_per_warp;
     float *o = out + (size_t)r * n_head * hd + head * hd;
     for (unsigned int d = threadIdx.x; d < hd; d += blockDim.x) {
-        if (len == 0) {
-            o[d] = 0.0f;
-            continue;
-        }
-        float top = warp_max[0];
-        for (unsigned int w = 1; w < DECODE_WARPS; ++w) top = fmaxf(top, warp_max[w]);
+        float top = __int_as_float(0xff800000);
+        for (unsigned int k = 0; k < groups; ++k)
+            if (group_sum[k] > 0.0f) top = fmaxf(top, group_max[k]);
         float sum = 0.0f, val = 0.0f;
-        for (unsigned int w = 0; w < DECODE_WARPS; ++w) {
-            float f = warp_sum[w] > 0.0f ? expf(warp_max[w] - top) : 0.0f;
-            sum += warp_sum[w] * f;
-            val += warp_acc[w * hd + d] * f;
+        for (unsigned int k = 0; k < groups; ++k) {
+            if (group_sum[k] > 0.0f) {
+                float f = expf(group_max[k] - top);
+                sum += group_sum[k] * f;
+                val += group_acc[k * hd + d] * f;
+            }
         }
-        o[d] = val / sum;
+        o[d] = sum > 0.0f ? val / sum : 0.0f;
     }
 }
 

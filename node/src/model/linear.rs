@@ -1,5 +1,13 @@
 //! Linear layers: the quantized CPU kernel of `qgemm`, or candle's
 //! `QMatMul` on an accelerator.
+//!
+//! On a GPU a step of up to 8 rows multiplies the file's quantized weights
+//! (candle's matrix-vector kernels: decode is memory-bound, and 4-bit
+//! weights are a quarter of the bytes). Larger steps multiply an f16 copy
+//! of the weights with cuBLAS: candle's quantized matrix-matrix kernels
+//! (stream-k MMQ) are slow at this model's shapes. Profiled on an H200 at
+//! 256 rows, one layer's four multiplications took 75 µs each, most of it
+//! in the stream-k fix-up, three quarters of the whole step.
 
 use std::borrow::Cow;
 
@@ -10,8 +18,18 @@ use super::qgemm::{Kernel, QMatrix};
 
 pub enum Linear {
     Cpu(QMatrix),
-    Device(QMatMul),
+    Device {
+        /// The file's quantization, for steps of up to `VECTOR_ROWS` rows.
+        quantized: QMatMul,
+        /// An f16 copy, for larger steps.
+        half: QMatMul,
+    },
 }
+
+/// Rows up to which the quantized weights are multiplied on a device
+/// (candle's matrix-vector kernels take up to 8, with a workspace of their
+/// own).
+pub const VECTOR_ROWS: usize = 8;
 
 impl Linear {
     /// One layer from weights `[out_i, in]` stacked along the output
@@ -23,7 +41,9 @@ impl Linear {
             candle_core::bail!("stacked weights differ in input width: {dims:?}");
         }
         if !device.is_cpu() {
-            return Ok(Self::Device(QMatMul::from_qtensor(on_device(&parts, device)?)?));
+            let weights = on_device(&parts, device)?;
+            let half = QMatMul::TensorF16(weights.dequantize_f16(device)?);
+            return Ok(Self::Device { quantized: QMatMul::from_qtensor(weights)?, half });
         }
         let rows: usize = dims.iter().map(|d| d.0).sum();
         let same = |t: GgmlDType| parts.iter().all(|p| p.dtype() == t);
@@ -50,8 +70,8 @@ impl Linear {
     /// The weights' format on the device ("q4_1", "f32"); `None` on the CPU.
     pub fn device_format(&self) -> Option<String> {
         let name = match self {
-            Self::Device(QMatMul::QTensor(t)) => format!("{:?}", t.dtype()),
-            Self::Device(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => format!("{:?}", t.dtype()),
+            Self::Device { quantized: QMatMul::QTensor(t), .. } => format!("{:?}", t.dtype()),
+            Self::Device { quantized: QMatMul::Tensor(t) | QMatMul::TensorF16(t), .. } => format!("{:?}", t.dtype()),
             Self::Cpu(_) => return None,
         };
         Some(name.to_lowercase())
@@ -60,7 +80,8 @@ impl Linear {
     /// `x` is `[n, in]`; returns `[n, out]`. `kernel` multiplies on the CPU.
     pub fn forward(&self, x: &Tensor, kernel: Kernel) -> Result<Tensor> {
         match self {
-            Self::Device(m) => m.forward(x),
+            Self::Device { quantized, .. } if x.dim(0)? <= VECTOR_ROWS => quantized.forward(x),
+            Self::Device { half, .. } => half.forward(x),
             Self::Cpu(m) => {
                 let n = x.dim(0)?;
                 let out = m.matmul(kernel, &x.flatten_all()?.to_vec1::<f32>()?, n);

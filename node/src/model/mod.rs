@@ -7,7 +7,7 @@ mod config;
 mod cuda;
 mod fused;
 mod kv_cache;
-mod linear;
+pub(crate) mod linear;
 pub mod paged;
 pub mod qgemm;
 mod step;
@@ -121,14 +121,16 @@ impl LlamaModel {
     }
 
     /// On a device, each weight format of the linear layers and how many
-    /// layers use it ("q4_1 x120, q8_0 x1"); `None` on the CPU.
+    /// layers use it, and the f16 copies larger steps use ("q4_1 x120,
+    /// q8_0 x1; f16 over 8 rows"); `None` on the CPU.
     pub fn device_formats(&self) -> Option<String> {
         let mut counts = std::collections::BTreeMap::new();
         let linears = self.layers.iter().flat_map(|l| [&l.qkv, &l.wo, &l.gate_up, &l.down]);
         for linear in linears.chain([&self.lm_head]) {
             *counts.entry(linear.device_format()?).or_insert(0) += 1;
         }
-        Some(counts.iter().map(|(f, n)| format!("{f} x{n}")).collect::<Vec<_>>().join(", "))
+        let formats: Vec<String> = counts.iter().map(|(f, n)| format!("{f} x{n}")).collect();
+        Some(format!("{}; f16 over {} rows", formats.join(", "), linear::VECTOR_ROWS))
     }
 
     /// The kernel of the linear layers on the CPU.

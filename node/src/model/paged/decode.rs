@@ -5,9 +5,10 @@
 //! step row's rotated q, and it attends to positions `0..keys` of its
 //! blocks, listed from `first block` on.
 //!
-//! On a GPU one block of 4 warps per (query head, row) keeps a running
-//! softmax per warp and merges them (`kernels.cu`); on the CPU the same sum
-//! in plain loops, checked against the host attention.
+//! On a GPU one block of 4 warps per (query head, row) reads several keys
+//! at a time per warp, each lane group with a running softmax, and merges
+//! them (`kernels.cu`); on the CPU the same sum in plain loops, checked
+//! against the host attention.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, bail};
 
@@ -36,9 +37,9 @@ impl DecodeAttention {
         if !shapes_agree || self.rows == 0 || width < self.n_head * hd || !self.n_head.is_multiple_of(heads) {
             bail!("decode attention: qkv {:?}, pool {:?}, table {:?}", qkv.shape(), pool.shape(), table.shape());
         }
-        // A lane of a warp holds head_dim / 32 dimensions, at most 8.
-        if !hd.is_multiple_of(32) || hd > 256 {
-            bail!("decode attention needs a head size that is a multiple of 32 up to 256, not {hd}");
+        // A key is read by head_dim / 8 lanes of a warp.
+        if !hd.is_power_of_two() || !(8..=256).contains(&hd) {
+            bail!("decode attention needs a head size that is a power of two from 8 to 256, not {hd}");
         }
         if !qkv.is_contiguous() || !pool.is_contiguous() || !table.is_contiguous() {
             bail!("decode attention needs contiguous tensors");

@@ -25,6 +25,7 @@ use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Tensor, bail};
 
 use super::attend::PagedAttention;
 use super::{BLOCK_TOKENS, KvPool, decode};
+use crate::model::linear::VECTOR_ROWS;
 use crate::model::{LlamaModel, ModelError};
 
 /// Most rows a recorded step has; a step decoding more runs op by op.
@@ -198,13 +199,10 @@ impl Graphs {
     }
 }
 
-/// Rows up to which candle multiplies by quantized weights with its
-/// matrix-vector kernels, which keep a workspace of their own.
-const VECTOR_ROWS: usize = 8;
-
 /// Runs `rows` padding rows through the layers (not the logits) op by op,
-/// then `VECTOR_ROWS`, so that both of candle's scratch workspaces reach
-/// the size of the largest step they will see.
+/// then `VECTOR_ROWS` (the quantized weights' largest), so that candle's
+/// scratch workspaces and cuBLAS's reach the size of the largest step they
+/// will see.
 pub fn warm_up(model: &LlamaModel, pool: &mut KvPool, rope: &(Tensor, Tensor), rows: usize) -> Result<(), ModelError> {
     for rows in [rows, VECTOR_ROWS] {
         let inputs = DecodeInputs::new(rows, 0, model.device())?;
