@@ -102,7 +102,12 @@ fn backend(model: LlamaModel, plan: &DevicePlan) -> anyhow::Result<Box<dyn Backe
         })?;
     }
     let (bytes, positions) = backend.pool_size();
-    let steps = if plan.graphs { "decode steps replayed from CUDA graphs" } else { "every step op by op (--eager)" };
-    tracing::info!(%formats, kv_pool_mib = bytes >> 20, kv_pool_positions = positions, steps, "model on the device");
+    let recorded = backend.recorded_batches();
+    let steps = match (plan.graphs, recorded.is_empty()) {
+        (false, _) => "every step op by op (--eager)",
+        (true, true) => "every step op by op (no decode step could be recorded: see the warning above)",
+        (true, false) => "decode steps replayed from CUDA graphs",
+    };
+    tracing::info!(%formats, kv_pool_mib = bytes >> 20, kv_pool_positions = positions, steps, ?recorded, "model on the device");
     Ok(Box::new(backend))
 }

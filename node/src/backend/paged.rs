@@ -21,6 +21,8 @@ pub struct PagedBackend {
     prefixes: HashMap<BlockId, Vec<u32>>,
     /// Decode steps replayed from recordings (`with_graphs`).
     graphs: Option<Graphs>,
+    /// The most sequences a step holds (`--max-running`).
+    sequences: usize,
 }
 
 impl PagedBackend {
@@ -29,17 +31,22 @@ impl PagedBackend {
     pub fn new(model: Arc<LlamaModel>, kv_tokens: usize, sequences: usize) -> Result<Self, ModelError> {
         let pool = KvPool::new(model.config(), kv_tokens, sequences, model.device())?;
         let rope = model.rope_tables()?;
-        Ok(Self { model, pool, rope, prefixes: HashMap::new(), graphs: None })
+        Ok(Self { model, pool, rope, prefixes: HashMap::new(), graphs: None, sequences })
     }
 
-    /// Replays decode steps from CUDA graphs, one recording per batch size
-    /// (`model::paged::graph`; on the CPU the same device inputs run op by
-    /// op, for tests). `max_step_rows` is the most tokens a step may have
-    /// (the node's `--max-step-tokens`): a step that size runs first, so
-    /// that no later step moves what a recording holds.
+    /// Replays decode steps from CUDA graphs, one recording per batch size,
+    /// all made here (`model::paged::graph`; on the CPU the same device
+    /// inputs run op by op, for tests). `max_step_rows` is the most tokens a
+    /// step may have (the node's `--max-step-tokens`): a step that size runs
+    /// first, so that no later step moves what a recording holds. A
+    /// recording that fails leaves every step op by op (logged).
     pub fn with_graphs(mut self, max_step_rows: usize) -> Result<Self, ModelError> {
         graph::warm_up(&self.model, &mut self.pool, &self.rope, max_step_rows.max(graph::MAX_BATCH))?;
-        self.graphs = Some(Graphs::new(self.model.config().context_length));
+        let mut graphs = Graphs::new(self.model.config().context_length);
+        match graphs.record_up_to(&self.model, &mut self.pool, &self.rope, self.sequences) {
+            Ok(()) => self.graphs = Some(graphs),
+            Err(error) => tracing::warn!(%error, "decode steps run op by op: recording one failed"),
+        }
         Ok(self)
     }
 

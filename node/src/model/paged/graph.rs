@@ -5,7 +5,8 @@
 //! of them, which holds a single stream near 400 tokens/s however fast the
 //! GPU. A step that only decodes runs the same kernels every time for a
 //! given number of rows, so the node records it once per batch size (powers
-//! of two; padding rows fill the rest) as a CUDA graph and replays it: one
+//! of two, at start; padding rows fill the rest) as a CUDA graph and
+//! replays it: one
 //! launch per step. The step's inputs live in one device buffer that each
 //! step's data is copied into before the replay (token ids, positions, pool
 //! slots, the attention table); the logits land in a buffer the graph
@@ -153,8 +154,9 @@ impl Graphs {
 
     /// Logits `[rows, vocab]` of a step where every row `(sequence, token,
     /// position)` decodes one token, its sequence's blocks reserved in
-    /// `pool`; the batch size is recorded at its first step. The logits are
-    /// the replay's buffer: read them before the next step.
+    /// `pool`; a batch size not recorded yet (`record_up_to`) is recorded
+    /// first. The logits are the replay's buffer: read them before the next
+    /// step.
     pub fn step(
         &mut self,
         model: &LlamaModel,
@@ -169,12 +171,7 @@ impl Graphs {
             )));
         }
         let batch = rows.len().next_power_of_two();
-        if !self.replays.contains_key(&batch) {
-            let inputs = DecodeInputs::new(batch, self.max_blocks, model.device())?;
-            inputs.load(pool, &[])?;
-            let recorded = record::record(model, pool, rope, &inputs)?;
-            self.replays.insert(batch, Replay { inputs, recorded });
-        }
+        self.prepare(model, pool, rope, batch)?;
         let replay = &self.replays[&batch];
         replay.inputs.load(pool, rows)?;
         let logits = match &replay.recorded {
@@ -183,6 +180,40 @@ impl Graphs {
         };
         self.steps += 1;
         Ok(logits.narrow(0, 0, rows.len())?)
+    }
+
+    /// Records every batch size a step of up to `sequences` rows uses
+    /// (powers of two, at most `MAX_BATCH`), so that no step waits for a
+    /// recording and one that fails does so at start.
+    pub fn record_up_to(
+        &mut self,
+        model: &LlamaModel,
+        pool: &mut KvPool,
+        rope: &(Tensor, Tensor),
+        sequences: usize,
+    ) -> Result<(), ModelError> {
+        let top = sequences.clamp(1, MAX_BATCH).next_power_of_two();
+        for batch in std::iter::successors(Some(1), |b| Some(b * 2)).take_while(|&b| b <= top) {
+            self.prepare(model, pool, rope, batch)?;
+        }
+        Ok(())
+    }
+
+    /// The inputs and recording of `batch` rows, made once.
+    fn prepare(
+        &mut self,
+        model: &LlamaModel,
+        pool: &mut KvPool,
+        rope: &(Tensor, Tensor),
+        batch: usize,
+    ) -> Result<(), ModelError> {
+        if !self.replays.contains_key(&batch) {
+            let inputs = DecodeInputs::new(batch, self.max_blocks, model.device())?;
+            inputs.load(pool, &[])?;
+            let recorded = record::record(model, pool, rope, &inputs)?;
+            self.replays.insert(batch, Replay { inputs, recorded });
+        }
+        Ok(())
     }
 
     /// Steps served so far (replayed, or run from device inputs on the CPU).
