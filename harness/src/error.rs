@@ -11,6 +11,8 @@ pub enum Error {
     Exited { name: String, status: String, log: String },
     #[error("{name} was not ready within {timeout:?}; its log:\n{log}")]
     NotReady { name: String, timeout: Duration, log: String },
+    #[error("{name} did not log {text:?} within {timeout:?}; its log:\n{log}")]
+    NotLogged { name: String, text: String, timeout: Duration, log: String },
     #[error("{name} announced itself as {found:?}, not {expected:?}: {line}")]
     WrongRole { name: String, expected: String, found: String, line: String },
     #[error("{name}'s ready line has no {listener:?} address: {line}")]

@@ -128,6 +128,25 @@ impl Spawned {
         self.log.lines().iter().filter(|l| l.contains(text)).count()
     }
 
+    /// Waits (up to `timeout`) until a log line contains `text`.
+    pub async fn wait_logged(&self, text: &str, timeout: Duration) -> Result<()> {
+        let waited = tokio::time::timeout(timeout, async {
+            loop {
+                let pushed = self.log.pushed.notified();
+                if self.logged(text) > 0 {
+                    return;
+                }
+                pushed.await;
+            }
+        });
+        waited.await.map_err(|_| Error::NotLogged {
+            name: self.name.clone(),
+            text: text.to_string(),
+            timeout,
+            log: self.shown(),
+        })
+    }
+
     /// The last `n` lines of its log.
     pub fn log_tail(&self, n: usize) -> Vec<String> {
         let lines = self.log.lines();
@@ -198,6 +217,8 @@ struct Log {
     /// Set (and notified) when the stream ends.
     done: Mutex<bool>,
     ended: Notify,
+    /// Notified at every line.
+    pushed: Notify,
 }
 
 impl Log {
@@ -207,6 +228,8 @@ impl Log {
             lines.pop_front();
         }
         lines.push_back(line);
+        drop(lines);
+        self.pushed.notify_waiters();
     }
 
     fn lines(&self) -> MutexGuard<'_, VecDeque<String>> {

@@ -115,10 +115,18 @@ enum Command {
     /// Turn on etcd's auth for the mesh: a `root` user, and a user and role
     /// that may read and write only under the prefix.
     EtcdEnableAuth(etcd::EnableAuth),
+    /// Run the autoscale controller: activate standby instances of busy
+    /// services and return them when idle (one leads per cluster).
+    Autoscale(autoscale::AutoscaleArgs),
+    /// Put an instance on standby (not routed to) or activate it, by its
+    /// decision key in etcd, which its sidecar follows.
+    Standby(standby::StandbyArgs),
 }
 
+mod autoscale;
 mod certs;
 mod etcd;
+mod standby;
 mod status;
 
 #[tokio::main]
@@ -149,6 +157,11 @@ async fn main() -> anyhow::Result<()> {
             register(etcd.config(), rec).await?
         }
         Command::EtcdEnableAuth(ref args) => etcd::enable_auth(args).await?,
+        Command::Autoscale(args) => {
+            tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(log_filter()).init();
+            autoscale::run(args).await?
+        }
+        Command::Standby(ref args) => standby::run(args).await?,
         Command::Models => {
             let mut client = connect().await?;
             let request = keyed(ListModelsRequest {}, cli.api_key.as_deref())?;
@@ -255,6 +268,11 @@ async fn sidecar_status(addr: &str, api_key: Option<&str>, json: bool) -> anyhow
         );
     }
     Ok(())
+}
+
+/// `RUST_LOG`, else info.
+fn log_filter() -> tracing_subscriber::EnvFilter {
+    tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into())
 }
 
 /// The first line of stdin, trimmed; refused when empty.

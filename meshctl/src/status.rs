@@ -6,14 +6,27 @@
 use std::collections::BTreeMap;
 
 use anyhow::Context;
-use registry::{EtcdConfig, InstanceRecord};
+use registry::signals::{load_key, mode_key};
+use registry::{EtcdConfig, InstanceRecord, LoadReport};
+
+use crate::autoscale::{ServiceStatus, leader_key, status_prefix};
+
+/// Everything under the mesh's prefix, read at once.
+type Keys = BTreeMap<String, Vec<u8>>;
 
 pub async fn from_etcd(config: &EtcdConfig, json: bool) -> anyhow::Result<()> {
-    let records = registry::etcd::fetch_all(config).await.context("reading the registry from etcd")?;
+    let mut client = config.connect().await.context("reading the registry from etcd")?;
+    let all = client.get(config.prefix.as_str(), Some(registry::etcd::GetOptions::new().with_prefix())).await?;
+    let keys: Keys =
+        all.kvs().iter().map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.value().to_vec())).collect();
+    let services = format!("{}services/", config.prefix);
+    let records: Vec<InstanceRecord> =
+        keys.iter().filter(|(k, _)| k.starts_with(&services)).filter_map(|(_, v)| InstanceRecord::decode(v)).collect();
     if json {
         println!("{}", serde_json::to_string_pretty(&records)?);
     } else {
-        print(&records, &config.prefix);
+        print(&records, &config.prefix, &keys);
+        print_autoscale(&config.prefix, &keys);
     }
     let conflicts = conflicts(&records);
     for (address, claims) in &conflicts {
@@ -23,7 +36,7 @@ pub async fn from_etcd(config: &EtcdConfig, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print(records: &[InstanceRecord], prefix: &str) {
+fn print(records: &[InstanceRecord], prefix: &str, keys: &Keys) {
     let mut service = "";
     for r in records {
         if r.service != service {
@@ -31,12 +44,65 @@ fn print(records: &[InstanceRecord], prefix: &str) {
             println!("{service}");
         }
         println!(
-            "  {:<24} {:<22} host={} zone={} weight={} max_running={} context={} version={}",
-            r.instance_id, r.address, r.host, r.zone, r.weight, r.max_running, r.context_length, r.version
+            "  {:<24} {:<22} {} host={} zone={} weight={} max_running={} context={} version={}{}",
+            r.instance_id,
+            r.address,
+            state(r, prefix, keys),
+            r.host,
+            r.zone,
+            r.weight,
+            r.max_running,
+            r.context_length,
+            r.version,
+            load(r, prefix, keys)
         );
     }
     if records.is_empty() {
         println!("no instances registered under {prefix}");
+    }
+}
+
+/// `active`, `STANDBY`, with `(spare)` and who decided when not the config.
+fn state(r: &InstanceRecord, prefix: &str, keys: &Keys) -> String {
+    let mut s = if r.standby { "STANDBY".to_string() } else { "active".to_string() };
+    if r.spare {
+        s.push_str(" (spare)");
+    }
+    if keys.contains_key(&mode_key(prefix, &r.service, &r.instance_id)) {
+        s.push_str(" [decided]");
+    }
+    s
+}
+
+fn load(r: &InstanceRecord, prefix: &str, keys: &Keys) -> String {
+    match keys.get(&load_key(prefix, &r.service, &r.instance_id)).and_then(|v| LoadReport::decode(v)) {
+        Some(l) => format!(" running={} queued={} utilisation={:.2}", l.running, l.queued, l.utilisation()),
+        None => String::new(),
+    }
+}
+
+/// The controller leading now, and its last decision per service.
+fn print_autoscale(prefix: &str, keys: &Keys) {
+    let statuses = status_prefix(prefix);
+    let decided: Vec<(&str, ServiceStatus)> =
+        keys.iter().filter_map(|(k, v)| Some((k.strip_prefix(&statuses)?, ServiceStatus::decode(v)?))).collect();
+    let leader = keys.get(&leader_key(prefix)).map(|v| String::from_utf8_lossy(v).into_owned());
+    if leader.is_none() && decided.is_empty() {
+        return;
+    }
+    println!("autoscale: {}", leader.map_or("no controller leading".into(), |l| format!("leader {l}")));
+    for (service, s) in decided {
+        println!(
+            "  {service}: {} activations, {} returns, {} hook-only; last: {} {} ({}, utilisation {:.2}) at {} ms",
+            s.activations,
+            s.returns,
+            s.hook_only,
+            s.last_action,
+            s.last_instance,
+            s.last_reason,
+            s.utilisation,
+            s.last_at_ms
+        );
     }
 }
 

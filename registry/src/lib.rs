@@ -23,6 +23,7 @@ pub mod episode;
 pub mod etcd;
 mod memory;
 mod record;
+pub mod signals;
 mod view;
 
 use std::future::Future;
@@ -31,6 +32,7 @@ use std::sync::Arc;
 pub use etcd::{Credentials, EtcdConfig, EtcdRegistry, Stats, TlsFiles};
 pub use memory::MemoryRegistry;
 pub use record::{InstanceRecord, SCHEMA_VERSION};
+pub use signals::{LoadReport, Mode};
 pub use view::{Change, View};
 
 #[derive(Debug, thiserror::Error)]

@@ -28,6 +28,15 @@ pub struct InstanceRecord {
     pub weight: u32,
     /// Start of the registering process, Unix milliseconds.
     pub started_at_ms: u64,
+    /// Registered but not routed to: warm capacity waiting for the
+    /// autoscale controller (or an operator) to activate it.
+    #[serde(default)]
+    pub standby: bool,
+    /// Configured as standby capacity (`[node] standby = true`): the
+    /// controller may activate it and return it to standby; other
+    /// instances it never touches.
+    #[serde(default)]
+    pub spare: bool,
 }
 
 impl InstanceRecord {
@@ -47,6 +56,8 @@ impl InstanceRecord {
             version: String::new(),
             weight: 1,
             started_at_ms,
+            standby: false,
+            spare: false,
         }
     }
 

@@ -20,6 +20,7 @@ use crate::edge::Edge;
 use crate::inbound::accept::{Accept, Draining};
 use crate::inbound::admission::Admission;
 use crate::inbound::charge::ChargeTenant;
+use crate::inbound::standby;
 use crate::inbound::start::{self, Node};
 use crate::inbound::tenants::Tenants;
 use crate::metrics::SidecarMetrics;
@@ -117,6 +118,10 @@ pub async fn run(cfg: SidecarConfig) -> anyhow::Result<()> {
         },
         None => false,
     };
+    if let (true, Some(section), Some((node, serving))) = (registered, &cfg.node, &inbound) {
+        let every = section.load_report_interval;
+        standby::spawn(cfg.etcd(), &registry, &serving.record, node.bulkhead.clone(), every);
+    }
     if registered || cfg.node.is_none() {
         addresses.extend(inbound.as_ref().map(|(_, serving)| ("inbound", serving.addr)));
         daemon::ready::announce("sidecar", &addresses);

@@ -87,8 +87,13 @@ impl SidecarProcess {
     /// Waits until the sidecar knows `n` instances of `service`.
     pub async fn wait_for_instances(&self, service: &str, n: usize) {
         let count = |all: &[InstanceState]| all.iter().filter(|i| i.service == service).count();
-        let known = self.sidecar.wait_for_instances(Duration::from_secs(10), |all| count(all) == n).await;
-        known.unwrap_or_else(|_| panic!("sidecar never saw {n} instances of {service}"));
+        self.wait_for(&format!("{n} instances of {service}"), |all| count(all) == n).await;
+    }
+
+    /// Waits (up to 10 s) until the sidecar's view of the instances passes `test`.
+    pub async fn wait_for(&self, what: &str, test: impl FnMut(&[InstanceState]) -> bool) {
+        let seen = self.sidecar.wait_for_instances(Duration::from_secs(10), test).await;
+        seen.unwrap_or_else(|_| panic!("sidecar never saw {what}"));
     }
 }
 

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, LeaseGrantOptions};
+use etcd_client::{Client, LeaseGrantOptions, PutOptions};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{EtcdConfig, claim, with_timeout};
@@ -27,6 +27,8 @@ use keep::Held;
 
 pub enum Command {
     Put(InstanceRecord),
+    /// A plain value under the lease (a load report), by full key.
+    Report(String, String),
     Delete(String, String),
     Shutdown(oneshot::Sender<()>),
 }
@@ -62,8 +64,8 @@ pub fn spawn(config: Arc<EtcdConfig>) -> (mpsc::UnboundedSender<Command>, watch:
 
 struct Registrar {
     config: Arc<EtcdConfig>,
-    /// Records this process wants in etcd, by key.
-    desired: BTreeMap<String, InstanceRecord>,
+    /// What this process wants in etcd, by key.
+    desired: BTreeMap<String, Entry>,
     /// Keys of `desired` not yet written under the current lease.
     unwritten: BTreeSet<String>,
     /// Keys withdrawn but not yet deleted from etcd.
@@ -76,6 +78,14 @@ struct Registrar {
     outage: Episode,
     /// Broken or slow keep-alives while the lease still holds.
     link_trouble: Episode,
+}
+
+/// One key this process keeps under its lease.
+enum Entry {
+    /// An instance record, claimed (never taken from another lease).
+    Record(InstanceRecord),
+    /// A value only this process writes (its load report), put as is.
+    Plain(String),
 }
 
 /// Why the keeping of one lease ended.
@@ -162,7 +172,13 @@ impl Registrar {
                 let key = rec.key(&self.config.prefix);
                 self.deleted.remove(&key);
                 self.unwritten.insert(key.clone());
-                self.desired.insert(key, rec);
+                self.desired.insert(key, Entry::Record(rec));
+            }
+            Command::Report(key, value) => {
+                if !matches!(self.desired.get(&key), Some(Entry::Plain(v)) if *v == value) {
+                    self.unwritten.insert(key.clone());
+                    self.desired.insert(key, Entry::Plain(value));
+                }
             }
             Command::Delete(s, i) => {
                 let key = crate::record::key(&self.config.prefix, &s, &i);
@@ -182,8 +198,13 @@ impl Registrar {
             self.deleted.remove(&key);
         }
         while let Some(key) = self.unwritten.first().cloned() {
-            if let Some(rec) = self.desired.get(&key) {
-                claim::claim(client, &key, rec, lease, limit).await?;
+            match self.desired.get(&key) {
+                Some(Entry::Record(rec)) => claim::claim(client, &key, rec, lease, limit).await?,
+                Some(Entry::Plain(value)) => {
+                    let opts = PutOptions::new().with_lease(lease);
+                    with_timeout(limit, client.put(key.as_str(), value.as_str(), Some(opts))).await?;
+                }
+                None => {}
             }
             self.unwritten.remove(&key);
         }
@@ -215,7 +236,7 @@ impl Registrar {
     }
 
     fn registered(&mut self, lease: i64) {
-        let records = self.desired.len();
+        let records = self.desired.values().filter(|e| matches!(e, Entry::Record(_))).count();
         match self.outage.end(tokio::time::Instant::now().into_std()) {
             Some(ended) => {
                 let after = format!("{:.1}s", ended.lasted.as_secs_f64());

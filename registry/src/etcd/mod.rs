@@ -4,6 +4,7 @@
 pub mod auth;
 mod claim;
 mod connection;
+mod follow;
 mod lease;
 mod stats;
 mod watcher;
@@ -17,6 +18,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::{InstanceRecord, Registry, RegistryError, View};
 pub(crate) use connection::explain;
 pub use connection::{Credentials, TlsFiles};
+pub use follow::{Followed, Keys, follow};
 use lease::Command;
 pub use lease::RegistrarState;
 pub use stats::Stats;
@@ -114,6 +116,7 @@ pub struct EtcdRegistry {
     view: watch::Receiver<Arc<View>>,
     state: watch::Receiver<RegistrarState>,
     stats: Arc<Stats>,
+    prefix: String,
 }
 
 impl EtcdRegistry {
@@ -122,10 +125,10 @@ impl EtcdRegistry {
     pub fn start(config: EtcdConfig) -> Result<Self, RegistryError> {
         config.options()?; // unreadable TLS or password files are configuration errors, found now
         let config = Arc::new(config);
-        let stats = config.stats.clone();
+        let (stats, prefix) = (config.stats.clone(), config.prefix.clone());
         let (commands, state) = lease::spawn(config.clone());
         let view = watcher::spawn(config);
-        Ok(Self { commands, view, state, stats })
+        Ok(Self { commands, view, state, stats, prefix })
     }
 
     /// How often the watch broke and came back, and registration was lost.
@@ -136,6 +139,13 @@ impl EtcdRegistry {
     /// Whether this process's records are in etcd now.
     pub fn registrar_state(&self) -> watch::Receiver<RegistrarState> {
         self.state.clone()
+    }
+
+    /// Keeps this instance's load report under the lease (written when it
+    /// changes; rewritten under a new lease, gone with the lease).
+    pub fn report_load(&self, service: &str, instance_id: &str, load: crate::LoadReport) -> Result<(), RegistryError> {
+        let key = crate::signals::load_key(&self.prefix, service, instance_id);
+        self.send(Command::Report(key, load.encode()))
     }
 
     fn send(&self, cmd: Command) -> Result<(), RegistryError> {

@@ -113,5 +113,6 @@ fn durations(cfg: &SidecarConfig) -> Vec<(String, Duration)> {
     let waits =
         cfg.services.iter().enumerate().map(|(i, s)| (format!("services[{i}].max_queue_wait"), s.max_queue_wait));
     all.extend(waits);
+    all.extend(cfg.node.as_ref().map(|n| ("node.load_report_interval".to_string(), n.load_report_interval)));
     all
 }

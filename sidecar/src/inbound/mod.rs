@@ -10,6 +10,7 @@ pub mod bulkhead;
 pub mod charge;
 pub mod identity;
 pub mod node;
+pub mod standby;
 pub mod start;
 pub mod tenants;
 

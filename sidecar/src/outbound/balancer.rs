@@ -140,6 +140,12 @@ impl Balancer {
         let old = self.snapshot();
         let mut next: Instances = BTreeMap::new();
         for rec in view.instances.values() {
+            if rec.standby {
+                // Known (its callers get UNAVAILABLE, not NOT_FOUND, while
+                // only standbys are left), never routed to.
+                next.entry(rec.service.clone()).or_default();
+                continue;
+            }
             let peers = old.get(&rec.service);
             let same = peers.and_then(|p| p.iter().find(|e| e.record == *rec));
             let ep = match same {
