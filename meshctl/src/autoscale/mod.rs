@@ -7,8 +7,10 @@
 //! autoscale status (`{prefix}autoscale/services/{service}`, shown by
 //! `meshctl status`), then runs the hook, if any.
 
+mod args;
 mod hook;
 mod leader;
+mod metrics;
 mod policy;
 mod status;
 
@@ -22,58 +24,33 @@ use registry::signals::{self, load_prefix, mode_key};
 use registry::{InstanceRecord, LoadReport, Mode};
 use tokio::sync::watch;
 
-use crate::etcd::EtcdArgs;
+pub use args::AutoscaleArgs;
 pub use leader::leader_key;
 use leader::{Lead, Session};
+use metrics::Metrics;
 use policy::{Action, Policy, Sample, Tracker};
 pub use status::{ServiceStatus, status_prefix};
-
-#[derive(clap::Args)]
-pub struct AutoscaleArgs {
-    #[command(flatten)]
-    etcd: EtcdArgs,
-    /// Services to scale (repeat or comma-separate).
-    #[arg(long, value_delimiter = ',', required = true)]
-    service: Vec<String>,
-    /// Activate a spare when utilisation stays above this for --window.
-    #[arg(long, default_value_t = 0.8)]
-    scale_out_above: f64,
-    /// Return an activated spare when utilisation stays below this for --cooldown.
-    #[arg(long, default_value_t = 0.4)]
-    scale_in_below: f64,
-    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
-    window: Duration,
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
-    cooldown: Duration,
-    /// Active instances never fewer than this per service.
-    #[arg(long, default_value_t = 1)]
-    min_active: usize,
-    /// Shell command run on each scale-out (also when no spare is left),
-    /// with MESH_SERVICE, MESH_INSTANCE (empty without a spare),
-    /// MESH_ACTION and MESH_UTILISATION set.
-    #[arg(long)]
-    on_scale_out: Option<String>,
-    /// Shell command run after a spare returns to standby.
-    #[arg(long)]
-    on_scale_in: Option<String>,
-    /// How often the policy looks at the mesh.
-    #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
-    tick: Duration,
-    /// This controller's name in the leader key (default: host and pid).
-    #[arg(long)]
-    id: Option<String>,
-}
 
 /// Standby decisions of instances absent this long from the registry are deleted.
 const FORGET_AFTER: Duration = Duration::from_secs(300);
 
+/// Campaigns, leads until the lease is lost, campaigns again; until
+/// SIGTERM, which revokes the lease so that the next controller leads at
+/// once. Ready (systemd, the ready line) once etcd has granted it a lease.
 pub async fn run(args: AutoscaleArgs) -> anyhow::Result<()> {
-    let policy = policy(&args)?;
+    let policy = args::policy(&args)?;
     let config = args.etcd.config();
     let id = args.id.clone().unwrap_or_else(|| format!("{}:{}", hostname(), std::process::id()));
+    let metrics = Metrics::default();
+    let mut addresses = Vec::new();
+    if let Some(addr) = args.metrics_listen {
+        let token = args.metrics_token_file.as_deref();
+        addresses.push(("metrics", daemon::metrics::serve(addr, token, |r| metrics.register(r)).await?));
+    }
     let mesh = follow(Arc::new(config.clone()), Keys::Prefix(config.prefix.clone()));
     let stop = daemon::signal::shutdown();
     tokio::pin!(stop);
+    let mut announced = false;
     loop {
         let (mut session, mut keeper) = match Session::open(&config).await {
             Ok(s) => s,
@@ -82,38 +59,25 @@ pub async fn run(args: AutoscaleArgs) -> anyhow::Result<()> {
                 tokio::select! { () = tokio::time::sleep(config.backoff.1) => continue, _ = &mut stop => return Ok(()) }
             }
         };
-        let mut leading = Leading::new(policy.clone(), &args, &config.prefix);
+        if !std::mem::replace(&mut announced, true) {
+            daemon::ready::announce("autoscale", &addresses);
+        }
+        let mut leading = Leading::new(policy.clone(), &args, &config.prefix, metrics.clone());
         let ended = tokio::select! {
             e = leading.campaign_and_lead(&mut session, &id, mesh.clone()) => Some(e),
             e = keeper.lost() => Some(e),
             _ = &mut stop => None,
         };
+        metrics.leading.set(0);
         // Revoked, the leader key goes at once and the next controller leads.
         let _ = session.client.lease_revoke(session.lease).await;
         let Some(ended) = ended else {
+            daemon::ready::stopping();
             tracing::info!("autoscale: stopped");
             return Ok(());
         };
         tracing::warn!(error = %ended, "autoscale: not leading any more; campaigning again");
     }
-}
-
-fn policy(args: &AutoscaleArgs) -> anyhow::Result<Policy> {
-    let (above, below) = (args.scale_out_above, args.scale_in_below);
-    anyhow::ensure!(above.is_finite() && above > 0.0, "--scale-out-above: must be a number above 0 (got {above})");
-    anyhow::ensure!(
-        below.is_finite() && (0.0..above).contains(&below),
-        "--scale-in-below: must be at least 0 and under --scale-out-above ({above}), got {below}"
-    );
-    anyhow::ensure!(!args.tick.is_zero(), "--tick: must be above zero");
-    Ok(Policy {
-        above,
-        below,
-        window: args.window,
-        cooldown: args.cooldown,
-        min_active: args.min_active,
-        hook_without_spare: args.on_scale_out.is_some(),
-    })
 }
 
 /// The controller while it campaigns and leads.
@@ -125,12 +89,13 @@ struct Leading<'a> {
     /// Standby keys whose instance left the registry, and since when.
     absent: HashMap<String, Instant>,
     status: BTreeMap<String, ServiceStatus>,
+    metrics: Metrics,
 }
 
 impl<'a> Leading<'a> {
-    fn new(policy: Policy, args: &'a AutoscaleArgs, prefix: &str) -> Self {
+    fn new(policy: Policy, args: &'a AutoscaleArgs, prefix: &str, metrics: Metrics) -> Self {
         let (trackers, absent, status) = (HashMap::new(), HashMap::new(), BTreeMap::new());
-        Leading { policy, args, prefix: prefix.to_string(), trackers, absent, status }
+        Leading { policy, args, prefix: prefix.to_string(), trackers, absent, status, metrics }
     }
 
     async fn campaign_and_lead(
@@ -144,6 +109,7 @@ impl<'a> Leading<'a> {
             Err(e) => return e,
         };
         tracing::info!(%id, "autoscale: leading");
+        self.metrics.leading.set(1);
         let mut tick = tokio::time::interval(self.args.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -172,6 +138,7 @@ impl<'a> Leading<'a> {
                     .filter(|r| &r.service == service)
                     .map(|r| (r, loads.get(&(r.service.clone(), r.instance_id.clone())).copied())),
             );
+            self.metrics.saw(service, sample.utilisation);
             let decided = self.trackers.entry(service.clone()).or_default().decide(&self.policy, &sample, now);
             if let Some((action, why)) = decided {
                 self.act(session, lead, service, (action, why), (&sample, id)).await?;
@@ -200,6 +167,7 @@ impl<'a> Leading<'a> {
             ops.push(TxnOp::put(mode_key(&self.prefix, service, instance), mode.as_str(), None));
         }
         lead.write(&mut session.client, ops).await?;
+        self.metrics.decided(service, &status.last_action);
         match &action {
             Action::Activate(_) => tracing::info!(%why, "autoscale: activated {instance} of {service}"),
             Action::Return(_) => tracing::info!(%why, "autoscale: returned {instance} of {service} to standby"),
