@@ -54,19 +54,26 @@ impl Session {
         let ttl = config.lease_ttl.as_secs().max(1) as i64;
         let lease = client.lease_grant(ttl, None).await?.id();
         let (mut keeper, mut replies) = client.lease_keep_alive(lease).await?;
-        let every = Duration::from_secs(ttl as u64) / 3;
+        let ttl = Duration::from_secs(ttl as u64);
         let keeper = tokio::spawn(async move {
+            // A slow answer is waited for until the TTL since the last one
+            // runs out: only then may the lease be gone.
+            let mut answered = tokio::time::Instant::now();
             loop {
                 if let Err(e) = keeper.keep_alive().await {
                     return e.into();
                 }
-                match tokio::time::timeout(every, replies.message()).await {
-                    Ok(Ok(Some(r))) if r.ttl() > 0 => {}
+                match tokio::time::timeout(ttl / 3, replies.message()).await {
+                    Ok(Ok(Some(r))) if r.ttl() > 0 => answered = tokio::time::Instant::now(),
                     Ok(Ok(Some(_))) => return anyhow::anyhow!("the lease expired"),
                     Ok(Err(e)) => return e.into(),
-                    Ok(Ok(None)) | Err(_) => return anyhow::anyhow!("keep-alive unanswered"),
+                    Ok(Ok(None)) => return anyhow::anyhow!("the keep-alive stream ended"),
+                    Err(_) if answered.elapsed() >= ttl => {
+                        return anyhow::anyhow!("keep-alives unanswered for {ttl:?}");
+                    }
+                    Err(_) => {}
                 }
-                tokio::time::sleep(every).await;
+                tokio::time::sleep(ttl / 3).await;
             }
         });
         Ok((Session { client, lease }, Keeper(keeper)))
