@@ -18,6 +18,14 @@ pub mod mesh;
 pub mod node_metrics;
 pub mod nodes;
 pub mod overload;
+pub mod peak;
+mod peak_args;
+mod peak_checks;
+mod peak_load;
+mod peak_mesh;
+mod peak_plot;
+mod peak_report;
+mod peak_watch;
 pub mod prefix;
 pub mod prefix_report;
 pub mod scale;
@@ -55,6 +63,10 @@ pub enum Scenario {
     /// The same open loop as gRPC streams to the client sidecar and as
     /// streaming chat completions to its HTTP edge: the TTFT the edge adds.
     Edge(edge::Args),
+    /// Peak shaving: load stepping 0.5x, 2x, 3x, 2x, 0.5x of the primary's
+    /// capacity against shedding only, overflow to a smaller service, and
+    /// overflow plus a standby node that `meshctl autoscale` activates.
+    Peak(peak::Args),
 }
 
 pub async fn run(scenario: Scenario) -> anyhow::Result<()> {
@@ -67,6 +79,7 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<()> {
             Scenario::Scale(args) => scale::run(args).await.map(|_| ()),
             Scenario::Prefix(args) => prefix::run(args).await.map(|_| ()),
             Scenario::Edge(args) => edge::run(args).await.map(|_| ()),
+            Scenario::Peak(args) => peak::run(args).await.map(|_| ()),
         }
     };
     // On Ctrl-C the scenario future is dropped, which kills the processes
