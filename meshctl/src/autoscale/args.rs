@@ -13,10 +13,10 @@ pub struct AutoscaleArgs {
     /// Services to scale (repeat or comma-separate).
     #[arg(long, env = "MESH_AUTOSCALE_SERVICES", value_delimiter = ',', required = true)]
     pub service: Vec<String>,
-    /// Activate a spare when utilisation stays above this for --window.
+    /// Activate a spare when utilisation averages above this over --window.
     #[arg(long, env = "MESH_AUTOSCALE_SCALE_OUT_ABOVE", default_value_t = 0.8)]
     pub scale_out_above: f64,
-    /// Return an activated spare when utilisation stays below this for --cooldown.
+    /// Return an activated spare when utilisation averages below this over --cooldown.
     #[arg(long, env = "MESH_AUTOSCALE_SCALE_IN_BELOW", default_value_t = 0.4)]
     pub scale_in_below: f64,
     #[arg(long, env = "MESH_AUTOSCALE_WINDOW", default_value = "2s", value_parser = humantime::parse_duration)]

@@ -4,13 +4,17 @@
 //!
 //! Utilisation is demand over the capacity that serves: the sum over the
 //! active instances of (streams at the node + calls queued at its sidecar)
-//! over the sum of their `max_running`. It must stay above `above` for a
-//! whole `window` before a spare is activated, and below `below` for a whole
-//! `cooldown` before an activated spare goes back to standby; after any
-//! action both clocks start again, so the new capacity is measured before
+//! over the sum of their `max_running`, sampled every tick. Its mean over a
+//! whole `window` must be above `above` before a spare is activated, and
+//! its mean over a whole `cooldown` below `below` before an activated spare
+//! goes back to standby: means, because one sample is the moment's streams
+//! and bursts (at half load a third of the samples may cross `below`, and a
+//! rule that every sample stay under it never returned a spare). After any
+//! action the samples start again, so the new capacity is measured before
 //! the next step. Choose `below` under `above * n / (n + 1)` for `n` active
 //! instances, or handing one back would push the rest over `above` (a flap).
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use registry::{InstanceRecord, LoadReport};
@@ -83,8 +87,11 @@ pub enum Action {
 /// What the controller remembers of one service between samples.
 #[derive(Debug, Default)]
 pub struct Tracker {
-    above_since: Option<Instant>,
-    below_since: Option<Instant>,
+    /// Utilisation samples since the last action, oldest first, kept for
+    /// the longer of the window and the cooldown.
+    samples: VecDeque<(Instant, f64)>,
+    /// The first of them: a mean over a span counts once the span was seen.
+    since: Option<Instant>,
 }
 
 impl Tracker {
@@ -97,36 +104,39 @@ impl Tracker {
             let why = format!("{} active, under the minimum of {}", s.active, policy.min_active);
             return Some((Action::Activate(id.clone()), why));
         }
-        let u = s.utilisation;
-        if u > policy.above {
-            self.below_since = None;
-            let since = *self.above_since.get_or_insert(now);
-            if now - since < policy.window {
-                return None;
-            }
+        let seen = now - *self.since.get_or_insert(now);
+        self.samples.push_back((now, s.utilisation));
+        let keep = policy.window.max(policy.cooldown);
+        while self.samples.front().is_some_and(|(t, _)| now - *t > keep) {
+            self.samples.pop_front();
+        }
+        let hot = self.mean(now, policy.window);
+        if seen >= policy.window && hot > policy.above {
             self.restart();
-            let why = format!("utilisation {u:.2} over {:.2} for {:?}", policy.above, policy.window);
+            let why = format!("utilisation {hot:.2} over {:.2} on average for {:?}", policy.above, policy.window);
             return match s.waiting.first() {
                 Some(id) => Some((Action::Activate(id.clone()), why)),
                 None => policy.hook_without_spare.then_some((Action::HookOnly, why + ", no spare on standby")),
             };
         }
-        self.above_since = None;
-        if u >= policy.below || s.active <= policy.min_active || s.serving.is_empty() {
-            self.below_since = None;
-            return None;
-        }
-        let since = *self.below_since.get_or_insert(now);
-        if now - since < policy.cooldown {
+        let cool = self.mean(now, policy.cooldown);
+        if seen < policy.cooldown || cool >= policy.below || s.active <= policy.min_active || s.serving.is_empty() {
             return None;
         }
         self.restart();
-        let why = format!("utilisation {u:.2} under {:.2} for {:?}", policy.below, policy.cooldown);
+        let why = format!("utilisation {cool:.2} under {:.2} on average for {:?}", policy.below, policy.cooldown);
         Some((Action::Return(s.serving[0].clone()), why))
     }
 
+    /// Mean utilisation of the samples of the last `span`.
+    fn mean(&self, now: Instant, span: Duration) -> f64 {
+        let recent: Vec<f64> = self.samples.iter().filter(|(t, _)| now - *t <= span).map(|(_, u)| *u).collect();
+        recent.iter().sum::<f64>() / recent.len().max(1) as f64
+    }
+
     fn restart(&mut self) {
-        (self.above_since, self.below_since) = (None, None);
+        self.samples.clear();
+        self.since = None;
     }
 }
 
@@ -168,35 +178,56 @@ mod tests {
         Sample { utilisation: u, active: 1 + serving.len(), waiting: ids(waiting), serving: ids(serving) }
     }
 
-    #[test]
-    fn activates_only_after_a_whole_window_above_and_measures_again_before_the_next() {
-        let (p, mut t, t0) = (policy(), Tracker::default(), Instant::now());
-        let at = |ms: u64| t0 + Duration::from_millis(ms);
-        let hot = sample(0.95, &["s1", "s2"], &[]);
-        assert_eq!(t.decide(&p, &hot, at(0)), None);
-        assert_eq!(t.decide(&p, &sample(0.7, &["s1"], &[]), at(1000)), None, "a dip restarts the window");
-        assert_eq!(t.decide(&p, &hot, at(1500)), None);
-        assert_eq!(t.decide(&p, &hot, at(3000)), None);
-        let (action, why) = t.decide(&p, &hot, at(3500)).unwrap();
-        assert_eq!(action, Action::Activate("s1".into()));
-        assert!(why.contains("over 0.80"), "{why}");
-        assert_eq!(t.decide(&p, &hot, at(3600)), None, "the window starts again after an action");
+    /// Feeds `utilisations`, one every `every`, from `t0`; the decisions.
+    fn feed(
+        t: &mut Tracker,
+        p: &Policy,
+        s: &Sample,
+        (t0, every): (Instant, Duration),
+        us: &[f64],
+    ) -> Vec<Option<Action>> {
+        let at = |i: usize| t0 + every * i as u32;
+        us.iter()
+            .enumerate()
+            .map(|(i, u)| t.decide(p, &Sample { utilisation: *u, ..s.clone() }, at(i)).map(|a| a.0))
+            .collect()
     }
 
     #[test]
-    fn returns_a_spare_only_after_the_cooldown_and_never_below_the_minimum() {
+    fn activates_when_the_mean_over_a_whole_window_is_above_and_measures_again_before_the_next() {
         let (p, mut t, t0) = (policy(), Tracker::default(), Instant::now());
-        let at = |s: u64| t0 + Duration::from_secs(s);
-        let cool = sample(0.2, &[], &["s1"]);
-        assert_eq!(t.decide(&p, &cool, at(0)), None);
-        assert_eq!(t.decide(&p, &sample(0.5, &[], &["s1"]), at(5)), None, "between the thresholds: hold");
-        assert_eq!(t.decide(&p, &cool, at(6)), None);
-        assert_eq!(t.decide(&p, &cool, at(15)), None);
-        assert_eq!(t.decide(&p, &cool, at(16)).map(|a| a.0), Some(Action::Return("s1".into())));
+        let half = Duration::from_millis(500);
+        let hot = sample(0.0, &["s1", "s2"], &[]);
+        // Bursts over 0.8 whose mean is under it: nothing (window 2 s).
+        let decided = feed(&mut t, &p, &hot, (t0, half), &[0.95, 0.5, 0.95, 0.5, 0.95, 0.5, 0.9]);
+        assert!(decided.iter().all(Option::is_none), "{decided:?}");
+        // Over it on average: the first spare, once the window is full again.
+        let mut t = Tracker::default();
+        let decided = feed(&mut t, &p, &hot, (t0, half), &[0.95, 0.7, 0.95, 0.9, 0.9, 0.9]);
+        assert_eq!(decided[..4], [None, None, None, None], "not before a whole window was seen");
+        assert_eq!(decided[4], Some(Action::Activate("s1".into())));
+        assert_eq!(decided[5], None, "the window starts again after an action");
+        let (_, why) = t.decide(&p, &Sample { utilisation: 0.95, ..hot }, t0 + Duration::from_secs(5)).unwrap();
+        assert!(why.contains("over 0.80 on average"), "{why}");
+    }
+
+    #[test]
+    fn returns_a_spare_when_the_mean_over_the_cooldown_is_below_despite_bursts_never_below_the_minimum() {
+        let (p, mut t, t0) = (policy(), Tracker::default(), Instant::now());
+        let one_s = Duration::from_secs(1);
+        let cool = sample(0.0, &[], &["s1"]);
+        // Half load with bursts over 0.4 (the samples of a third of the
+        // ticks): the mean over the 10 s cooldown is 0.3.
+        let us: Vec<f64> = (0..=11).map(|i| if i % 3 == 0 { 0.5 } else { 0.25 }).collect();
+        let decided = feed(&mut t, &p, &cool, (t0, one_s), &us);
+        assert!(decided[..10].iter().all(Option::is_none), "not before a whole cooldown: {decided:?}");
+        assert_eq!(decided[10], Some(Action::Return("s1".into())));
+        let mut t = Tracker::default();
+        let held = feed(&mut t, &p, &cool, (t0, one_s), &[0.5; 12]);
+        assert!(held.iter().all(Option::is_none), "between the thresholds: hold");
         let alone = Sample { utilisation: 0.0, active: 1, waiting: vec![], serving: vec!["s1".into()] };
         let mut t = Tracker::default();
-        assert_eq!(t.decide(&p, &alone, at(0)), None);
-        assert_eq!(t.decide(&p, &alone, at(100)), None, "the last active instance stays");
+        assert!(feed(&mut t, &p, &alone, (t0, one_s), &[0.0; 20]).iter().all(Option::is_none), "the last stays");
     }
 
     #[test]
