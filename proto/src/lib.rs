@@ -40,6 +40,12 @@ pub mod metadata {
     /// On a refusal for a tenant's rate limit: the tenant is over its share,
     /// so the call is not degraded to an overflow service either.
     pub const TENANT_LIMITED: &str = "x-mesh-tenant-limited";
+    /// On a request, in milliseconds: the longest this call may wait in an
+    /// instance's queue. A client sidecar sets it on a call it could send
+    /// to an overflow service instead (`[[routing.overflow]] queue_wait`);
+    /// the instance's sidecar refuses the call (RESOURCE_EXHAUSTED) when
+    /// its queue would hold it longer.
+    pub const MAX_QUEUE_WAIT_MS: &str = "x-mesh-max-queue-wait-ms";
 }
 
 /// API keys: clients send `authorization: Bearer <key>`; sidecar configs

@@ -5,6 +5,8 @@
 //! `[[services]]` (the bulkheads of the node this sidecar fronts): a client
 //! sidecar fronts no node but is where the refusal is seen.
 
+use std::time::Duration;
+
 use serde::Deserialize;
 
 use super::{ConfigError, invalid};
@@ -32,10 +34,23 @@ pub struct OverflowRule {
     /// Tenants whose calls are refused rather than degraded.
     #[serde(default)]
     pub tenants_never: Vec<String>,
+    /// The longest a call that may be degraded waits in a primary
+    /// instance's queue before it goes to `to` instead (told to the
+    /// primary's sidecars as `x-mesh-max-queue-wait-ms`); calls that may
+    /// not be degraded wait as long as the primary's bulkhead allows.
+    #[serde(default = "default_queue_wait", with = "humantime_serde")]
+    pub queue_wait: Duration,
 }
 
 fn default_priorities() -> Vec<Degradable> {
     vec![Degradable::Low, Degradable::Normal]
+}
+
+/// 50 ms: a degraded answer that starts now beats a primary's that starts
+/// after a queue; about the unloaded TTFT of a small model, so an
+/// overflowed call's first token comes within ~2x of an unloaded one's.
+fn default_queue_wait() -> Duration {
+    Duration::from_millis(50)
 }
 
 /// Checks every rule, naming the key at fault.

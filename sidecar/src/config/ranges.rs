@@ -113,6 +113,8 @@ fn durations(cfg: &SidecarConfig) -> Vec<(String, Duration)> {
     let waits =
         cfg.services.iter().enumerate().map(|(i, s)| (format!("services[{i}].max_queue_wait"), s.max_queue_wait));
     all.extend(waits);
+    let overflow = cfg.routing.overflow.iter().enumerate();
+    all.extend(overflow.map(|(i, o)| (format!("routing.overflow[{i}].queue_wait"), o.queue_wait)));
     all.extend(cfg.node.as_ref().map(|n| ("node.load_report_interval".to_string(), n.load_report_interval)));
     all
 }

@@ -34,7 +34,7 @@ impl Admission {
             outcome = tracing::field::Empty,
         );
         self.export_queue();
-        let acquired = self.bulkhead.acquire(priority(call.req.priority), call.deadline).await;
+        let acquired = self.bulkhead.acquire(priority(call.req.priority), call.deadline, call.queue_wait()).await;
         self.export_queue();
         span.record("queue_wait_ms", call.received.elapsed().as_secs_f64() * 1e3);
         match acquired {
@@ -89,6 +89,13 @@ fn refusal_status(service: &str, r: Refusal) -> Status {
         ),
         Refusal::Shed { retry_after } => exhausted(
             format!("service {service:?} shed this request for higher-priority work; retry after {retry_after:?}"),
+            retry_after,
+        ),
+        Refusal::OverBound { expected_wait, bound, retry_after } => exhausted(
+            format!(
+                "service {service:?} would queue this request about {expected_wait:?}, over its bound of {bound:?} ({}); retry after {retry_after:?}",
+                md::MAX_QUEUE_WAIT_MS
+            ),
             retry_after,
         ),
         Refusal::Deadline { expected_wait } => Status::deadline_exceeded(format!(

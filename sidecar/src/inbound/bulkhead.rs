@@ -20,6 +20,9 @@ pub enum Refusal {
     Deadline { expected_wait: Duration },
     /// Pushed out of the queue by a higher-priority request.
     Shed { retry_after: Duration },
+    /// The queue ahead would hold the call longer than the caller's own
+    /// bound on waiting (a call that may go to an overflow service instead).
+    OverBound { expected_wait: Duration, bound: Duration, retry_after: Duration },
 }
 
 struct Waiter {
@@ -87,7 +90,14 @@ impl Bulkhead {
         self.expected_wait(s, s.queue.len()).clamp(Duration::from_millis(50), Duration::from_secs(30))
     }
 
-    pub async fn acquire(self: &Arc<Self>, priority: usize, deadline: Option<Instant>) -> Result<Permit, Refusal> {
+    /// A slot, at once or after waiting in the queue: no longer than
+    /// `max_queue_wait`, the `deadline`, or the caller's own `bound`.
+    pub async fn acquire(
+        self: &Arc<Self>,
+        priority: usize,
+        deadline: Option<Instant>,
+        bound: Option<Duration>,
+    ) -> Result<Permit, Refusal> {
         let now = Instant::now();
         let (seq, granted) = {
             let mut s = self.lock();
@@ -99,6 +109,9 @@ impl Bulkhead {
             let expected_wait = self.expected_wait(&s, ahead);
             if deadline.is_some_and(|d| now + expected_wait > d) {
                 return Err(Refusal::Deadline { expected_wait });
+            }
+            if let Some(bound) = bound.filter(|b| expected_wait > *b) {
+                return Err(Refusal::OverBound { expected_wait, bound, retry_after: self.retry_after(&s) });
             }
             if s.queue.len() >= self.limits.max_queue {
                 // Shed the newest of the lowest priority, if it is below ours.
@@ -117,7 +130,7 @@ impl Bulkhead {
             s.queue.insert(at, Waiter { priority, seq, grant });
             (seq, granted)
         };
-        let mut wait = self.limits.max_queue_wait;
+        let mut wait = self.limits.max_queue_wait.min(bound.unwrap_or(Duration::MAX));
         if let Some(d) = deadline {
             wait = wait.min(d.saturating_duration_since(now));
         }
@@ -174,19 +187,19 @@ mod tests {
     #[tokio::test]
     async fn full_queue_refuses_at_once_and_a_released_slot_goes_to_the_highest_priority() {
         let b = bulkhead(1, 2);
-        let first = b.acquire(1, None).await.unwrap();
+        let first = b.acquire(1, None, None).await.unwrap();
         let low = tokio::spawn({
             let b = b.clone();
-            async move { b.acquire(0, None).await.map(drop) }
+            async move { b.acquire(0, None, None).await.map(drop) }
         });
         let high = tokio::spawn({
             let b = b.clone();
-            async move { b.acquire(2, None).await.map(|p| (Instant::now(), p)) }
+            async move { b.acquire(2, None, None).await.map(|p| (Instant::now(), p)) }
         });
         while b.queued() < 2 {
             tokio::task::yield_now().await;
         }
-        assert!(matches!(b.acquire(0, None).await, Err(Refusal::QueueFull { queued: 2, .. })));
+        assert!(matches!(b.acquire(0, None, None).await, Err(Refusal::QueueFull { queued: 2, .. })));
         drop(first);
         let (_, high_permit) = high.await.unwrap().unwrap();
         assert!(!low.is_finished(), "low waits while high holds the slot");
@@ -197,17 +210,17 @@ mod tests {
     #[tokio::test]
     async fn higher_priority_sheds_the_lowest_waiter_when_full() {
         let b = bulkhead(1, 1);
-        let _running = b.acquire(1, None).await.unwrap();
+        let _running = b.acquire(1, None, None).await.unwrap();
         let low = tokio::spawn({
             let b = b.clone();
-            async move { b.acquire(0, None).await.map(drop) }
+            async move { b.acquire(0, None, None).await.map(drop) }
         });
         while b.queued() < 1 {
             tokio::task::yield_now().await;
         }
         let high = tokio::spawn({
             let b = b.clone();
-            async move { b.acquire(2, None).await.map(drop) }
+            async move { b.acquire(2, None, None).await.map(drop) }
         });
         assert!(matches!(low.await.unwrap(), Err(Refusal::Shed { .. })));
         assert!(!high.is_finished());
@@ -216,12 +229,27 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn waits_end_at_the_deadline_or_are_refused_when_it_cannot_be_met() {
         let b = bulkhead(1, 4);
-        let _running = b.acquire(1, None).await.unwrap();
+        let _running = b.acquire(1, None, None).await.unwrap();
         // The average hold is 1 s: a 100 ms deadline cannot be met.
         let soon = Instant::now() + Duration::from_millis(100);
-        assert!(matches!(b.acquire(1, Some(soon)).await, Err(Refusal::Deadline { .. })));
+        assert!(matches!(b.acquire(1, Some(soon), None).await, Err(Refusal::Deadline { .. })));
         // Without a deadline the wait ends at max_queue_wait.
-        assert!(matches!(b.acquire(1, None).await, Err(Refusal::Waited { .. })));
+        assert!(matches!(b.acquire(1, None, None).await, Err(Refusal::Waited { .. })));
         assert_eq!(b.queued(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_callers_bound_refuses_at_once_what_would_queue_longer_and_caps_the_wait() {
+        let b = bulkhead(1, 4);
+        let _running = b.acquire(1, None, None).await.unwrap();
+        // The average hold is 1 s: a 50 ms bound cannot be met.
+        let refused = b.acquire(1, None, Some(Duration::from_millis(50))).await;
+        assert!(matches!(refused, Err(Refusal::OverBound { .. })), "{:?}", refused.err());
+        assert_eq!(b.queued(), 0);
+        // A bound the expected wait fits ends the wait there, not at max_queue_wait.
+        let started = tokio::time::Instant::now();
+        let waited = b.acquire(1, None, Some(Duration::from_secs(2))).await;
+        assert!(matches!(waited, Err(Refusal::Waited { .. })), "{:?}", waited.err());
+        assert_eq!(started.elapsed().as_secs(), 2);
     }
 }

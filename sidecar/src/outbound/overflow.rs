@@ -18,7 +18,7 @@
 //! node names its model on the last message.
 
 use std::collections::{HashMap, HashSet};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mesh_proto::metadata as md;
 use mesh_proto::v1::Priority;
@@ -39,6 +39,7 @@ pub struct Overflow {
 
 struct Rule {
     to: String,
+    queue_wait: Duration,
     priorities: Vec<Degradable>,
     tenants_never: HashSet<String>,
 }
@@ -47,16 +48,18 @@ impl Overflow {
     pub fn new(rules: &[OverflowRule], keys: ApiKeys, metrics: SidecarMetrics) -> Self {
         let rule = |r: &OverflowRule| Rule {
             to: r.to.clone(),
+            queue_wait: r.queue_wait,
             priorities: r.priorities.clone(),
             tenants_never: r.tenants_never.iter().cloned().collect(),
         };
         Self { rules: rules.iter().map(|r| (r.service.clone(), rule(r))).collect(), keys, metrics }
     }
 
-    /// The copy of `call` for its overflow service, if it may be degraded.
-    /// Made before the primary sees the call, which takes it: a clone of
-    /// the request, paid only by calls that could overflow.
-    fn spare(&self, call: &Call) -> Option<Call> {
+    /// The copy of `call` for its overflow service, if it may be degraded,
+    /// and how long the call may queue at the primary. Made before the
+    /// primary sees the call, which takes it: a clone of the request, paid
+    /// only by calls that could overflow.
+    fn spare(&self, call: &Call) -> Option<(Call, Duration)> {
         let rule = self.rules.get(&call.req.model)?;
         let priority = match Priority::try_from(call.req.priority).unwrap_or(Priority::Unspecified) {
             Priority::Low => Degradable::Low,
@@ -67,13 +70,18 @@ impl Overflow {
             return None;
         }
         let spare = call.redirected(&rule.to);
-        self.keys.check(&spare.metadata, &spare.req).is_ok().then_some(spare)
+        self.keys.check(&spare.metadata, &spare.req).is_ok().then_some((spare, rule.queue_wait))
     }
 }
 
 impl Step for Overflow {
-    async fn call(&self, call: Call, next: Next) -> Result<Reply, Status> {
-        let spare = self.spare(&call);
+    async fn call(&self, mut call: Call, next: Next) -> Result<Reply, Status> {
+        let spare = self.spare(&call).map(|(spare, wait)| {
+            // Rather than queue long at the primary, go where it starts now.
+            let wait = call.queue_wait().map_or(wait, |asked| asked.min(wait));
+            call.metadata.insert(md::MAX_QUEUE_WAIT_MS, MetadataValue::from(wait.as_millis() as u64));
+            spare
+        });
         let primary = call.req.model.clone();
         let refused = match pass(next.clone(), call).await {
             Ok(reply) => return Ok(served_by(reply, &primary)),

@@ -152,6 +152,13 @@ impl Call {
         Self(Box::new(CallParts { req, metadata, received, deadline, span: tracing::Span::none() }))
     }
 
+    /// The longest the caller lets this call wait in an instance's queue
+    /// ([`md::MAX_QUEUE_WAIT_MS`]), if it said.
+    pub fn queue_wait(&self) -> Option<Duration> {
+        let ms = self.metadata.get(mesh_proto::metadata::MAX_QUEUE_WAIT_MS)?.to_str().ok()?.parse().ok()?;
+        Some(Duration::from_millis(ms))
+    }
+
     /// A copy of the call for `service` instead: the same request,
     /// metadata, deadline and span (an overflow keeps the caller's deadline).
     pub fn redirected(&self, service: &str) -> Self {

@@ -36,6 +36,7 @@ fn rule() -> OverflowRule {
         to: "chat-small".into(),
         priorities: vec![Degradable::Low, Degradable::Normal],
         tenants_never: vec!["vip".into()],
+        queue_wait: Duration::from_millis(50),
     }
 }
 
@@ -183,4 +184,34 @@ async fn a_key_that_may_not_use_the_overflow_service_is_not_degraded_to_it() {
     assert!(step.call(as_tenant("chat-only"), next.clone()).await.is_err());
     assert!(step.call(as_tenant("both"), next).await.is_ok());
     assert_eq!(models(&seen), ["chat", "chat", "chat-small"]);
+}
+
+/// A model asked for, and the bound on queueing its call carried.
+type Waited = (String, Option<Duration>);
+
+#[tokio::test]
+async fn only_calls_that_may_be_degraded_have_their_queueing_at_the_primary_bounded() {
+    let seen: Arc<Mutex<Vec<Waited>>> = Arc::default();
+    let log = seen.clone();
+    let next = last(move |c: Call| {
+        log.lock().unwrap().push((c.req.model.clone(), c.queue_wait()));
+        let full = c.req.model == "chat";
+        async move { if full { Err(super::tests::full()) } else { Ok(reply(1)) } }
+    });
+    let step = overflow(&SidecarMetrics::new());
+    let ms = |n| Some(Duration::from_millis(n));
+    step.call(with_priority(Priority::Normal), next.clone()).await.unwrap();
+    let mut hurried = with_priority(Priority::Low);
+    hurried.metadata.insert(md::MAX_QUEUE_WAIT_MS, MetadataValue::from(20u64));
+    step.call(hurried, next.clone()).await.unwrap();
+    assert!(step.call(with_priority(Priority::High), next).await.is_err());
+    let seen = seen.lock().unwrap().clone();
+    let expected = [
+        ("chat", ms(50)),
+        ("chat-small", None), // the overflow service queues it as it queues anything
+        ("chat", ms(20)),     // the caller's own, shorter bound stands
+        ("chat-small", ms(20)),
+        ("chat", None), // HIGH is never degraded: it waits as long as the primary allows
+    ];
+    assert_eq!(seen, expected.map(|(m, w)| (m.to_string(), w)));
 }

@@ -3,10 +3,11 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mesh_proto::metadata as md;
 use mesh_proto::v1::GenerateRequest;
+use tonic::metadata::MetadataValue;
 use tonic::{Code, Request, Status, Streaming};
 
 use super::{Route, no_instance};
@@ -75,6 +76,15 @@ fn retryable(status: &Status) -> bool {
         )
 }
 
+/// What bounds a call's attempts: the caller's deadline, and the longest
+/// it may wait in an instance's queue (a call that may overflow elsewhere;
+/// never a stream continued after its instance failed).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Bounds {
+    pub deadline: Option<Instant>,
+    pub queue_wait: Option<Duration>,
+}
+
 impl Route {
     /// Opens a stream on some instance not in `exclude` and waits for its
     /// first message. `continuation` resumes a stream moved off a failed
@@ -83,7 +93,7 @@ impl Route {
         &self,
         req: &GenerateRequest,
         continuation: &[u32],
-        deadline: Option<Instant>,
+        bounds: Bounds,
         exclude: &mut HashSet<String>,
         route: &tracing::Span,
     ) -> Result<(Attempt, Relayed), Status> {
@@ -104,7 +114,7 @@ impl Route {
                 attempt = exclude.len(),
                 continued_tokens = continuation.len(),
             );
-            let status = match self.try_instance(ep, req, continuation, deadline, span).await {
+            let status = match self.try_instance(ep, req, continuation, bounds, span).await {
                 Ok(opened) => return Ok(opened),
                 Err(Failed::Final(status)) => return Err(status),
                 Err(Failed::Retryable(status)) => status,
@@ -118,13 +128,14 @@ impl Route {
         }
     }
 
-    /// One attempt on `ep`, bounded by the attempt timeout and the deadline.
+    /// One attempt on `ep`, bounded by the attempt timeout and the deadline;
+    /// the bound on its queueing there travels with it.
     async fn try_instance(
         &self,
         ep: Arc<Instance>,
         req: &GenerateRequest,
         continuation: &[u32],
-        deadline: Option<Instant>,
+        Bounds { deadline, queue_wait }: Bounds,
         span: tracing::Span,
     ) -> Result<(Attempt, Relayed), Failed> {
         let in_flight = ep.start();
@@ -133,6 +144,9 @@ impl Route {
             Request::new(GenerateRequest { continuation_token_ids: continuation.to_vec(), ..req.clone() });
         telemetry::propagation::inject(&span, request.metadata_mut());
         crate::outbound::authenticate::attach_claim(&req.tenant, request.metadata_mut());
+        if let Some(wait) = queue_wait {
+            request.metadata_mut().insert(md::MAX_QUEUE_WAIT_MS, MetadataValue::from(wait.as_millis() as u64));
+        }
         let mut limit = self.routing.attempt_timeout;
         if let Some(d) = deadline {
             let left = d.saturating_duration_since(started);

@@ -19,6 +19,7 @@ use super::balancer::Balancer;
 use crate::config::Routing;
 use crate::metrics::SidecarMetrics;
 use crate::stack::{Call, Next, Reply, last, retry_later};
+use attempt::Bounds;
 
 /// How long a deposit counts toward a service's retry budget.
 const BUDGET_WINDOW: Duration = Duration::from_secs(10);
@@ -44,7 +45,8 @@ impl Route {
 
     async fn serve(self: Arc<Self>, call: Call) -> Result<Reply, Status> {
         self.budgets.get(&call.req.model).deposit();
-        let opened = self.open(&call.req, &[], call.deadline, &mut HashSet::new(), &call.span).await?;
+        let bounds = Bounds { deadline: call.deadline, queue_wait: call.queue_wait() };
+        let opened = self.open(&call.req, &[], bounds, &mut HashSet::new(), &call.span).await?;
         Ok(Reply { metadata: MetadataMap::new(), stream: relay::stream(self, call, opened) })
     }
 

@@ -23,7 +23,7 @@ use tokio::time::Sleep;
 use tonic::Status;
 
 use super::Route;
-use super::attempt::{Attempt, classify, of_our_making};
+use super::attempt::{Attempt, Bounds, classify, of_our_making};
 use crate::outbound::instance::Outcome;
 use crate::stack::{Call, TokenStream};
 use crate::wire::Relayed;
@@ -169,7 +169,8 @@ impl Relay {
         let (req, sent, deadline, span) = (self.req.clone(), self.sent.clone(), self.deadline, self.span.clone());
         Ok(Box::pin(async move {
             let mut exclude = HashSet::from([from.clone()]);
-            let (next, first) = route.open(&req, &sent, deadline, &mut exclude, &span).await.map_err(|e| {
+            let bounds = Bounds { deadline, queue_wait: None };
+            let (next, first) = route.open(&req, &sent, bounds, &mut exclude, &span).await.map_err(|e| {
                 Status::unavailable(format!(
                     "stream interrupted after {} tokens ({}) and could not continue elsewhere: {}",
                     sent.len(),
