@@ -67,14 +67,13 @@ pub struct Args {
     pub overflow_tokens_per_sec: f64,
     #[arg(long, default_value_t = 16)]
     pub overflow_max_running: u32,
-    /// Node sidecars' bulkhead queue: room for a HIGH call to wait ahead of
-    /// (and shed) a NORMAL one, which then overflows.
-    #[arg(long, default_value_t = 1)]
+    /// Node sidecars' bulkhead queue: room for HIGH calls to wait for the
+    /// primary (a call that may be degraded queues at most the overflow
+    /// rule's `queue_wait`, 50 ms, then overflows).
+    #[arg(long, default_value_t = 8)]
     pub max_queue: u32,
-    /// How long a queued call waits for a slot before it is refused (and
-    /// overflows): what a shed NORMAL call adds to its overflowed TTFT, and
-    /// how long a HIGH call may wait for the primary. Shorter trades HIGH
-    /// refusals for overflowed TTFT (README).
+    /// How long a queued call that may not be degraded (HIGH) waits for a
+    /// slot before it is refused.
     #[arg(long, default_value = "500ms", value_parser = parse_duration)]
     pub max_queue_wait: Duration,
     /// Share of requests sent with PRIORITY_HIGH.
