@@ -89,7 +89,7 @@ fn routing(instances: usize) {
         let req = request(format!("{shared}{}", text(OWN * BLOCK_BYTES, 1_000_000 + i as u64)));
         let started = Instant::now();
         let blocks = balancer.prefix_blocks(&req);
-        let chosen = balancer.pick("chat", &HashSet::new(), &blocks).expect("an instance");
+        let chosen = balancer.pick("chat", &HashSet::new(), &blocks).expect("an instance").instance;
         let took = started.elapsed();
         if i >= warm_up {
             times.push(took);

@@ -62,11 +62,13 @@ pub struct Args {
     #[arg(long, default_value_t = 4)]
     pub concurrency: usize,
     /// Requests of a shared-prefix run: the same count everywhere, so hit
-    /// rates (whose cold misses are per run) compare.
-    #[arg(long, default_value_t = 48)]
+    /// rates (whose cold misses are per run) compare; 96, so that the
+    /// eight prompts' first misses weigh less than the steady state.
+    #[arg(long, default_value_t = 96)]
     pub requests: u64,
-    /// The longest any run sends for.
-    #[arg(long, default_value = "150s", value_parser = parse_duration)]
+    /// The longest any run sends for (96 requests with the cache off take
+    /// about 200 s on two cores).
+    #[arg(long, default_value = "300s", value_parser = parse_duration)]
     pub duration: Duration,
     /// Requests of the single-node TTFT measurement, one at a time, each side.
     #[arg(long, default_value_t = 8)]

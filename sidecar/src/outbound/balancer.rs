@@ -216,7 +216,7 @@ impl Balancer {
     /// Picks an instance of `service` not in `exclude` for a request with
     /// these prefix blocks, taking it (a probation trial counts). `None`
     /// when none is available.
-    pub fn pick(&self, service: &str, exclude: &HashSet<String>, blocks: &[u64]) -> Option<Arc<Instance>> {
+    pub fn pick(&self, service: &str, exclude: &HashSet<String>, blocks: &[u64]) -> Option<Pick> {
         let services = self.snapshot();
         let now = Instant::now();
         let candidates: Vec<&Arc<Instance>> = services
@@ -233,11 +233,20 @@ impl Balancer {
         };
         let matches = self.prefix.as_ref().map(|p| p.rank(service, &mut order, blocks));
         let chosen = order.into_iter().find(|e| e.try_admit(now))?;
+        let mut cold = false;
         if let (Some(prefix), Some(matches)) = (&self.prefix, matches) {
-            prefix.routed(service, blocks, &matches, chosen);
+            cold = prefix.routed(service, blocks, &matches, chosen);
         }
         tracing::debug!(instance = %chosen.record.instance_id, load = chosen.load(), "picked");
-        Some(chosen.clone())
+        Some(Pick { instance: chosen.clone(), cold })
+    }
+
+    /// A first token's time, for cache-aware routing's price of a prefill.
+    pub fn observe_ttft(&self, service: &str, pick: &Pick, ttft: Duration) {
+        pick.instance.observe_ttft(ttft);
+        if let (Some(prefix), true) = (&self.prefix, pick.cold) {
+            prefix.observe_cold(service, ttft);
+        }
     }
 
     /// Records an attempt's outcome and ejects the instance if it asks for
@@ -288,6 +297,14 @@ impl Balancer {
     }
 }
 
+/// The instance a call goes to, and whether it holds none of the call's
+/// prefix blocks (as far as the index knows): its first token then
+/// measures a whole prefill.
+pub struct Pick {
+    pub instance: Arc<Instance>,
+    pub cold: bool,
+}
+
 /// Two candidates drawn at random, the less loaded first, then the rest,
 /// in case both lose a race for a probation trial.
 fn power_of_two(candidates: Vec<&Arc<Instance>>) -> Vec<&Arc<Instance>> {
@@ -325,10 +342,10 @@ pub(crate) mod tests {
     async fn least_loaded_avoids_the_busy_instance() {
         let b = balancer(Policy::LeastLoaded, Outlier::default());
         b.update(&view(2));
-        let busy = b.pick("chat", &HashSet::new(), &[]).unwrap();
+        let busy = b.pick("chat", &HashSet::new(), &[]).unwrap().instance;
         let _streams: Vec<_> = (0..10).map(|_| busy.start()).collect();
         for _ in 0..20 {
-            let e = b.pick("chat", &HashSet::new(), &[]).unwrap();
+            let e = b.pick("chat", &HashSet::new(), &[]).unwrap().instance;
             assert_ne!(e.record.instance_id, busy.record.instance_id);
         }
     }
@@ -447,7 +464,7 @@ pub(crate) mod tests {
     async fn updates_keep_state_of_unchanged_instances() {
         let b = balancer(Policy::RoundRobin, Outlier::default());
         b.update(&view(2));
-        let e = b.pick("chat", &HashSet::new(), &[]).unwrap();
+        let e = b.pick("chat", &HashSet::new(), &[]).unwrap().instance;
         e.observe_ttft(Duration::from_secs(3));
         b.update(&view(3));
         let same = b.all().into_iter().find(|x| x.record == e.record).unwrap();

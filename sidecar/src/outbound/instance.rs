@@ -23,6 +23,15 @@ use crate::wire::generation_client::GenerationClient;
 /// balancer would flood a brand-new instance.
 const UNMEASURED_TTFT: Duration = Duration::from_millis(100);
 
+/// How fast an idle instance's TTFT estimate fades: after this long
+/// without a stream or a new measurement, halved for every this long more.
+/// Without it an instance whose
+/// last first tokens were slow (a cold prefill, a hiccup) scores as loaded
+/// forever, so it is never picked, so never measured again: starved while
+/// idle (4 of 48 requests against 25 in `scenario prefix`). tower's
+/// `PeakEwma` decays its estimate the same way.
+const TTFT_HALF_LIFE: Duration = Duration::from_secs(5);
+
 /// Connections to one instance its streams are spread over. With one, a
 /// connection the peer closes (a GOAWAY, a reset, a lost keep-alive) ends
 /// every stream to that instance at once; with four, a quarter, which
@@ -52,6 +61,8 @@ struct State {
     ejections: u32,
     last_ejected: Option<Instant>,
     ewma_ttft: Duration,
+    /// When the last stream here ended or the last TTFT was measured.
+    last_active: Instant,
     reported_queued: u32,
     window_start: Instant,
     window_ok: u32,
@@ -106,6 +117,7 @@ impl Instance {
                 ejections: 0,
                 last_ejected: None,
                 ewma_ttft: ttft_guess.unwrap_or(UNMEASURED_TTFT),
+                last_active: now,
                 reported_queued: 0,
                 window_start: now,
                 window_ok: 0,
@@ -138,9 +150,21 @@ impl Instance {
     /// Lower is better: expected wait for a first token here, from streams
     /// in flight, the queue the instance reported and its recent TTFT.
     pub fn load(&self) -> f64 {
+        let queued = self.lock().reported_queued;
+        let pending = f64::from(self.in_flight() + queued + 1);
+        pending * self.ttft_estimate().as_secs_f64() / f64::from(self.record.weight.max(1))
+    }
+
+    /// The TTFT to expect here: the moving average, which stands while
+    /// streams are open here and for one [`TTFT_HALF_LIFE`] after, then
+    /// fades by half per half-life of idleness (no stream, no measurement).
+    pub fn ttft_estimate(&self) -> Duration {
         let s = self.lock();
-        let pending = f64::from(self.in_flight() + s.reported_queued + 1);
-        pending * s.ewma_ttft.as_secs_f64() / f64::from(self.record.weight.max(1))
+        let idle = s.last_active.elapsed().saturating_sub(TTFT_HALF_LIFE);
+        if self.in_flight() > 0 || idle.is_zero() {
+            return s.ewma_ttft;
+        }
+        s.ewma_ttft.mul_f64(0.5f64.powf(idle.as_secs_f64() / TTFT_HALF_LIFE.as_secs_f64()))
     }
 
     /// Streams in flight here and the queue the instance reported.
@@ -208,6 +232,7 @@ impl Instance {
     pub fn observe_ttft(&self, ttft: Duration) {
         let mut s = self.lock();
         s.ewma_ttft = s.ewma_ttft.mul_f64(0.7) + ttft.mul_f64(0.3);
+        s.last_active = Instant::now();
     }
 
     pub fn observe_queue(&self, queued: u32) {
@@ -301,7 +326,9 @@ pub struct InFlight(std::sync::Arc<Instance>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if self.0.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.0.lock().last_active = Instant::now(); // idle from now
+        }
     }
 }
 
@@ -363,5 +390,20 @@ mod tests {
         let _a = ep.start();
         ep.observe_queue(2);
         assert!((ep.load() - 4.0 * idle).abs() < 1e-9);
+    }
+
+    #[tokio::test]
+    async fn an_idle_instances_ttft_estimate_fades_after_a_half_life_and_a_busy_ones_does_not() {
+        let ep = std::sync::Arc::new(instance());
+        ep.observe_ttft(Duration::from_secs(10)); // 0.7 x 100 ms + 0.3 x 10 s
+        let ewma = ep.ewma_ttft();
+        assert_eq!(ep.ttft_estimate(), ewma, "just measured: it stands");
+        ep.lock().last_active = Instant::now() - 3 * TTFT_HALF_LIFE;
+        let faded = ep.ttft_estimate().as_secs_f64() / ewma.as_secs_f64();
+        assert!((faded - 0.25).abs() < 1e-3, "idle three half-lives: faded for two: {faded}");
+        let busy = ep.start();
+        assert_eq!(ep.ttft_estimate(), ewma, "a stream open here: the estimate stands");
+        drop(busy);
+        assert_eq!(ep.ttft_estimate(), ewma, "idle from the stream's end");
     }
 }

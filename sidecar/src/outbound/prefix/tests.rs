@@ -24,7 +24,7 @@ fn prompt(first: u64, n: u64) -> Vec<u64> {
 }
 
 fn pick(b: &Balancer, blocks: &[u64]) -> Arc<Instance> {
-    b.pick("chat", &HashSet::new(), blocks).expect("an instance")
+    b.pick("chat", &HashSet::new(), blocks).expect("an instance").instance
 }
 
 fn routed(metrics: &SidecarMetrics, outcome: &'static str) -> u64 {

@@ -11,6 +11,7 @@ use tonic::metadata::MetadataValue;
 use tonic::{Code, Request, Status, Streaming};
 
 use super::{Route, no_instance};
+use crate::outbound::balancer::Pick;
 use crate::outbound::instance::{InFlight, Instance, Outcome};
 use crate::wire::Relayed;
 
@@ -101,9 +102,10 @@ impl Route {
         let mut last: Option<Status> = None;
         let blocks = self.balancer.prefix_blocks(req);
         loop {
-            let Some(ep) = self.balancer.pick(service, exclude, &blocks) else {
+            let Some(pick) = self.balancer.pick(service, exclude, &blocks) else {
                 return Err(last.unwrap_or_else(|| no_instance(service, self.balancer.instance_count(service))));
             };
+            let ep = &pick.instance;
             exclude.insert(ep.record.instance_id.clone());
             let span = tracing::info_span!(
                 parent: route,
@@ -114,7 +116,7 @@ impl Route {
                 attempt = exclude.len(),
                 continued_tokens = continuation.len(),
             );
-            let status = match self.try_instance(ep, req, continuation, bounds, span).await {
+            let status = match self.try_instance(pick, req, continuation, bounds, span).await {
                 Ok(opened) => return Ok(opened),
                 Err(Failed::Final(status)) => return Err(status),
                 Err(Failed::Retryable(status)) => status,
@@ -132,12 +134,13 @@ impl Route {
     /// the bound on its queueing there travels with it.
     async fn try_instance(
         &self,
-        ep: Arc<Instance>,
+        pick: Pick,
         req: &GenerateRequest,
         continuation: &[u32],
         Bounds { deadline, queue_wait }: Bounds,
         span: tracing::Span,
     ) -> Result<(Attempt, Relayed), Failed> {
+        let ep = pick.instance.clone();
         let in_flight = ep.start();
         let started = Instant::now();
         let mut request =
@@ -160,7 +163,7 @@ impl Route {
         }
         let status = match tokio::time::timeout(limit, first_message(&ep, request)).await {
             Ok(Ok((stream, first))) => {
-                ep.observe_ttft(started.elapsed());
+                self.balancer.observe_ttft(&req.model, &pick, started.elapsed());
                 return Ok((Attempt { ep, stream, _in_flight: in_flight, span }, first));
             }
             Ok(Err(status)) => {
