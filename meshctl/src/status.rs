@@ -19,7 +19,7 @@ pub async fn from_etcd(config: &EtcdConfig, json: bool) -> anyhow::Result<()> {
     let all = client.get(config.prefix.as_str(), Some(registry::etcd::GetOptions::new().with_prefix())).await?;
     let keys: Keys =
         all.kvs().iter().map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.value().to_vec())).collect();
-    let services = format!("{}services/", config.prefix);
+    let services = registry::services_prefix(&config.prefix);
     let records: Vec<InstanceRecord> =
         keys.iter().filter(|(k, _)| k.starts_with(&services)).filter_map(|(_, v)| InstanceRecord::decode(v)).collect();
     if json {

@@ -31,7 +31,7 @@ use std::sync::Arc;
 
 pub use etcd::{Credentials, EtcdConfig, EtcdRegistry, Stats, TlsFiles};
 pub use memory::MemoryRegistry;
-pub use record::{InstanceRecord, SCHEMA_VERSION};
+pub use record::{InstanceRecord, SCHEMA_VERSION, services_prefix};
 pub use signals::{LoadReport, Mode};
 pub use view::{Change, View};
 

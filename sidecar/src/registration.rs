@@ -32,7 +32,7 @@ pub async fn node_model(node: Channel) -> ModelInfo {
 
 pub fn record(node: &NodeSection, model: &ModelInfo, service: &str, advertise: &str) -> InstanceRecord {
     let mut rec = InstanceRecord::new(service, advertise, advertise);
-    rec.host = if node.host.is_empty() { hostname() } else { node.host.clone() };
+    rec.host = if node.host.is_empty() { telemetry::hostname() } else { node.host.clone() };
     rec.zone = node.zone.clone();
     rec.weight = node.weight;
     rec.version = node.version.clone();
@@ -72,11 +72,6 @@ async fn route_to(endpoint: &str) -> Option<IpAddr> {
     let socket = std::net::UdpSocket::bind(local).ok()?;
     socket.connect(target).ok()?;
     Some(socket.local_addr().ok()?.ip())
-}
-
-/// This machine's name, for records whose `node.host` is not set.
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
 }
 
 #[cfg(test)]

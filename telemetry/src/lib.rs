@@ -52,11 +52,15 @@ impl Drop for TelemetryGuard {
     }
 }
 
+/// This machine's name (empty when the kernel does not say).
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
+}
+
 /// This process among others of the same service (two sidecars of one
 /// trace, say): `host:pid`.
-fn instance_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    format!("{}:{}", host.trim(), std::process::id())
+pub fn instance_id() -> String {
+    format!("{}:{}", hostname(), std::process::id())
 }
 
 /// Installs logging (stderr, `RUST_LOG`, default `info`) and, with an OTLP

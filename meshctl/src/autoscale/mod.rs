@@ -40,7 +40,7 @@ const FORGET_AFTER: Duration = Duration::from_secs(300);
 pub async fn run(args: AutoscaleArgs) -> anyhow::Result<()> {
     let policy = args::policy(&args)?;
     let config = args.etcd.config();
-    let id = args.id.clone().unwrap_or_else(|| format!("{}:{}", hostname(), std::process::id()));
+    let id = args.id.clone().unwrap_or_else(telemetry::instance_id);
     let metrics = Metrics::default();
     let mut addresses = Vec::new();
     if let Some(addr) = args.metrics_listen {
@@ -219,7 +219,7 @@ type Loads = HashMap<(String, String), LoadReport>;
 
 /// The records and load reports in the followed keys.
 fn read(prefix: &str, view: &Followed) -> (Vec<InstanceRecord>, Loads) {
-    let services = format!("{prefix}services/");
+    let services = registry::services_prefix(prefix);
     let loads = load_prefix(prefix);
     let mut records = Vec::new();
     let mut reports = HashMap::new();
@@ -231,8 +231,4 @@ fn read(prefix: &str, view: &Followed) -> (Vec<InstanceRecord>, Loads) {
         }
     }
     (records, reports)
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
 }

@@ -2,9 +2,9 @@
 //! decision, the controller's view of loads): a read, then a watch from the
 //! next revision; after any break, after a backoff, a fresh read. Unlike
 //! the registry's watcher it does not resume from the last revision: its
-//! users are one controller and the spares' sidecars, each following a
-//! handful of keys, so a re-read costs etcd less than a watcher's
-//! bookkeeping would save. While etcd is away the last values stay,
+//! users are one controller (the mesh's prefix) and each node's sidecar
+//! (its one standby key), so a re-read after a break costs etcd one small
+//! read per follower. While etcd is away the last values stay,
 //! marked unreachable.
 
 use std::collections::BTreeMap;

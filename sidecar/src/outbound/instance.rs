@@ -25,11 +25,11 @@ const UNMEASURED_TTFT: Duration = Duration::from_millis(100);
 
 /// How fast an idle instance's TTFT estimate fades: after this long
 /// without a stream or a new measurement, halved for every this long more.
-/// Without it an instance whose
-/// last first tokens were slow (a cold prefill, a hiccup) scores as loaded
-/// forever, so it is never picked, so never measured again: starved while
-/// idle (4 of 48 requests against 25 in `scenario prefix`). tower's
-/// `PeakEwma` decays its estimate the same way.
+/// Without it an instance whose last first tokens were slow (a cold
+/// prefill, a hiccup) scores as loaded forever, so it is never picked, so
+/// never measured again: starved while idle (4 of 48 requests against 25
+/// in `scenario prefix`). tower's `PeakEwma` decays its estimate the same
+/// way.
 const TTFT_HALF_LIFE: Duration = Duration::from_secs(5);
 
 /// Connections to one instance its streams are spread over. With one, a
@@ -150,16 +150,20 @@ impl Instance {
     /// Lower is better: expected wait for a first token here, from streams
     /// in flight, the queue the instance reported and its recent TTFT.
     pub fn load(&self) -> f64 {
-        let queued = self.lock().reported_queued;
-        let pending = f64::from(self.in_flight() + queued + 1);
-        pending * self.ttft_estimate().as_secs_f64() / f64::from(self.record.weight.max(1))
+        let s = self.lock();
+        let pending = f64::from(self.in_flight() + s.reported_queued + 1);
+        pending * self.faded(&s).as_secs_f64() / f64::from(self.record.weight.max(1))
     }
 
     /// The TTFT to expect here: the moving average, which stands while
     /// streams are open here and for one [`TTFT_HALF_LIFE`] after, then
     /// fades by half per half-life of idleness (no stream, no measurement).
     pub fn ttft_estimate(&self) -> Duration {
-        let s = self.lock();
+        self.faded(&self.lock())
+    }
+
+    /// [`Instance::ttft_estimate`] from state already locked.
+    fn faded(&self, s: &State) -> Duration {
         let idle = s.last_active.elapsed().saturating_sub(TTFT_HALF_LIFE);
         if self.in_flight() > 0 || idle.is_zero() {
             return s.ewma_ttft;
