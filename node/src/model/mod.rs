@@ -15,7 +15,7 @@ mod step;
 use std::{fs::File, path::Path};
 
 use candle_core::quantized::gguf_file;
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use attention::{HostAttention, Rope};
 pub use config::LlamaConfig;
@@ -182,25 +182,18 @@ impl LlamaModel {
     /// The last layer's output for tokens `ids`.
     pub(crate) fn hidden(&self, ids: &Tensor, kv: &mut dyn StepKv) -> Result<Tensor, ModelError> {
         let mut x = self.embed.index_select(ids, 0)?;
-        let (k, fused) = (self.kernel, kv.fused());
+        let k = self.kernel;
         let mut h = match self.layers.first() {
             Some(first) => candle_nn::ops::rms_norm(&x, &first.attn_norm, self.cfg.rms_eps)?,
             None => x.clone(),
         };
         for (l, layer) in self.layers.iter().enumerate() {
             let attn = kv.attend(l, layer.qkv.forward(&h, k)?)?;
-            (x, h) = self.add_norm(fused, &x, &layer.wo.forward(&attn, k)?, &layer.ffn_norm)?;
-            let gate_up = layer.gate_up.forward(&h, k)?;
-            let act = match fused {
-                true => gate_up.apply_op1_no_bwd(&fused::SiluMul)?,
-                false => {
-                    let ffn = gate_up.dim(D::Minus1)? / 2;
-                    (gate_up.narrow(1, 0, ffn)?.silu()? * gate_up.narrow(1, ffn, ffn)?)?
-                }
-            };
+            (x, h) = self.add_norm(&x, &layer.wo.forward(&attn, k)?, &layer.ffn_norm)?;
+            let act = layer.gate_up.forward(&h, k)?.apply_op1_no_bwd(&fused::SiluMul)?;
             let down = layer.down.forward(&act, k)?;
             match self.layers.get(l + 1) {
-                Some(next) => (x, h) = self.add_norm(fused, &x, &down, &next.attn_norm)?,
+                Some(next) => (x, h) = self.add_norm(&x, &down, &next.attn_norm)?,
                 None => x = (x + down)?,
             }
         }
@@ -213,16 +206,9 @@ impl LlamaModel {
         Ok(self.lm_head.forward(&x, self.kernel)?.to_dtype(DType::F32)?)
     }
 
-    /// The residual `x + y` and its RMS norm scaled by `w`: one op when
-    /// `fused`, candle's two otherwise.
-    fn add_norm(&self, fused: bool, x: &Tensor, y: &Tensor, w: &Tensor) -> Result<(Tensor, Tensor), ModelError> {
-        let eps = self.cfg.rms_eps;
-        if fused {
-            let both = x.apply_op3_no_bwd(y, w, &fused::AddRmsNorm { eps })?;
-            return Ok((both.get(0)?, both.get(1)?));
-        }
-        let sum = (x + y)?;
-        let norm = candle_nn::ops::rms_norm(&sum, w, eps)?;
-        Ok((sum, norm))
+    /// The residual `x + y` and its RMS norm scaled by `w`, in one op.
+    fn add_norm(&self, x: &Tensor, y: &Tensor, w: &Tensor) -> Result<(Tensor, Tensor), ModelError> {
+        let both = x.apply_op3_no_bwd(y, w, &fused::AddRmsNorm { eps: self.cfg.rms_eps })?;
+        Ok((both.get(0)?, both.get(1)?))
     }
 }

@@ -46,13 +46,6 @@ pub trait StepKv {
     /// `qkv` is `[tokens, n_embd + 2 * kv_dim]` (q, then k, then v of each
     /// token, before RoPE); returns the attention output `[tokens, n_embd]`.
     fn attend(&mut self, layer: usize, qkv: Tensor) -> Result<Tensor, ModelError>;
-
-    /// Whether the step's layers run the fused ops of `model::fused` (a
-    /// device step, where every op is a kernel the host launches) rather
-    /// than candle's.
-    fn fused(&self) -> bool {
-        false
-    }
 }
 
 /// A chunk must continue its cache exactly and fit in the room left.

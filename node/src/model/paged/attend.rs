@@ -153,10 +153,6 @@ impl StepKv for PagedAttention<'_> {
             None => out,
         })
     }
-
-    fn fused(&self) -> bool {
-        true
-    }
 }
 
 /// The step's groups (decoding rows together, each prefill chunk alone)

@@ -82,47 +82,136 @@ impl QActs {
 
 /// Quantizes one activation row into its steps and block sums.
 ///
-/// Built for x86-64-v2 the loops run 4 lanes wide; on a CPU with AVX2 the
-/// same code runs compiled for it. Both perform the same operations per
-/// element (max is exact, no FMA contraction), so the bytes are identical.
+/// On a CPU with AVX2 each block is quantized eight lanes at a time with
+/// the same operations per element as the portable loop (max is exact;
+/// `vcvtps2dq` rounds half to even like `round_ties_even`; clamping before
+/// or after the conversion is the same on values this small), so the bytes
+/// are identical either way. The portable loop took 13% of a 32-stream
+/// decode step's matmul time (Zen 4), mostly in the scatter to lane order.
 fn quantize_row(src: &[f32], row: &mut [XStep], sums: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2.
-        return unsafe { quantize_row_avx2(src, row, sums) };
+        return unsafe { avx2::quantize_row(src, row, sums) };
     }
     quantize_row_portable(src, row, sums)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn quantize_row_avx2(src: &[f32], row: &mut [XStep], sums: &mut [f32]) {
-    quantize_row_portable(src, row, sums)
+/// One block of `src` starting at `start`, zero past its end.
+#[inline(always)]
+fn block_at(src: &[f32], start: usize) -> [f32; BLOCK] {
+    let mut block = [0f32; BLOCK];
+    if start < src.len() {
+        let end = (start + BLOCK).min(src.len());
+        block[..end - start].copy_from_slice(&src[start..end]);
+    }
+    block
 }
 
+/// Writes a block's scale and `scale * sum(q)` into its lanes and `sums`.
 #[inline(always)]
+fn block_scales(step: &mut XStep, sums: &mut [f32], s: usize, half: usize, d: f32, sum: i32) {
+    for lane in 0..16 {
+        if (lane / 4) % 2 == half {
+            step.d[lane] = d;
+            step.s8[lane] = d * sum as f32 / 8.0;
+        }
+    }
+    sums[2 * s + half] = d * sum as f32;
+}
+
 fn quantize_row_portable(src: &[f32], row: &mut [XStep], sums: &mut [f32]) {
-    let cols = src.len();
     for (s, step) in row.iter_mut().enumerate() {
         for half in 0..2 {
-            let start = s * STEP + half * BLOCK;
-            let mut block = [0f32; BLOCK];
-            if start < cols {
-                let end = (start + BLOCK).min(cols);
-                block[..end - start].copy_from_slice(&src[start..end]);
-            }
-            let (d, q) = quantize_block(&block);
+            let (d, q) = quantize_block(&block_at(src, s * STEP + half * BLOCK));
             let sum: i32 = q.iter().map(|&v| i32::from(v)).sum();
             for (j, &v) in q.iter().enumerate() {
                 step.qs[lane_pos(half * BLOCK + j)] = v;
             }
-            for lane in 0..16 {
-                if (lane / 4) % 2 == half {
-                    step.d[lane] = d;
-                    step.s8[lane] = d * sum as f32 / 8.0;
-                }
-            }
-            sums[2 * s + half] = d * sum as f32;
+            block_scales(step, sums, s, half, d, sum);
         }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{BLOCK, STEP, XStep, block_at, block_scales};
+
+    /// As `quantize_row_portable`.
+    #[target_feature(enable = "avx2")]
+    pub(super) fn quantize_row(src: &[f32], row: &mut [XStep], sums: &mut [f32]) {
+        for (s, step) in row.iter_mut().enumerate() {
+            for half in 0..2 {
+                let block = block_at(src, s * STEP + half * BLOCK);
+                let (d, q, sum) = quantize_block(&block);
+                // Lane order (see `XStep`): the block's first 16 bytes at
+                // 16 * half, its last 16 at 32 + 16 * half.
+                let out = step.qs.as_mut_ptr();
+                // SAFETY: both 16-byte stores lie within the 64 bytes of `qs`.
+                unsafe {
+                    _mm_storeu_si128(out.add(16 * half).cast(), _mm256_castsi256_si128(q));
+                    _mm_storeu_si128(out.add(32 + 16 * half).cast(), _mm256_extracti128_si256::<1>(q));
+                }
+                block_scales(step, sums, s, half, d, sum);
+            }
+        }
+    }
+
+    /// A block's scale, its 32 bytes in order and their sum.
+    #[target_feature(enable = "avx2")]
+    fn quantize_block(x: &[f32; BLOCK]) -> (f32, __m256i, i32) {
+        // SAFETY: four loads of eight within the block's 32 floats.
+        let v = [0, 8, 16, 24].map(|i| unsafe { _mm256_loadu_ps(x.as_ptr().add(i)) });
+        let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MAX));
+        let abs = v.map(|v| _mm256_and_ps(v, abs_mask));
+        let m = _mm256_max_ps(_mm256_max_ps(abs[0], abs[1]), _mm256_max_ps(abs[2], abs[3]));
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+        let d = amax / 127.0;
+        let inv = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+        let (lo, hi) = (_mm256_set1_epi32(-127), _mm256_set1_epi32(127));
+        let q = v.map(|v| _mm256_max_epi32(lo, _mm256_min_epi32(hi, _mm256_cvtps_epi32(_mm256_mul_ps(v, inv)))));
+        let total = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        let total = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256::<1>(total));
+        let total = _mm_add_epi32(total, _mm_shuffle_epi32::<0b01_00_11_10>(total));
+        let sum = _mm_cvtsi128_si32(_mm_add_epi32(total, _mm_shuffle_epi32::<0b10_11_00_01>(total)));
+        // The packs interleave 128-bit lanes; the permute puts them back in order.
+        let bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        (d, bytes, sum)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The AVX2 quantizer writes the same bytes, scales and sums as the
+    /// portable loop, on a ragged row with ties, zeros and a zero block.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_quantizes_like_the_portable_loop() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let cols = 3 * STEP + 40;
+        let mut x: Vec<f32> = (0..cols).map(|i| ((i * 7919) % 255) as f32 / 2.0 - 63.5).collect();
+        x[STEP..STEP + BLOCK].fill(0.0);
+        let steps = cols.div_ceil(STEP);
+        let run = |f: fn(&[f32], &mut [XStep], &mut [f32])| {
+            let (mut row, mut sums) = (vec![XStep::default(); steps], vec![0f32; sum_stride(steps)]);
+            f(&x, &mut row, &mut sums);
+            let bytes: Vec<(i8, u32, u32)> = row
+                .iter()
+                .flat_map(|s| (0..64).map(|i| (s.qs[i], s.d[i / 4].to_bits(), s.s8[i / 4].to_bits())))
+                .collect();
+            (bytes, sums.iter().map(|v| v.to_bits()).collect::<Vec<_>>())
+        };
+        // SAFETY (inside the closure's callee): the CPU has AVX2, checked above.
+        let simd = run(|x, row, sums| unsafe { avx2::quantize_row(x, row, sums) });
+        assert_eq!(simd, run(quantize_row_portable));
     }
 }

@@ -237,10 +237,10 @@ fn reduce<W: WeightStep, const P: usize, const MX: usize>(
     out
 }
 
-/// `sum(m * s)` over one weight row's Q4_1 minimums and one activation
-/// row's block sums, eight blocks per instruction.
+/// `sum(m * s)` over one weight row's minimums and one activation row's
+/// block sums, eight blocks per instruction (the AVX-512 kernel's too).
 #[target_feature(enable = "avx2,fma,f16c")]
-fn min_terms(mins: &[f32], sums: &[f32]) -> f32 {
+pub(super) fn min_terms(mins: &[f32], sums: &[f32]) -> f32 {
     let mut total = _mm256_setzero_ps();
     for (m, s) in mins.chunks_exact(8).zip(sums.chunks_exact(8)) {
         // SAFETY: both chunks hold eight f32.

@@ -38,7 +38,8 @@ impl Kernel {
             let f16c = is_x86_feature_detected!("f16c");
             match self {
                 Kernel::Avx512 => {
-                    f16c && is_x86_feature_detected!("avx512f")
+                    f16c && is_x86_feature_detected!("fma")
+                        && is_x86_feature_detected!("avx512f")
                         && is_x86_feature_detected!("avx512bw")
                         && is_x86_feature_detected!("avx512vnni")
                 }
@@ -90,7 +91,7 @@ impl Kernel {
         match self {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: checked above.
-            Kernel::Avx512 => unsafe { super::avx512::block(w, rows, steps, x.steps, n, out) },
+            Kernel::Avx512 => unsafe { super::avx512::block(w, rows, steps, x, n, out) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: checked above.
             Kernel::Avx2 => unsafe { super::avx2::block(w, rows, steps, x, n, out) },
