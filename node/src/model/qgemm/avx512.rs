@@ -127,9 +127,9 @@ unsafe fn tile<W: WeightStep, const MW: usize, const MX: usize>(
                 let xs = &*xp.add(i * steps + s);
                 (_mm512_load_si512(xs.qs.as_ptr().cast()), _mm512_load_ps(xs.d.as_ptr()))
             };
-            for r in 0..MW {
-                let dot = _mm512_dpbusd_epi32(zero, wq[r], xq);
-                acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(wd[r], xd), acc[r][i]);
+            for (acc, (&wq, &wd)) in acc.iter_mut().zip(wq.iter().zip(&wd)) {
+                let dot = _mm512_dpbusd_epi32(zero, wq, xq);
+                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(wd, xd), acc[i]);
             }
         }
     }
