@@ -9,10 +9,10 @@
 use candle_core::Tensor;
 use rayon::prelude::*;
 
-use super::ModelError;
 use super::config::LlamaConfig;
 use super::kv_cache::{KV_CHUNK, KvCache, LayerCache};
 use super::step::{StepKv, StepPlan};
+use super::{ModelError, vexp};
 
 /// Precomputed cos/sin for every position and rotated pair (interleaved
 /// pairs `(2i, 2i+1)`, llama's convention in GGUF files).
@@ -230,7 +230,7 @@ fn attend_block<'a>(
         let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s * scale));
         let mut sum = 0.0;
         for s in scores.iter_mut() {
-            *s = (*s * scale - max).exp();
+            *s = vexp::exp(*s * scale - max);
             sum += *s;
         }
         scores.iter_mut().for_each(|s| *s /= sum);

@@ -10,6 +10,8 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, bail};
 use rayon::prelude::*;
 
+use super::vexp;
+
 /// Elements below which a CPU op runs on the calling thread: waking the
 /// pool costs more than a few rows of arithmetic.
 const PARALLEL_ELEMENTS: usize = 1 << 14;
@@ -126,7 +128,7 @@ impl CustomOp1 for SiluMul {
         let mut out = vec![0f32; rows * f];
         per_row(gu, 2 * f, &mut out, f, |row, out| {
             let (gate, up) = row.split_at(f);
-            out.iter_mut().zip(gate.iter().zip(up)).for_each(|(o, (g, u))| *o = g / (1.0 + (-g).exp()) * u);
+            silu_mul_row(gate, up, out)
         });
         Ok((CpuStorage::F32(out), Shape::from((rows, f))))
     }
@@ -150,6 +152,30 @@ impl CustomOp1 for SiluMul {
         // SAFETY: `n` elements out, `rows` rows of `2 * f` in.
         unsafe { builder.launch(cuda::per_element(n)) }.w()?;
         Ok((candle_core::CudaStorage::wrap_cuda_slice(out, dev), Shape::from((rows, f))))
+    }
+}
+
+/// `silu(gate) * up` of one row; on a CPU with AVX2, eight lanes at a time
+/// (`vexp::exp` is plain arithmetic, so the same loop vectorizes).
+fn silu_mul_row(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { silu_mul_avx2(gate, up, out) };
+    }
+    silu_mul_portable(gate, up, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn silu_mul_avx2(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    silu_mul_portable(gate, up, out)
+}
+
+#[inline(always)]
+fn silu_mul_portable(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    for (o, (g, u)) in out.iter_mut().zip(gate.iter().zip(up)) {
+        *o = g / (1.0 + vexp::exp(-g)) * u;
     }
 }
 

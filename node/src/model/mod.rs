@@ -11,6 +11,7 @@ pub(crate) mod linear;
 pub mod paged;
 pub mod qgemm;
 mod step;
+mod vexp;
 
 use std::{fs::File, path::Path};
 
