@@ -1,17 +1,17 @@
-//! The AVX-512 VNNI kernel: tiles of 4 weight rows by up to 5 activation
+//! The AVX-512 VNNI kernel: tiles of 4 weight rows by up to 8 activation
 //! rows, 64 multiply-adds per `vpdpbusd`.
 //!
-//! A step costs each (weight row, activation row) pair one `vpdpbusd`, one
-//! convert and two float operations (block scales, accumulate); the weight
-//! unpack and scale broadcast are shared by the tile's activation rows, so
-//! taller tiles amortise them better. 4 × 5 keeps the twenty accumulators,
-//! four weight registers and their scales within the 32 vector registers.
-//! A weight minimum (Q4_1's `m`, Q8's `-128 d` offset of the unsigned
-//! bytes) adds `m * d_x * sum(q_x)` per block: those terms are summed once
-//! per tile from the minimums gathered on the way (as in the AVX2 kernel),
-//! not with one more product per step and pair. Zen 4, 2 cores, `mesh-bench
-//! qgemm` (3072 × 576 Q4_1): 4 × 3 tiles with the minimum in the step
-//! loop 25.6 / 44.9 / 44.7 GMAC/s at 1 / 32 / 160 rows.
+//! Per step and activation row, the four rows' integer dot products are
+//! folded into one register (see `tile`), so the float work (convert,
+//! block scales, accumulate) is done once for four weight rows; the weight
+//! unpack and scale layout are shared by the tile's activation rows. A
+//! weight minimum (Q4_1's `m`, Q8's `-128 d` offset of the unsigned bytes)
+//! adds `m * d_x * sum(q_x)` per block: those terms are summed once per
+//! tile from the minimums gathered on the way (as in the AVX2 kernel), not
+//! with one more product per step and pair. Zen 4, 2 cores, `mesh-bench
+//! qgemm` (3072 × 576 Q4_1), alternating runs, best of 40: unfolded 4 × 3
+//! and 4 × 5 tiles both 80-82 GMAC/s at 32 rows and 85 at 160; folded
+//! 4 × 8 92-95 and 99.
 
 use std::arch::x86_64::*;
 
@@ -21,7 +21,7 @@ use super::kernel::{for_each_tile, store};
 use super::{Q4Step, Q8Step, WeightStep, XRows};
 
 /// Activation rows per tile.
-pub const TILE_X: usize = 5;
+pub const TILE_X: usize = 8;
 
 /// How a weight step is loaded: 64 unsigned bytes in lane order, and
 /// `[d_a, d_b, offset_a, offset_b]`.
@@ -72,73 +72,97 @@ pub unsafe fn block<W: WeightStep>(w: &[W], rows: usize, steps: usize, x: XRows<
         // SAFETY: the caller guarantees the CPU features.
         unsafe {
             match (mw, mx) {
-                (4, 5) => store(tile::<W, 4, 5>(wr, xr, steps, m), out, rows, r, i),
-                (4, 4) => store(tile::<W, 4, 4>(wr, xr, steps, m), out, rows, r, i),
-                (4, 3) => store(tile::<W, 4, 3>(wr, xr, steps, m), out, rows, r, i),
-                (4, 2) => store(tile::<W, 4, 2>(wr, xr, steps, m), out, rows, r, i),
-                (4, _) => store(tile::<W, 4, 1>(wr, xr, steps, m), out, rows, r, i),
-                (_, 5) => store(tile::<W, 1, 5>(wr, xr, steps, m), out, rows, r, i),
-                (_, 4) => store(tile::<W, 1, 4>(wr, xr, steps, m), out, rows, r, i),
-                (_, 3) => store(tile::<W, 1, 3>(wr, xr, steps, m), out, rows, r, i),
-                (_, 2) => store(tile::<W, 1, 2>(wr, xr, steps, m), out, rows, r, i),
-                _ => store(tile::<W, 1, 1>(wr, xr, steps, m), out, rows, r, i),
+                (4, 8) => store(tile::<W, 8>(wr, xr, steps, m), out, rows, r, i),
+                (4, 7) => store(tile::<W, 7>(wr, xr, steps, m), out, rows, r, i),
+                (4, 6) => store(tile::<W, 6>(wr, xr, steps, m), out, rows, r, i),
+                (4, 5) => store(tile::<W, 5>(wr, xr, steps, m), out, rows, r, i),
+                (4, 4) => store(tile::<W, 4>(wr, xr, steps, m), out, rows, r, i),
+                (4, 3) => store(tile::<W, 3>(wr, xr, steps, m), out, rows, r, i),
+                (4, 2) => store(tile::<W, 2>(wr, xr, steps, m), out, rows, r, i),
+                (4, _) => store(tile::<W, 1>(wr, xr, steps, m), out, rows, r, i),
+                // A last row short of four runs as four copies of itself.
+                (_, _) => {
+                    for di in 0..mx {
+                        let one =
+                            XRows { steps: &xr.steps[di * steps..][..steps], sums: &xr.sums[di * stride..][..stride] };
+                        store([[tile::<W, 1>(wr, one, steps, m)[0][0]]], out, rows, r, i + di);
+                    }
+                }
             }
         }
     });
 }
 
-/// Dot products of MW weight rows with MX activation rows:
-/// `result[r][i] = w_row(r) · x_row(i)`.
+/// Dot products of 4 weight rows (or one, as four copies) with MX
+/// activation rows: `result[r][i] = w_row(r) · x_row(i)`.
+///
+/// The four rows' `vpdpbusd` results are folded into one register before
+/// any float work (integer adds, exact): 128-bit lane `k` of the folded
+/// vector holds the four rows' partial sums of block a (k = 0, 2) or b
+/// (k = 1, 3). One convert, one scale product and one FMA per activation
+/// row and step then serve four weight rows, where they took one each.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
-unsafe fn tile<W: WeightStep, const MW: usize, const MX: usize>(
+unsafe fn tile<W: WeightStep, const MX: usize>(
     w: &[W],
     x: XRows<'_>,
     steps: usize,
     mins: &mut [f32],
-) -> [[f32; MX]; MW] {
+) -> [[f32; MX]; 4] {
     let stride = sum_stride(steps);
-    // Lanes 0-3 and 8-11 hold block a, 4-7 and 12-15 block b.
-    let d_idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
+    let given = w.len() / steps.max(1);
+    let rows: [usize; 4] = std::array::from_fn(|j| j.min(given.max(1) - 1));
     let zero = _mm512_setzero_si512();
     // Fetch the next tile's weights while this one runs (see the AVX2 kernel).
-    let next = w.as_ptr().wrapping_add(MW * steps);
+    let next = w.as_ptr().wrapping_add(given * steps);
     // The hot loop indexes through pointers (see the AVX2 kernel); these
     // asserts make every index below valid.
-    assert!(w.len() >= MW * steps && x.steps.len() >= MX * steps && x.sums.len() >= MX * stride);
-    assert!(mins.len() >= MW * stride && stride >= 2 * steps);
+    assert!((given == 4 || given == 1) && x.steps.len() >= MX * steps && x.sums.len() >= MX * stride);
+    assert!(mins.len() >= 4 * stride && stride >= 2 * steps);
     let (wp, xp, mp) = (w.as_ptr(), x.steps.as_ptr(), mins.as_mut_ptr());
-    let mut acc = [[_mm512_setzero_ps(); MX]; MW];
+    let mut acc = [_mm512_setzero_ps(); MX];
     for s in 0..steps {
-        for r in 0..MW {
+        for r in 0..given {
             _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(r * steps + s).cast());
         }
-        let mut wq = [zero; MW];
-        let mut wd = [_mm512_setzero_ps(); MW];
-        for r in 0..MW {
-            // SAFETY: r < MW, s < steps, 2 * s + 1 < stride (asserted above).
-            let (q, dm) = unsafe { Load::load(&*wp.add(r * steps + s)) };
-            unsafe { _mm_storeh_pd(mp.add(r * stride + 2 * s).cast(), _mm_castps_pd(dm)) };
-            wq[r] = q;
-            wd[r] = _mm512_permutexvar_ps(d_idx, _mm512_castps128_ps512(dm));
-        }
-        for i in 0..MX {
+        // SAFETY: rows < given, s < steps, 2 * s + 1 < stride (asserted above).
+        let loaded = rows.map(|r| unsafe {
+            let (q, dm) = Load::load(&*wp.add(r * steps + s));
+            _mm_storeh_pd(mp.add(r * stride + 2 * s).cast(), _mm_castps_pd(dm));
+            (q, dm)
+        });
+        let wd = folded_scales(loaded.map(|(_, dm)| dm));
+        for (i, acc) in acc.iter_mut().enumerate() {
             // SAFETY: i < MX, s < steps (asserted above); XStep is 64-byte aligned.
             let (xq, xd) = unsafe {
                 let xs = &*xp.add(i * steps + s);
                 (_mm512_load_si512(xs.qs.as_ptr().cast()), _mm512_load_ps(xs.d.as_ptr()))
             };
-            for (acc, (&wq, &wd)) in acc.iter_mut().zip(wq.iter().zip(&wd)) {
-                let dot = _mm512_dpbusd_epi32(zero, wq, xq);
-                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(wd, xd), acc[i]);
-            }
+            let d = loaded.map(|(q, _)| _mm512_dpbusd_epi32(zero, q, xq));
+            let a = _mm512_add_epi32(_mm512_unpacklo_epi32(d[0], d[1]), _mm512_unpackhi_epi32(d[0], d[1]));
+            let b = _mm512_add_epi32(_mm512_unpacklo_epi32(d[2], d[3]), _mm512_unpackhi_epi32(d[2], d[3]));
+            let folded = _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b));
+            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(folded), _mm512_mul_ps(wd, xd), *acc);
         }
     }
-    let mut out = [[0f32; MX]; MW];
-    for (r, out) in out.iter_mut().enumerate() {
-        for (i, out) in out.iter_mut().enumerate() {
-            let mins = &mins[r * stride..][..stride];
-            *out = _mm512_reduce_add_ps(acc[r][i]) + min_terms(mins, &x.sums[i * stride..][..stride]);
+    let mut out = [[0f32; MX]; 4];
+    for (i, &acc) in acc.iter().enumerate() {
+        let mut lanes = [0f32; 16];
+        // SAFETY: `lanes` holds sixteen f32.
+        unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), acc) };
+        for (j, out) in out.iter_mut().enumerate() {
+            let total = (lanes[j] + lanes[4 + j]) + (lanes[8 + j] + lanes[12 + j]);
+            out[i] = total + min_terms(&mins[rows[j] * stride..][..stride], &x.sums[i * stride..][..stride]);
         }
     }
     out
+}
+
+/// The four rows' block scales in the folded layout: `[d_a(r0..4),
+/// d_b(r0..4)]` twice, from each row's `[d_a, d_b, m_a, m_b]`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
+fn folded_scales(dm: [__m128; 4]) -> __m512 {
+    let (t01, t23) = (_mm_unpacklo_ps(dm[0], dm[1]), _mm_unpacklo_ps(dm[2], dm[3]));
+    let (da, db) = (_mm_movelh_ps(t01, t23), _mm_movehl_ps(t23, t01));
+    let both = _mm256_insertf128_ps::<1>(_mm256_castps128_ps256(da), db);
+    _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(both)))
 }
