@@ -219,12 +219,10 @@ fn attend_block<'a>(
     let chunks = visible(rows - 1).div_ceil(KV_CHUNK);
     for c in 0..chunks {
         let (keys, p0) = (cache.keys(block.g, c), c * KV_CHUNK);
-        for (g, scores) in scores.chunks_mut(SCORE_ROWS).enumerate() {
-            let q = |k: usize| q((g * SCORE_ROWS + k) / heads, (g * SCORE_ROWS + k) % heads);
-            match scores.len() {
-                SCORE_ROWS => keep(scores, p0, chunk_scores(std::array::from_fn::<_, SCORE_ROWS, _>(q), keys)),
-                2 => keep(scores, p0, chunk_scores([q(0), q(1)], keys)),
-                _ => keep(scores, p0, chunk_scores([q(0)], keys)),
+        for (r, scores) in scores.iter_mut().enumerate() {
+            let n = scores.len().saturating_sub(p0).min(KV_CHUNK);
+            if n > 0 {
+                scores[p0..p0 + n].copy_from_slice(&chunk_scores(q(r / heads, r % heads), keys)[..n]);
             }
         }
     }
@@ -252,36 +250,17 @@ fn attend_block<'a>(
     out
 }
 
-/// Query rows whose scores over a chunk are computed together: each key
-/// row is loaded once for all of them, and their 3 × 4 vector accumulators
-/// are independent chains (one row alone waits on its four adds'
-/// latency at every head dimension). Three is also this model family's
-/// query heads per KV head, the rows of a decoding token.
-const SCORE_ROWS: usize = 3;
-
-/// `R` query rows' scores at a chunk's positions: `sum_d q[d] * k[d][p]`,
-/// in order of `d`, from zero, for each row alone whatever `R` is.
+/// One query row's scores at a chunk's positions: `sum_d q[d] * k[d][p]`,
+/// in order of `d`, from zero.
 #[inline(always)]
-fn chunk_scores<const R: usize>(q: [&[f32]; R], keys: &[f32]) -> [[f32; KV_CHUNK]; R] {
-    let mut acc = [[0f32; KV_CHUNK]; R];
-    for (d, row) in keys.chunks_exact(KV_CHUNK).enumerate() {
-        for (acc, q) in acc.iter_mut().zip(&q) {
-            let qd = q[d];
-            for (a, k) in acc.iter_mut().zip(row) {
-                *a += qd * k;
-            }
+fn chunk_scores(q: &[f32], keys: &[f32]) -> [f32; KV_CHUNK] {
+    let mut acc = [0f32; KV_CHUNK];
+    for (qd, row) in q.iter().zip(keys.chunks_exact(KV_CHUNK)) {
+        for (a, k) in acc.iter_mut().zip(row) {
+            *a += qd * k;
         }
     }
     acc
-}
-
-/// Copies each row's scores at the positions it sees of the chunk at `p0`.
-#[inline(always)]
-fn keep<const R: usize>(scores: &mut [Vec<f32>], p0: usize, chunk: [[f32; KV_CHUNK]; R]) {
-    for (scores, chunk) in scores.iter_mut().zip(&chunk) {
-        let n = scores.len().saturating_sub(p0).min(KV_CHUNK);
-        scores[p0..p0 + n].copy_from_slice(&chunk[..n]);
-    }
 }
 
 #[cfg(test)]
