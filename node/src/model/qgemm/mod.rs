@@ -216,9 +216,21 @@ fn quantize_with(x: &[f32; BLOCK], d: f32) -> [i8; BLOCK] {
     q
 }
 
-/// Weight rows per parallel task (a multiple of the kernels' 4-row tile):
-/// small enough for an even split, large enough to outweigh scheduling.
-const ROWS_PER_TASK: usize = 64;
+/// Fewest weight rows per parallel task (a multiple of the kernels' 4-row
+/// tile), for a matrix with few rows.
+const MIN_ROWS_PER_TASK: usize = 64;
+
+/// Row tasks per thread a matrix is split into at most: enough for an
+/// even split, few enough that scheduling stays small against the work.
+/// With 64-row tasks throughout, a one-row decode step (768 tasks for the
+/// output layer) ran no faster on two threads than on one (Zen 4).
+const TASKS_PER_THREAD: usize = 8;
+
+/// Weight rows per task for a matrix of `rows` rows.
+fn rows_per_task(rows: usize) -> usize {
+    let even = rows.div_ceil(TASKS_PER_THREAD * rayon::current_num_threads()).next_multiple_of(4);
+    even.max(MIN_ROWS_PER_TASK)
+}
 
 /// Activation rows multiplied with a task's weight rows at a time (a
 /// multiple of every kernel's tile height): a prefill chunk's rows stay in
@@ -231,11 +243,12 @@ fn run<W: WeightStep>(kernel: Kernel, w: &[W], rows: usize, steps: usize, x: &QA
     // One task per (weight rows, activation pass): a prefill chunk splits
     // into many even tasks even where a matrix has few rows.
     let passes = n.div_ceil(X_ROWS_PER_PASS).max(1);
-    let parts: Vec<Vec<f32>> = (0..rows.div_ceil(ROWS_PER_TASK) * passes)
+    let per_task = rows_per_task(rows);
+    let parts: Vec<Vec<f32>> = (0..rows.div_ceil(per_task) * passes)
         .into_par_iter()
         .map(|t| {
-            let (r0, i0) = ((t / passes) * ROWS_PER_TASK, (t % passes) * X_ROWS_PER_PASS);
-            let (r1, i1) = ((r0 + ROWS_PER_TASK).min(rows), (i0 + X_ROWS_PER_PASS).min(n));
+            let (r0, i0) = ((t / passes) * per_task, (t % passes) * X_ROWS_PER_PASS);
+            let (r1, i1) = ((r0 + per_task).min(rows), (i0 + X_ROWS_PER_PASS).min(n));
             // [i1 - i0, r1 - r0]
             let mut out = vec![0f32; (i1 - i0) * (r1 - r0)];
             kernel.block(&w[r0 * steps..r1 * steps], r1 - r0, steps, x.rows(i0, i1), i1 - i0, &mut out);
@@ -244,8 +257,8 @@ fn run<W: WeightStep>(kernel: Kernel, w: &[W], rows: usize, steps: usize, x: &QA
         .collect();
     let mut out = vec![0f32; n * rows];
     for (t, part) in parts.iter().enumerate() {
-        let (r0, i0) = ((t / passes) * ROWS_PER_TASK, (t % passes) * X_ROWS_PER_PASS);
-        let width = (r0 + ROWS_PER_TASK).min(rows) - r0;
+        let (r0, i0) = ((t / passes) * per_task, (t % passes) * X_ROWS_PER_PASS);
+        let width = (r0 + per_task).min(rows) - r0;
         for (i, row) in part.chunks_exact(width).enumerate() {
             out[(i0 + i) * rows + r0..][..width].copy_from_slice(row);
         }
