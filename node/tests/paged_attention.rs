@@ -24,13 +24,14 @@ const DECODE: usize = 12;
 /// Logit differences allowed, largest and mean over a row. The linear
 /// layers quantize their inputs to 8 bits, so a difference in the last bit
 /// of an attention output can move a quantized activation a whole step, and
-/// 30 layers amplify it: measured over these runs (AMD EPYC Zen 3, avx2
-/// kernel) up to 2.19 and 0.58, about what two CPU kernels differ by (see
-/// tests/batching.rs). The attention itself agrees with the host's to 1e-5
-/// (`model::paged` unit test); a wrong mask, row or position moves logits
-/// by many units.
+/// 30 layers amplify it: measured over these runs up to 2.19 and 0.58
+/// (AMD EPYC Zen 3, avx2 kernel) and 1.60 and 0.77 (Zen 4, avx512 kernel
+/// with four rows folded per register: the same trajectory, other last
+/// bits), about what two CPU kernels differ by (see tests/batching.rs).
+/// The attention itself agrees with the host's to 1e-5 (`model::paged`
+/// unit test); a wrong mask, row or position moves logits by many units.
 const MAX_DIFF: f32 = 3.0;
-const MEAN_DIFF: f32 = 0.75;
+const MEAN_DIFF: f32 = 0.9;
 
 fn model_path() -> PathBuf {
     std::env::var_os("MESH_TEST_MODEL")

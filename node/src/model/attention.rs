@@ -240,14 +240,39 @@ fn attend_block<'a>(
         let (values, p0) = (cache.values(block.g, c), c * KV_CHUNK);
         for (r, out) in out.chunks_exact_mut(hd).enumerate() {
             let weights = &scores[r][p0.min(scores[r].len())..];
-            for (w, v) in weights.iter().take(KV_CHUNK).zip(values.chunks_exact(hd)) {
-                for (o, v) in out.iter_mut().zip(v) {
-                    *o += w * v;
-                }
+            let weights = &weights[..weights.len().min(KV_CHUNK)];
+            match hd {
+                64 => weigh_values::<64>(out, weights, values),
+                _ => weigh_values_any(out, weights, values),
             }
         }
     }
     out
+}
+
+/// `out += sum_p weights[p] * values[p]`, position by position, for a
+/// head size known when compiling: the output row stays in registers
+/// across positions (with a run-time size it went through memory at every
+/// position). The same operations in the same order as `weigh_values_any`.
+#[inline(always)]
+fn weigh_values<const HD: usize>(out: &mut [f32], weights: &[f32], values: &[f32]) {
+    let mut acc = [0f32; HD];
+    acc.copy_from_slice(out);
+    for (w, v) in weights.iter().zip(values.chunks_exact(HD)) {
+        for (a, v) in acc.iter_mut().zip(v) {
+            *a += w * v;
+        }
+    }
+    out.copy_from_slice(&acc);
+}
+
+#[inline(always)]
+fn weigh_values_any(out: &mut [f32], weights: &[f32], values: &[f32]) {
+    for (w, v) in weights.iter().zip(values.chunks_exact(out.len())) {
+        for (o, v) in out.iter_mut().zip(v) {
+            *o += w * v;
+        }
+    }
 }
 
 /// One query row's scores at a chunk's positions: `sum_d q[d] * k[d][p]`,
