@@ -68,7 +68,9 @@ async fn python_example_streams_what_the_rust_client_gets() {
     while let Some(msg) = stream.message().await.unwrap() {
         rust.absorb(msg);
     }
-    assert_eq!(rust.token_ids.len(), MAX_TOKENS as usize, "{rust:?}");
+    // The model may stop early (end of sequence); both clients must agree either way.
+    let count = rust.token_ids.len();
+    assert!(count > 0 && count <= MAX_TOKENS as usize && rust.finish_reason != 0, "{rust:?}");
 
     let started = Instant::now();
     let out = python_example(&addr, Some(KEY)).await;
