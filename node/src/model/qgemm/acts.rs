@@ -14,13 +14,11 @@ pub struct XStep {
     pub(super) qs: [i8; 64],
     /// Each lane's block scale.
     pub(super) d: [f32; 16],
-    /// Each lane's block `scale * sum(q) / 8` (a block spans eight lanes).
-    pub(super) s8: [f32; 16],
 }
 
 impl Default for XStep {
     fn default() -> Self {
-        Self { qs: [0; 64], d: [0.0; 16], s8: [0.0; 16] }
+        Self { qs: [0; 64], d: [0.0; 16] }
     }
 }
 
@@ -37,8 +35,8 @@ pub struct QActs {
     pub(super) rows: usize,
     pub(super) steps: usize,
     data: Vec<XStep>,
-    /// Each block's `scale * sum(q)`, `[rows][sum_stride(steps)]`: the
-    /// AVX2 kernel applies Q4_1 minimums once per row pair from these.
+    /// Each block's `scale * sum(q)`, `[rows][sum_stride(steps)]`: every
+    /// kernel applies the weights' minimums once per row from these.
     sums: Vec<f32>,
 }
 
@@ -108,13 +106,12 @@ fn block_at(src: &[f32], start: usize) -> [f32; BLOCK] {
     block
 }
 
-/// Writes a block's scale and `scale * sum(q)` into its lanes and `sums`.
+/// Writes a block's scale into its lanes and `scale * sum(q)` into `sums`.
 #[inline(always)]
 fn block_scales(step: &mut XStep, sums: &mut [f32], s: usize, half: usize, d: f32, sum: i32) {
     for lane in 0..16 {
         if (lane / 4) % 2 == half {
             step.d[lane] = d;
-            step.s8[lane] = d * sum as f32 / 8.0;
         }
     }
     sums[2 * s + half] = d * sum as f32;
@@ -204,10 +201,8 @@ mod tests {
         let run = |f: fn(&[f32], &mut [XStep], &mut [f32])| {
             let (mut row, mut sums) = (vec![XStep::default(); steps], vec![0f32; sum_stride(steps)]);
             f(&x, &mut row, &mut sums);
-            let bytes: Vec<(i8, u32, u32)> = row
-                .iter()
-                .flat_map(|s| (0..64).map(|i| (s.qs[i], s.d[i / 4].to_bits(), s.s8[i / 4].to_bits())))
-                .collect();
+            let bytes: Vec<(i8, u32)> =
+                row.iter().flat_map(|s| (0..64).map(|i| (s.qs[i], s.d[i / 4].to_bits()))).collect();
             (bytes, sums.iter().map(|v| v.to_bits()).collect::<Vec<_>>())
         };
         // SAFETY (inside the closure's callee): the CPU has AVX2, checked above.

@@ -95,7 +95,7 @@ impl Kernel {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: checked above.
             Kernel::Avx2 => unsafe { super::avx2::block(w, rows, steps, x, n, out) },
-            _ => super::scalar::block(w, rows, steps, x.steps, n, out),
+            _ => super::scalar::block(w, rows, steps, x, n, out),
         }
     }
 }

@@ -22,7 +22,7 @@ mod kernel;
 mod scalar;
 
 pub use acts::QActs;
-use acts::{XRows, XStep};
+use acts::XRows;
 pub use kernel::Kernel;
 
 use half::f16;
