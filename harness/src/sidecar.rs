@@ -35,12 +35,21 @@ pub struct SidecarConfig {
     pub extra: String,
     /// Serve the HTTP edge (`listen.http`) on a free port.
     pub http: bool,
+    /// Serve `/metrics` (`metrics_listen`) on a free port.
+    pub metrics: bool,
 }
 
 impl SidecarConfig {
     /// A client-side sidecar of the mesh at `etcd`.
     pub fn new(etcd: impl Into<String>) -> SidecarConfig {
-        SidecarConfig { etcd: etcd.into(), etcd_keys: String::new(), node: None, extra: String::new(), http: false }
+        SidecarConfig {
+            etcd: etcd.into(),
+            etcd_keys: String::new(),
+            node: None,
+            extra: String::new(),
+            http: false,
+            metrics: false,
+        }
     }
 
     /// The same, fronting the node at `node`.
@@ -51,6 +60,11 @@ impl SidecarConfig {
     /// The same, serving the HTTP edge too.
     pub fn with_http(self) -> SidecarConfig {
         SidecarConfig { http: true, ..self }
+    }
+
+    /// The same, serving `/metrics` too ([`Sidecar::metrics`]).
+    pub fn with_metrics(self) -> SidecarConfig {
+        SidecarConfig { metrics: true, ..self }
     }
 
     /// The same, with `keys` (TOML lines) added to `[etcd]`.
@@ -81,8 +95,9 @@ impl SidecarConfig {
             None => String::new(),
         };
         let http = if self.http { "http = \"127.0.0.1:0\"\n" } else { "" };
+        let metrics = if self.metrics { "metrics_listen = \"127.0.0.1:0\"\n" } else { "" };
         format!(
-            "drain_grace = \"5s\"\n{plaintext}[listen]\noutbound = \"127.0.0.1:0\"\ninbound = \"127.0.0.1:0\"\n{http}\
+            "drain_grace = \"5s\"\n{plaintext}{metrics}[listen]\noutbound = \"127.0.0.1:0\"\ninbound = \"127.0.0.1:0\"\n{http}\
              [etcd]\nendpoints = [\"{}\"]\nlease_ttl = \"2s\"\n{}{node}{}{operator}",
             self.etcd, self.etcd_keys, self.extra
         )

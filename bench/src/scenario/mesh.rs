@@ -190,7 +190,7 @@ fn node_sidecar_config(etcd: &str, node: SocketAddr, service: &str, bulkhead: Op
 }
 
 fn client_sidecar_config(etcd: &str, policy: Policy, routing: &str) -> SidecarConfig {
-    SidecarConfig::new(etcd).with(&format!("[routing]\npolicy = \"{}\"\n{routing}", policy.as_toml()))
+    SidecarConfig::new(etcd).with_metrics().with(&format!("[routing]\npolicy = \"{}\"\n{routing}", policy.as_toml()))
 }
 
 #[cfg(test)]

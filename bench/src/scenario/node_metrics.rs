@@ -4,6 +4,7 @@
 //! load generator, talking to one client sidecar, cannot see) and check the
 //! hit rate the callers saw against the nodes' own.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use anyhow::Context;
@@ -12,6 +13,8 @@ use serde::Serialize;
 const REQUESTS: &str = "mesh_node_requests_total";
 const HIT_TOKENS: &str = "mesh_node_prefix_cache_hit_tokens_total";
 const MISS_TOKENS: &str = "mesh_node_prefix_cache_miss_tokens_total";
+const EVICTED: &str = "mesh_node_prefix_cache_evicted_blocks_total";
+const ROUTED: &str = "mesh_sidecar_prefix_routed_total";
 
 /// One node's counters (or their growth over a run).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
@@ -22,6 +25,8 @@ pub struct NodeCounts {
     pub hit_tokens: f64,
     /// Prompt tokens computed.
     pub miss_tokens: f64,
+    /// Idle cached blocks evicted to make room.
+    pub evicted_blocks: f64,
 }
 
 impl NodeCounts {
@@ -30,6 +35,7 @@ impl NodeCounts {
             requests: sum(text, REQUESTS),
             hit_tokens: sum(text, HIT_TOKENS),
             miss_tokens: sum(text, MISS_TOKENS),
+            evicted_blocks: sum(text, EVICTED),
         }
     }
 
@@ -38,18 +44,43 @@ impl NodeCounts {
             requests: self.requests - before.requests,
             hit_tokens: self.hit_tokens - before.hit_tokens,
             miss_tokens: self.miss_tokens - before.miss_tokens,
+            evicted_blocks: self.evicted_blocks - before.evicted_blocks,
         }
     }
 }
 
 /// Every sample of `name` (all its label sets) in a Prometheus text page, summed.
 fn sum(text: &str, name: &str) -> f64 {
-    let value = |line: &str| {
+    samples(text, name).map(|(_, v)| v).sum()
+}
+
+/// The samples of `name` in a Prometheus text page: labels and value.
+fn samples<'a>(text: &'a str, name: &'a str) -> impl Iterator<Item = (&'a str, f64)> + 'a {
+    let sample = move |line: &'a str| {
         let (series, value) = line.rsplit_once(' ')?;
-        let metric = series.split('{').next()?;
-        if metric == name { value.parse::<f64>().ok() } else { None }
+        let (metric, labels) = series.split_once('{').unwrap_or((series, ""));
+        if metric == name { Some((labels, value.parse::<f64>().ok()?)) } else { None }
     };
-    text.lines().filter(|l| !l.starts_with('#')).filter_map(value).sum()
+    text.lines().filter(|l| !l.starts_with('#')).filter_map(sample)
+}
+
+/// A client sidecar's cache-aware picks so far, by outcome (hit, spread,
+/// miss), all services together.
+pub async fn routed(addr: SocketAddr) -> anyhow::Result<BTreeMap<String, f64>> {
+    let (status, body) = harness::http_get(addr, "/metrics").await.with_context(|| format!("scraping {addr}"))?;
+    anyhow::ensure!(status == 200, "GET /metrics from {addr}: HTTP {status}");
+    Ok(outcomes(&body))
+}
+
+fn outcomes(text: &str) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for (labels, value) in samples(text, ROUTED) {
+        let outcome = labels.split(',').find_map(|l| l.strip_prefix("outcome=\""));
+        if let Some(outcome) = outcome.map(|o| o.trim_end_matches(['"', '}'])) {
+            *out.entry(outcome.to_string()).or_default() += value;
+        }
+    }
+    out
 }
 
 /// Reads every node's counters.
@@ -105,18 +136,19 @@ mod tests {
         mesh_node_requests_total{model=\"m\",code=\"OK\"} 7\n\
         mesh_node_requests_total{model=\"m\",code=\"CANCELLED\"} 1\n\
         mesh_node_prefix_cache_hit_tokens_total 1536\nmesh_node_prefix_cache_miss_tokens_total 512\n\
-        mesh_node_prefix_cache_blocks 48\n# EOF\n";
+        mesh_node_prefix_cache_blocks 48\nmesh_node_prefix_cache_evicted_blocks_total 5\n# EOF\n";
 
     #[test]
     fn counters_sum_over_labels() {
         let c = NodeCounts::parse(PAGE);
-        assert_eq!(c, NodeCounts { requests: 8.0, hit_tokens: 1536.0, miss_tokens: 512.0 });
+        assert_eq!(c, NodeCounts { requests: 8.0, hit_tokens: 1536.0, miss_tokens: 512.0, evicted_blocks: 5.0 });
         assert_eq!(NodeCounts::parse("# EOF\n"), NodeCounts::default());
     }
 
     #[test]
     fn spread_is_max_over_mean_of_the_growth() {
-        let n = |requests, hit_tokens, miss_tokens| NodeCounts { requests, hit_tokens, miss_tokens };
+        let n =
+            |requests, hit_tokens, miss_tokens| NodeCounts { requests, hit_tokens, miss_tokens, evicted_blocks: 0.0 };
         let before = [n(1.0, 0.0, 100.0), n(0.0, 0.0, 0.0), n(0.0, 0.0, 0.0)];
         let after = [n(7.0, 600.0, 400.0), n(3.0, 300.0, 100.0), n(3.0, 300.0, 100.0)];
         let s = spread(&before, &after);
@@ -125,5 +157,16 @@ mod tests {
         assert!((s.prefill_max_over_mean - 1.8).abs() < 1e-9, "{s:?}");
         assert_eq!(s.hit_rate, 1200.0 / 1700.0);
         assert_eq!(spread(&[], &[]).requests_max_over_mean, 0.0);
+    }
+
+    #[test]
+    fn routed_outcomes_sum_over_services() {
+        let page = "mesh_sidecar_prefix_routed_total{service=\"a\",outcome=\"hit\"} 3\n\
+            mesh_sidecar_prefix_routed_total{service=\"b\",outcome=\"hit\"} 2\n\
+            mesh_sidecar_prefix_routed_total{service=\"a\",outcome=\"miss\"} 1\n# EOF\n";
+        let o = outcomes(page);
+        assert_eq!(o.get("hit"), Some(&5.0));
+        assert_eq!(o.get("miss"), Some(&1.0));
+        assert_eq!(o.len(), 2);
     }
 }

@@ -26,10 +26,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context;
+
 use super::OutArgs;
 use super::measures::run_load;
 use super::mesh::{Mesh, MeshArgs, Policy};
-use super::node_metrics::{scrape, spread};
+use super::node_metrics::{routed, scrape, spread};
 use super::nodes::{NodeArgs, NodeSet};
 use super::prefix_report::{Measured, MeshRun, PrefixReport, SingleNode};
 use crate::load::cli::parse_duration;
@@ -182,7 +184,10 @@ async fn mesh_run(args: &Args, cache: Cache, policy: Policy, name: &str) -> anyh
     let mesh = Mesh::start(&mesh_args, nodes, None).await?;
     let spec =
         shared_spec(args, &[mesh.target()?], &mesh.service, args.shared_prefixes, args.concurrency, args.requests, 0)?;
-    measure(spec, name, args.quiet, &mesh.nodes.metrics()?).await
+    let mut measured = measure(spec, name, args.quiet, &mesh.nodes.metrics()?).await?;
+    let client = mesh.client.metrics.context("the client sidecar serves no metrics")?;
+    measured.routed = routed(client).await?;
+    Ok(measured)
 }
 
 /// Runs `spec`, reading the nodes' counters before and after.

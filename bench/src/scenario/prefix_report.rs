@@ -23,6 +23,9 @@ pub struct Measured {
     pub ttft: Percentiles,
     pub prompt_cache: PromptCache,
     pub nodes: Spread,
+    /// The client sidecar's cache-aware picks by outcome (hit, spread,
+    /// miss); empty where it made none.
+    pub routed: BTreeMap<String, f64>,
 }
 
 impl Measured {
@@ -33,6 +36,7 @@ impl Measured {
             ttft: admitted_ttft(&run.result.records),
             prompt_cache: summary.prompt_cache.clone(),
             nodes,
+            routed: BTreeMap::new(),
         }
     }
 }
@@ -174,6 +178,9 @@ impl PrefixReport {
                 let _ = writeln!(t, "  last turn / first turn TTFT p50: {:.2}", last / first.max(f64::MIN_POSITIVE));
             }
         }
+        for (name, m) in self.mesh.iter().filter_map(|m| Some((&m.name, m.measured.as_ref()?))) {
+            t += &placement(name, m);
+        }
         for m in self.mesh.iter().filter(|m| m.error.is_some()) {
             let _ = writeln!(t, "  {} did not run: {}", m.name, m.error.as_deref().unwrap_or(""));
         }
@@ -195,6 +202,23 @@ impl PrefixReport {
         rows.extend(self.mesh.iter().map(|m| (m.name.clone(), m.measured.as_ref())));
         rows
     }
+}
+
+/// Where a mesh run's requests and evictions fell, and how the client
+/// sidecar picked (with cache-aware routing).
+fn placement(name: &str, m: &Measured) -> String {
+    let per_node = |f: fn(&super::node_metrics::NodeCounts) -> f64| {
+        m.nodes.per_node.iter().map(|n| format!("{}", f(n))).collect::<Vec<_>>().join("/")
+    };
+    let mut line = format!(
+        "  {name}: requests {} per node, evicted blocks {}",
+        per_node(|n| n.requests),
+        per_node(|n| n.evicted_blocks)
+    );
+    for (outcome, count) in &m.routed {
+        let _ = write!(line, ", {outcome} {count}");
+    }
+    line + "\n"
 }
 
 fn row(name: &str, m: Option<&Measured>) -> String {
