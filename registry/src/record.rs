@@ -22,6 +22,10 @@ pub struct InstanceRecord {
     /// Sequences it decodes at once.
     pub max_running: u32,
     pub context_length: u32,
+    /// KV-cache tokens the node holds at most (its `max_kv_tokens`), which
+    /// bounds its prefix cache; 0 when not known.
+    #[serde(default)]
+    pub kv_tokens: u64,
     #[serde(default)]
     pub version: String,
     /// Relative share of traffic (1 is normal).
@@ -53,6 +57,7 @@ impl InstanceRecord {
             zone: String::new(),
             max_running: 1,
             context_length: 0,
+            kv_tokens: 0,
             version: String::new(),
             weight: 1,
             started_at_ms,

@@ -38,6 +38,7 @@ pub fn record(node: &NodeSection, model: &ModelInfo, service: &str, advertise: &
     rec.version = node.version.clone();
     rec.max_running = model.max_running;
     rec.context_length = model.context_length;
+    rec.kv_tokens = model.max_kv_tokens;
     (rec.spare, rec.standby) = (node.standby, node.standby);
     rec
 }

@@ -10,6 +10,7 @@ use std::time::Instant;
 use mesh_proto::v1::FinishReason;
 use tonic::Status;
 
+use super::allot::{Want, allot};
 use super::prefix::BLOCK_TOKENS;
 use super::{Sequence, Shared, isolate};
 use crate::backend::{Backend, SeqStep};
@@ -150,25 +151,17 @@ impl Engine {
         if !evicted.is_empty() {
             self.backend.forget(&evicted);
         }
-        let limits = &self.shared.limits;
-        let mut budget = limits.max_step_tokens;
-        // Decoding sequences first (one token each), then prefill chunks in
-        // arrival order while the budget lasts.
-        let mut order: Vec<usize> = (0..self.running.len()).collect();
-        order.sort_by_key(|&i| !self.running[i].0.is_decoding());
+        let wants: Vec<Want> = self
+            .running
+            .iter()
+            .map(|(seq, joined)| Want { decoding: seq.is_decoding(), unread: seq.unread(), joined: *joined })
+            .collect();
         // Per step: (running index, tokens fed, whether they are prompt tokens).
-        let mut fed = Vec::with_capacity(order.len());
-        let mut steps = Vec::with_capacity(order.len());
-        for i in order {
+        let mut fed = Vec::with_capacity(wants.len());
+        let mut steps = Vec::with_capacity(wants.len());
+        for (i, take) in allot(&wants, self.shared.limits.max_step_tokens) {
             let seq = &self.running[i].0;
-            let take = if seq.is_decoding() { 1 } else { budget };
-            if take == 0 {
-                continue;
-            }
             let (tokens, start_pos, want_logits) = seq.next_chunk(take);
-            if !seq.is_decoding() {
-                budget -= tokens.len();
-            }
             fed.push((i, tokens.len(), !seq.is_decoding()));
             steps.push(SeqStep {
                 id: seq.id,

@@ -3,6 +3,7 @@
 //! decided on the caller's side, under a small lock, so a full node answers
 //! at once even while a step is running.
 
+mod allot;
 mod engine;
 mod isolate;
 mod prefix;

@@ -128,6 +128,12 @@ impl Sequence {
         self.prompt_len - self.continued
     }
 
+    /// Tokens not yet in the cache: the prompt's unread part, or while
+    /// decoding the last token sampled.
+    pub fn unread(&self) -> usize {
+        self.tokens.len() - self.prefilled
+    }
+
     /// Tokens not yet in the cache, at most `budget` of them, and whether
     /// they reach the end (so the step must produce this sequence's logits).
     pub fn next_chunk(&self, budget: usize) -> (&[u32], usize, bool) {

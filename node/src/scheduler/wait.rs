@@ -48,9 +48,11 @@ pub struct Backlog {
 /// The expected wait of a request admitted behind `backlog`: the later of
 /// getting a slot (the queue beyond the free slots leaves `max_running` at
 /// a time, each wave after `service`) and its turn at prefill (whole steps
-/// of `max_step_tokens` for the prompt tokens ahead; prompts are read in
-/// arrival order). Priority is not counted: a high-priority request may
-/// start sooner than this says, a low one later.
+/// of `max_step_tokens` for the prompt tokens ahead, as if prompts were
+/// read in arrival order). Priority is not counted: a high-priority request
+/// may start sooner than this says, a low one later; nor is a running
+/// batch's shortest-first reading (`allot`), which starts a short prompt
+/// sooner and a long one later.
 pub fn expected(backlog: Backlog, pace: Pace, limits: &Limits) -> Duration {
     let slot = if backlog.queued < backlog.free_slots {
         Duration::ZERO

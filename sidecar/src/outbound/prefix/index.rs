@@ -121,6 +121,13 @@ impl PrefixIndex {
         }
     }
 
+    /// Notes that the instance `id` no longer holds the block `name`.
+    pub fn forget(&mut self, name: u64, id: u32) {
+        if let Some(entry) = self.find(key(name)) {
+            self.holders[entry].iter_mut().filter(|h| **h != 0 && holder(**h) == id).for_each(|h| *h = 0);
+        }
+    }
+
     fn set(&self, key: u64) -> std::ops::Range<usize> {
         // Fibonacci hashing spreads even names that are not hashes (tests'
         // 1, 2, 3...); its high bits scaled to the set count (any count).
@@ -222,6 +229,16 @@ mod tests {
         index.record(&hot, 3); // refreshed: it stays
         index.record(&hot, 7);
         assert_eq!(index.runs(&hot, &[1, 2, 3, 4, 5, 6, 7]), vec![0, 0, 2, 0, 2, 2, 2]);
+    }
+
+    #[test]
+    fn a_forgotten_block_ends_the_holders_run() {
+        let mut index = PrefixIndex::new(1024);
+        let prompt = names(1, 6);
+        index.record(&prompt, 7);
+        index.record(&prompt, 8);
+        index.forget(prompt[3], 7);
+        assert_eq!(index.runs(&prompt, &[7, 8]), vec![3, 6]);
     }
 
     #[test]

@@ -25,7 +25,11 @@
 //! and the cheapest wins (ties to the longer match). The contenders are the
 //! two instances power-of-two-choices drew, as under least-loaded, plus
 //! every instance the index says holds the first block. Consequences:
-//! - no match anywhere: the order is least-loaded's, untouched;
+//! - no match anywhere: the request is placed ([`place`]): among instances
+//!   whose load is within its own prefill of the lightest, the one whose
+//!   node cache (as [`resident`] replays it) has room, or else pushes out
+//!   the least recently used blocks; least-loaded's order where no cache
+//!   tells them apart;
 //! - a hot prefix stays on its instance while that one is no more loaded
 //!   than the others by `m / n̄` typical requests, and spreads to another
 //!   past that (which then holds it too, and both compete on load);
@@ -35,9 +39,16 @@
 //!
 //! `n̄` is a moving average over the service's requests, measured, so the
 //! rule needs no per-hardware constant.
+//!
+//! What the nodes evict, the index learns from the replay of each node's
+//! cache ([`resident`]), not from the nodes: their blocks are token blocks
+//! the sidecar cannot name. So the index is as stale as that replay is
+//! wrong; a wrong guess costs one prefill (a request sent where its blocks
+//! were evicted computes them, as it would have anywhere else).
 
 mod blocks;
 mod index;
+mod resident;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -47,6 +58,7 @@ use mesh_proto::v1::GenerateRequest;
 
 pub use blocks::{BLOCK_BYTES, BlockNamer, MAX_BLOCKS};
 pub use index::{HOLDERS, PrefixIndex, WAYS, new_holder_id};
+use resident::Resident;
 
 use super::instance::Instance;
 use crate::metrics::SidecarMetrics;
@@ -72,6 +84,10 @@ struct State {
     /// Per service: time to first token of a request sent where none of
     /// its blocks were (a whole prefill), seconds, a moving average.
     cold: HashMap<String, f64>,
+    /// Each instance's node cache, replayed.
+    resident: Resident,
+    /// Blocks recorded so far: the replay's clock.
+    clock: u64,
 }
 
 /// What the index said about one request's candidates.
@@ -85,7 +101,13 @@ pub struct Matches {
 impl PrefixRouting {
     /// Routing over an index of at most `index_blocks` blocks.
     pub fn new(index_blocks: usize, metrics: SidecarMetrics) -> Self {
-        let state = State { index: PrefixIndex::new(index_blocks), typical: HashMap::new(), cold: HashMap::new() };
+        let state = State {
+            index: PrefixIndex::new(index_blocks),
+            typical: HashMap::new(),
+            cold: HashMap::new(),
+            resident: Resident::default(),
+            clock: 0,
+        };
         Self { namer: BlockNamer::default(), state: Mutex::new(state), metrics }
     }
 
@@ -103,14 +125,17 @@ impl PrefixRouting {
     /// contenders; leaves it as it is when none does.
     pub fn rank(&self, service: &str, order: &mut Vec<&Arc<Instance>>, blocks: &[u64]) -> Matches {
         let ids: Vec<u32> = order.iter().map(|e| e.prefix_holder()).collect();
-        let (runs, typical, cold) = {
+        let (runs, typical, cold, victims) = {
             let state = self.lock();
             let typical = state.typical.get(service).copied().unwrap_or(blocks.len() as f64);
-            (state.index.runs(blocks, &ids), typical.max(1.0), state.cold.get(service).copied())
+            let victims: Vec<u64> =
+                ids.iter().take(PLACES).map(|&id| state.resident.victim_age(id, blocks.len(), state.clock)).collect();
+            (state.index.runs(blocks, &ids), typical.max(1.0), state.cold.get(service).copied(), victims)
         };
         let best = runs.iter().copied().max().unwrap_or(0);
         let matches = Matches { best, runs: ids.into_iter().zip(runs.iter().copied()).filter(|m| m.1 > 0).collect() };
         if best == 0 {
+            place(order, &victims, blocks.len() as f64 / typical, cold);
             return matches;
         }
         let over = past_balance(order);
@@ -148,6 +173,11 @@ impl PrefixRouting {
         }
         let mut state = self.lock();
         state.index.record(blocks, id);
+        let now = state.clock;
+        for name in state.resident.touch(id, chosen.record.kv_tokens, blocks, now) {
+            state.index.forget(name, id);
+        }
+        state.clock += blocks.len() as u64;
         let n = blocks.len() as f64;
         match state.typical.get_mut(service) {
             Some(typical) => *typical += (n - *typical) * TYPICAL_WEIGHT,
@@ -181,6 +211,37 @@ fn past_balance(order: &[&Arc<Instance>]) -> Vec<bool> {
     let pending: Vec<f64> = order.iter().map(|e| f64::from(e.pending())).collect();
     let mean_after = (pending.iter().sum::<f64>() + 1.0) / pending.len().max(1) as f64;
     pending.into_iter().map(|p| p + 1.0 > BALANCE * mean_after + BALANCE_SLACK).collect()
+}
+
+/// Instances a request none of whose blocks are cached is placed among:
+/// the two power-of-two drew and two more.
+const PLACES: usize = 4;
+
+/// Places a request no instance holds a block of (its `size` in typical
+/// requests): among the first [`PLACES`] of least-loaded's `order` not past
+/// the balance bound, those within one such prefill of the lightest's load
+/// are as good as each other on wait, and of those the one whose cache
+/// loses least goes first: room to spare, else the least recently used
+/// victim (`victims`: each one's age, [`Resident::victim_age`]). So new
+/// prompts fill idle caches before they push out another prompt's blocks.
+/// Where no cache tells the instances apart, least-loaded's order stands.
+fn place(order: &mut [&Arc<Instance>], victims: &[u64], size: f64, cold: Option<f64>) {
+    let head = order.len().min(PLACES).min(victims.len());
+    if victims[..head].iter().all(|&v| v == victims[0]) {
+        return; // no cache tells them apart: least-loaded's order stands
+    }
+    let over = past_balance(order);
+    let loads: Vec<f64> = order[..head].iter().map(|e| e.load()).collect();
+    let within = |i: usize| !over[i];
+    let Some(lightest) = (0..head).filter(|&i| within(i)).map(|i| loads[i]).min_by(f64::total_cmp) else { return };
+    let prefill =
+        |e: &Instance| cold.unwrap_or_else(|| e.ttft_estimate().as_secs_f64()) / f64::from(e.record.weight.max(1));
+    let best = (0..head)
+        .filter(|&i| within(i) && loads[i] <= lightest + size * prefill(order[i]))
+        .min_by(|&a, &b| victims[b].cmp(&victims[a]).then(loads[a].total_cmp(&loads[b])));
+    if let Some(best) = best {
+        order[..=best].rotate_right(1);
+    }
 }
 
 /// Expected wait for a first token at `ep` less the prefill its `run`

@@ -145,3 +145,41 @@ async fn an_instance_that_leaves_and_comes_back_starts_empty() {
     drop(pick(&b, &hot));
     assert_eq!(routed(&metrics, "miss"), 2);
 }
+
+/// Three instances whose nodes cache `blocks` blocks each.
+fn cache_aware_with_room(blocks: u64) -> (Balancer, SidecarMetrics) {
+    let (b, metrics) = cache_aware(0);
+    let mut v = view(3);
+    v.instances.values_mut().for_each(|r| r.kv_tokens = blocks * resident::TOKENS_PER_BLOCK);
+    b.update(&v);
+    (b, metrics)
+}
+
+#[tokio::test]
+async fn a_new_prompt_goes_where_the_cache_has_room() {
+    let (b, _) = cache_aware_with_room(64);
+    let (first, second) = (pick(&b, &prompt(1, 48)), pick(&b, &prompt(1000, 48)));
+    assert!(!Arc::ptr_eq(&first, &second), "the second prompt fills the other idle cache");
+    let third = pick(&b, &prompt(2000, 48));
+    assert!(!Arc::ptr_eq(&third, &first) && !Arc::ptr_eq(&third, &second));
+    // Every cache is 48 of 64 blocks full: a fourth prompt pushes out the
+    // least recently used, the first prompt's.
+    assert!(Arc::ptr_eq(&pick(&b, &prompt(3000, 48)), &first));
+}
+
+#[tokio::test]
+async fn blocks_a_node_has_evicted_no_longer_attract_their_prompt() {
+    let (b, metrics) = cache_aware_with_room(64);
+    let hot = prompt(1, 48);
+    let home = pick(&b, &hot);
+    assert!(Arc::ptr_eq(&pick(&b, &hot), &home));
+    assert_eq!((routed(&metrics, "miss"), routed(&metrics, "hit")), (1, 1));
+    // The others busy, two more prompts go there and push the hot one out.
+    let others: Vec<_> = b.all().into_iter().filter(|e| !Arc::ptr_eq(e, &home)).collect();
+    let streams: Vec<_> = others.iter().flat_map(|e| (0..8).map(|_| e.start()).collect::<Vec<_>>()).collect();
+    assert!(Arc::ptr_eq(&pick(&b, &prompt(1000, 40)), &home));
+    assert!(Arc::ptr_eq(&pick(&b, &prompt(2000, 40)), &home));
+    drop(streams);
+    drop(pick(&b, &hot));
+    assert_eq!((routed(&metrics, "miss"), routed(&metrics, "hit")), (4, 1), "the hot prompt is a miss now");
+}
