@@ -28,6 +28,7 @@ use std::arch::x86_64::*;
 
 use super::acts::sum_stride;
 use super::kernel::{for_each_tile, store};
+use super::out::Window;
 use super::{Q4Step, Q8Step, WeightStep, XRows};
 
 /// How a weight step is loaded and multiplied.
@@ -109,11 +110,11 @@ unsafe fn scales(dm: &[half::f16; 4]) -> __m128 {
     unsafe { _mm_cvtph_ps(_mm_loadl_epi64(dm.as_ptr().cast())) }
 }
 
-/// `out[i * rows + r] = w_row(r) · x_row(i)` for a block of weight rows.
+/// `out(i, r) = w_row(r) · x_row(i)` for a block of weight rows.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C (`Kernel::Avx2.supported()`).
-pub unsafe fn block<W: WeightStep>(w: &[W], rows: usize, steps: usize, x: XRows<'_>, n: usize, out: &mut [f32]) {
+pub unsafe fn block<W: WeightStep>(w: &[W], rows: usize, steps: usize, x: XRows<'_>, n: usize, out: &mut Window<'_>) {
     let stride = sum_stride(steps);
     // The current tile's Q4_1 minimums, gathered while its steps stream by.
     let mut mins = vec![0f32; 4 * stride];
@@ -123,25 +124,25 @@ pub unsafe fn block<W: WeightStep>(w: &[W], rows: usize, steps: usize, x: XRows<
         // SAFETY: the caller guarantees the CPU features.
         unsafe {
             match (mw, mx) {
-                (4, 3) => pairs(tile::<W, 2, 3>(wr, xr, steps, &mut mins), out, rows, r, i),
-                (4, 2) => pairs(tile::<W, 2, 2>(wr, xr, steps, &mut mins), out, rows, r, i),
-                (4, _) => pairs(tile::<W, 2, 1>(wr, xr, steps, &mut mins), out, rows, r, i),
-                (2, 3) => pairs(tile::<W, 1, 3>(wr, xr, steps, &mut mins), out, rows, r, i),
-                (2, 2) => pairs(tile::<W, 1, 2>(wr, xr, steps, &mut mins), out, rows, r, i),
-                (2, _) => pairs(tile::<W, 1, 1>(wr, xr, steps, &mut mins), out, rows, r, i),
+                (4, 3) => pairs(tile::<W, 2, 3>(wr, xr, steps, &mut mins), out, r, i),
+                (4, 2) => pairs(tile::<W, 2, 2>(wr, xr, steps, &mut mins), out, r, i),
+                (4, _) => pairs(tile::<W, 2, 1>(wr, xr, steps, &mut mins), out, r, i),
+                (2, 3) => pairs(tile::<W, 1, 3>(wr, xr, steps, &mut mins), out, r, i),
+                (2, 2) => pairs(tile::<W, 1, 2>(wr, xr, steps, &mut mins), out, r, i),
+                (2, _) => pairs(tile::<W, 1, 1>(wr, xr, steps, &mut mins), out, r, i),
                 // A last odd row runs as a pair with itself; the copy is dropped.
-                (_, 3) => store([tile::<W, 1, 3>(wr, xr, steps, &mut mins)[0][0]], out, rows, r, i),
-                (_, 2) => store([tile::<W, 1, 2>(wr, xr, steps, &mut mins)[0][0]], out, rows, r, i),
-                _ => store([tile::<W, 1, 1>(wr, xr, steps, &mut mins)[0][0]], out, rows, r, i),
+                (_, 3) => store([tile::<W, 1, 3>(wr, xr, steps, &mut mins)[0][0]], out, r, i),
+                (_, 2) => store([tile::<W, 1, 2>(wr, xr, steps, &mut mins)[0][0]], out, r, i),
+                _ => store([tile::<W, 1, 1>(wr, xr, steps, &mut mins)[0][0]], out, r, i),
             }
         }
     });
 }
 
 /// Writes a tile's row pairs, the first at weight row `r`.
-fn pairs<const P: usize, const MX: usize>(sums: [[[f32; MX]; 2]; P], out: &mut [f32], rows: usize, r: usize, i: usize) {
+fn pairs<const P: usize, const MX: usize>(sums: [[[f32; MX]; 2]; P], out: &mut Window<'_>, r: usize, i: usize) {
     for (p, pair) in sums.into_iter().enumerate() {
-        store(pair, out, rows, r + 2 * p, i);
+        store(pair, out, r + 2 * p, i);
     }
 }
 

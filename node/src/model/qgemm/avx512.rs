@@ -18,6 +18,7 @@ use std::arch::x86_64::*;
 use super::acts::sum_stride;
 use super::avx2::min_terms;
 use super::kernel::{for_each_tile, store};
+use super::out::Window;
 use super::{Q4Step, Q8Step, WeightStep, XRows};
 
 /// Activation rows per tile.
@@ -57,11 +58,11 @@ unsafe fn scales(dm: &[half::f16; 4]) -> __m128 {
     unsafe { _mm_cvtph_ps(_mm_loadl_epi64(dm.as_ptr().cast())) }
 }
 
-/// `out[i * rows + r] = w_row(r) · x_row(i)` for a block of weight rows.
+/// `out(i, r) = w_row(r) · x_row(i)` for a block of weight rows.
 ///
 /// # Safety
 /// The CPU must support AVX-512F/BW/VNNI, FMA and F16C (`Kernel::Avx512.supported()`).
-pub unsafe fn block<W: WeightStep>(w: &[W], rows: usize, steps: usize, x: XRows<'_>, n: usize, out: &mut [f32]) {
+pub unsafe fn block<W: WeightStep>(w: &[W], rows: usize, steps: usize, x: XRows<'_>, n: usize, out: &mut Window<'_>) {
     let stride = sum_stride(steps);
     // The current tile's weight minimums, gathered while its steps stream by.
     let mut mins = vec![0f32; 4 * stride];
@@ -72,20 +73,20 @@ pub unsafe fn block<W: WeightStep>(w: &[W], rows: usize, steps: usize, x: XRows<
         // SAFETY: the caller guarantees the CPU features.
         unsafe {
             match (mw, mx) {
-                (4, 8) => store(tile::<W, 8>(wr, xr, steps, m), out, rows, r, i),
-                (4, 7) => store(tile::<W, 7>(wr, xr, steps, m), out, rows, r, i),
-                (4, 6) => store(tile::<W, 6>(wr, xr, steps, m), out, rows, r, i),
-                (4, 5) => store(tile::<W, 5>(wr, xr, steps, m), out, rows, r, i),
-                (4, 4) => store(tile::<W, 4>(wr, xr, steps, m), out, rows, r, i),
-                (4, 3) => store(tile::<W, 3>(wr, xr, steps, m), out, rows, r, i),
-                (4, 2) => store(tile::<W, 2>(wr, xr, steps, m), out, rows, r, i),
-                (4, _) => store(tile::<W, 1>(wr, xr, steps, m), out, rows, r, i),
+                (4, 8) => store(tile::<W, 8>(wr, xr, steps, m), out, r, i),
+                (4, 7) => store(tile::<W, 7>(wr, xr, steps, m), out, r, i),
+                (4, 6) => store(tile::<W, 6>(wr, xr, steps, m), out, r, i),
+                (4, 5) => store(tile::<W, 5>(wr, xr, steps, m), out, r, i),
+                (4, 4) => store(tile::<W, 4>(wr, xr, steps, m), out, r, i),
+                (4, 3) => store(tile::<W, 3>(wr, xr, steps, m), out, r, i),
+                (4, 2) => store(tile::<W, 2>(wr, xr, steps, m), out, r, i),
+                (4, _) => store(tile::<W, 1>(wr, xr, steps, m), out, r, i),
                 // A last row short of four runs as four copies of itself.
                 (_, _) => {
                     for di in 0..mx {
                         let one =
                             XRows { steps: &xr.steps[di * steps..][..steps], sums: &xr.sums[di * stride..][..stride] };
-                        store([[tile::<W, 1>(wr, one, steps, m)[0][0]]], out, rows, r, i + di);
+                        store([[tile::<W, 1>(wr, one, steps, m)[0][0]]], out, r, i + di);
                     }
                 }
             }

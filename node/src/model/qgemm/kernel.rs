@@ -5,6 +5,7 @@
 //! kernels are compiled with `#[target_feature]` and only called after
 //! `is_x86_feature_detected!` said the CPU has them.
 
+use super::out::Window;
 use super::{WeightStep, XRows};
 
 /// A matmul kernel path.
@@ -76,7 +77,7 @@ impl Kernel {
         }
     }
 
-    /// `out[i * rows + r] = w_row(r) · x_row(i)` for a block of weight rows.
+    /// `out(i, r) = w_row(r) · x_row(i)` for a block of weight rows.
     pub(super) fn block<W: WeightStep>(
         self,
         w: &[W],
@@ -84,7 +85,7 @@ impl Kernel {
         steps: usize,
         x: XRows<'_>,
         n: usize,
-        out: &mut [f32],
+        out: &mut Window<'_>,
     ) {
         // A kernel the CPU lacks would execute illegal instructions.
         assert!(self.supported(), "kernel {self} is not supported by this CPU");
@@ -133,16 +134,10 @@ pub(super) fn for_each_tile(
 
 /// Writes a tile's sums: `sums[dr][dx]` is weight row `r + dr` times
 /// activation row `i + dx`.
-pub(super) fn store<const MW: usize, const MX: usize>(
-    sums: [[f32; MX]; MW],
-    out: &mut [f32],
-    rows: usize,
-    r: usize,
-    i: usize,
-) {
+pub(super) fn store<const MW: usize, const MX: usize>(sums: [[f32; MX]; MW], out: &mut Window<'_>, r: usize, i: usize) {
     for (dr, per_x) in sums.iter().enumerate() {
         for (dx, v) in per_x.iter().enumerate() {
-            out[(i + dx) * rows + r + dr] = *v;
+            out.set(i + dx, r + dr, *v);
         }
     }
 }

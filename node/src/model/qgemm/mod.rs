@@ -19,11 +19,13 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 mod kernel;
+mod out;
 mod scalar;
 
 pub use acts::QActs;
 use acts::XRows;
 pub use kernel::Kernel;
+use out::Product;
 
 use half::f16;
 use rayon::prelude::*;
@@ -244,25 +246,16 @@ fn run<W: WeightStep>(kernel: Kernel, w: &[W], rows: usize, steps: usize, x: &QA
     // into many even tasks even where a matrix has few rows.
     let passes = n.div_ceil(X_ROWS_PER_PASS).max(1);
     let per_task = rows_per_task(rows);
-    let parts: Vec<Vec<f32>> = (0..rows.div_ceil(per_task) * passes)
-        .into_par_iter()
-        .map(|t| {
-            let (r0, i0) = ((t / passes) * per_task, (t % passes) * X_ROWS_PER_PASS);
-            let (r1, i1) = ((r0 + per_task).min(rows), (i0 + X_ROWS_PER_PASS).min(n));
-            // [i1 - i0, r1 - r0]
-            let mut out = vec![0f32; (i1 - i0) * (r1 - r0)];
-            kernel.block(&w[r0 * steps..r1 * steps], r1 - r0, steps, x.rows(i0, i1), i1 - i0, &mut out);
-            out
-        })
-        .collect();
     let mut out = vec![0f32; n * rows];
-    for (t, part) in parts.iter().enumerate() {
+    let product = Product::new(&mut out, rows, n);
+    (0..rows.div_ceil(per_task) * passes).into_par_iter().for_each(|t| {
         let (r0, i0) = ((t / passes) * per_task, (t % passes) * X_ROWS_PER_PASS);
-        let width = (r0 + per_task).min(rows) - r0;
-        for (i, row) in part.chunks_exact(width).enumerate() {
-            out[(i0 + i) * rows + r0..][..width].copy_from_slice(row);
-        }
-    }
+        let (r1, i1) = ((r0 + per_task).min(rows), (i0 + X_ROWS_PER_PASS).min(n));
+        // SAFETY: each task `t` has its own (weight rows, activation rows)
+        // pair of ranges, so no two windows overlap.
+        let mut window = unsafe { product.window((i0, i1), (r0, r1)) };
+        kernel.block(&w[r0 * steps..r1 * steps], r1 - r0, steps, x.rows(i0, i1), i1 - i0, &mut window);
+    });
     out
 }
 

@@ -3,10 +3,11 @@
 //! unpacked once and multiplied with every activation row.
 
 use super::acts::sum_stride;
+use super::out::Window;
 use super::{WeightStep, XRows};
 
-/// `out[i * rows + r] = w_row(r) · x_row(i)` for a block of weight rows.
-pub fn block<W: WeightStep>(w: &[W], rows: usize, steps: usize, x: XRows<'_>, n: usize, out: &mut [f32]) {
+/// `out(i, r) = w_row(r) · x_row(i)` for a block of weight rows.
+pub fn block<W: WeightStep>(w: &[W], rows: usize, steps: usize, x: XRows<'_>, n: usize, out: &mut Window<'_>) {
     let stride = sum_stride(steps);
     let mut acc = vec![[0f32; 16]; n];
     // Each activation row's weight-minimum terms: `m * scale * sum(q)` per block.
@@ -29,7 +30,7 @@ pub fn block<W: WeightStep>(w: &[W], rows: usize, steps: usize, x: XRows<'_>, n:
             }
         }
         for (i, (acc, min)) in acc.iter().zip(&mins).enumerate() {
-            out[i * rows + r] = acc.iter().sum::<f32>() + min;
+            out.set(i, r, acc.iter().sum::<f32>() + min);
         }
     }
 }
