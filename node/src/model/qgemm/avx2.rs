@@ -186,8 +186,11 @@ unsafe fn tile<W: WeightStep, const P: usize, const MX: usize>(
         }
         for (p, acc) in acc.iter_mut().enumerate() {
             let rows = [2 * p, (2 * p + 1).min(given - 1)];
+            // Two calls, not `rows.map(..)`, which LLVM may keep out of
+            // line (as it did the AVX-512 kernel's).
             // SAFETY: rows < given, s < steps, 2 * s + 1 < stride (asserted above).
-            let [(w0, dm0), (w1, dm1)] = rows.map(|r| unsafe { Load::load(&*wp.add(r * steps + s)) });
+            let (w0, dm0) = unsafe { Load::load(&*wp.add(rows[0] * steps + s)) };
+            let (w1, dm1) = unsafe { Load::load(&*wp.add(rows[1] * steps + s)) };
             if W::HAS_MIN {
                 for (r, dm) in [(2 * p, dm0), (2 * p + 1, dm1)] {
                     unsafe { _mm_storeh_pd(mp.add(r * stride + 2 * s).cast(), _mm_castps_pd(dm)) };
