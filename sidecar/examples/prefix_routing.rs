@@ -115,10 +115,13 @@ fn routing(instances: usize) {
     );
 }
 
+/// `n` instances whose nodes hold the node's default 65,536 KV tokens, so
+/// routing replays their caches too.
 fn view(n: usize) -> View {
     let instances = (0..n)
         .map(|i| {
-            let r = InstanceRecord::new("chat", format!("i{i}"), format!("127.0.0.1:{}", 9000 + i));
+            let mut r = InstanceRecord::new("chat", format!("i{i}"), format!("127.0.0.1:{}", 9000 + i));
+            r.kv_tokens = 65_536;
             (("chat".to_string(), r.instance_id.clone()), r)
         })
         .collect();

@@ -122,15 +122,22 @@ impl PrefixRouting {
 
     /// Reorders least-loaded's `order` (its two drawn instances first) by
     /// cost, with every instance holding a prefix of `blocks` among the
-    /// contenders; leaves it as it is when none does.
+    /// contenders; when none holds one, places the request ([`place`]).
     pub fn rank(&self, service: &str, order: &mut Vec<&Arc<Instance>>, blocks: &[u64]) -> Matches {
         let ids: Vec<u32> = order.iter().map(|e| e.prefix_holder()).collect();
         let (runs, typical, cold, victims) = {
             let state = self.lock();
             let typical = state.typical.get(service).copied().unwrap_or(blocks.len() as f64);
-            let victims: Vec<u64> =
-                ids.iter().take(PLACES).map(|&id| state.resident.victim_age(id, blocks.len(), state.clock)).collect();
-            (state.index.runs(blocks, &ids), typical.max(1.0), state.cold.get(service).copied(), victims)
+            let runs = state.index.runs(blocks, &ids);
+            // Victims matter only to a request no instance holds ([`place`]).
+            let placed = if runs.iter().all(|&r| r == 0) { PLACES } else { 0 };
+            let age = |&id: &u32| state.resident.victim_age(id, blocks.len(), state.clock);
+            (
+                runs,
+                typical.max(1.0),
+                state.cold.get(service).copied(),
+                ids.iter().take(placed).map(age).collect::<Vec<_>>(),
+            )
         };
         let best = runs.iter().copied().max().unwrap_or(0);
         let matches = Matches { best, runs: ids.into_iter().zip(runs.iter().copied()).filter(|m| m.1 > 0).collect() };
