@@ -67,9 +67,7 @@ fn samples<'a>(text: &'a str, name: &'a str) -> impl Iterator<Item = (&'a str, f
 /// A client sidecar's cache-aware picks so far, by outcome (hit, spread,
 /// miss), all services together.
 pub async fn routed(addr: SocketAddr) -> anyhow::Result<BTreeMap<String, f64>> {
-    let (status, body) = harness::http_get(addr, "/metrics").await.with_context(|| format!("scraping {addr}"))?;
-    anyhow::ensure!(status == 200, "GET /metrics from {addr}: HTTP {status}");
-    Ok(outcomes(&body))
+    Ok(outcomes(&page(addr).await?))
 }
 
 fn outcomes(text: &str) -> BTreeMap<String, f64> {
@@ -87,11 +85,16 @@ fn outcomes(text: &str) -> BTreeMap<String, f64> {
 pub async fn scrape(addrs: &[SocketAddr]) -> anyhow::Result<Vec<NodeCounts>> {
     let mut out = Vec::with_capacity(addrs.len());
     for &addr in addrs {
-        let (status, body) = harness::http_get(addr, "/metrics").await.with_context(|| format!("scraping {addr}"))?;
-        anyhow::ensure!(status == 200, "GET /metrics from {addr}: HTTP {status}");
-        out.push(NodeCounts::parse(&body));
+        out.push(NodeCounts::parse(&page(addr).await?));
     }
     Ok(out)
+}
+
+/// The Prometheus page a process serves at `addr`.
+async fn page(addr: SocketAddr) -> anyhow::Result<String> {
+    let (status, body) = harness::http_get(addr, "/metrics").await.with_context(|| format!("scraping {addr}"))?;
+    anyhow::ensure!(status == 200, "GET /metrics from {addr}: HTTP {status}");
+    Ok(body)
 }
 
 /// How a run's work fell on the nodes.

@@ -9,7 +9,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::measures::{Check, Run, admitted_ttft};
-use super::node_metrics::Spread;
+use super::node_metrics::{NodeCounts, Spread};
 use super::prefix::Args;
 use crate::load::PromptCache;
 use crate::load::report::{counts, prompt_cache_lines};
@@ -207,9 +207,8 @@ impl PrefixReport {
 /// Where a mesh run's requests and evictions fell, and how the client
 /// sidecar picked (with cache-aware routing).
 fn placement(name: &str, m: &Measured) -> String {
-    let per_node = |f: fn(&super::node_metrics::NodeCounts) -> f64| {
-        m.nodes.per_node.iter().map(|n| format!("{}", f(n))).collect::<Vec<_>>().join("/")
-    };
+    let per_node =
+        |f: fn(&NodeCounts) -> f64| m.nodes.per_node.iter().map(|n| format!("{}", f(n))).collect::<Vec<_>>().join("/");
     let mut line = format!(
         "  {name}: requests {} per node, evicted blocks {}",
         per_node(|n| n.requests),
