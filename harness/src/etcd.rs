@@ -16,6 +16,9 @@ use crate::{Error, Result, Spawned, free_port, http_get};
 /// How long etcd may take to serve.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Starts tried when etcd finds a picked port taken.
+const PORT_TRIES: usize = 3;
+
 /// etcd's server TLS: its certificate and key, and the CA whose client
 /// certificates it requires (`--trusted-ca-file`, `--client-cert-auth`).
 #[derive(Debug, Clone)]
@@ -49,12 +52,22 @@ impl Etcd {
     }
 
     async fn start_with(bin: &Path, tls: Option<EtcdTls>) -> Result<Etcd> {
-        let (client_port, peer_port, metrics_port) = (free_port()?, free_port()?, free_port()?);
-        let data_dir = std::env::temp_dir().join(format!("mesh-etcd-{}-{client_port}", std::process::id()));
-        let bin = bin.to_path_buf();
-        let mut etcd = Etcd { bin, process: None, client_port, peer_port, metrics_port, data_dir, tls };
-        etcd.launch().await?;
-        Ok(etcd)
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let (client_port, peer_port, metrics_port) = (free_port()?, free_port()?, free_port()?);
+            let data_dir = std::env::temp_dir().join(format!("mesh-etcd-{}-{client_port}", std::process::id()));
+            let bin = bin.to_path_buf();
+            let tls = tls.clone();
+            let mut etcd = Etcd { bin, process: None, client_port, peer_port, metrics_port, data_dir, tls };
+            match etcd.launch().await {
+                Ok(()) => return Ok(etcd),
+                // Another process took a port between its pick and etcd's
+                // bind (a CI run lost one so): new ports, another try.
+                Err(Error::Exited { log, .. }) if tries < PORT_TRIES && log.contains("address already in use") => {}
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// `http://127.0.0.1:PORT` (`https://` with TLS), for clients.
