@@ -130,6 +130,9 @@ async fn bench_kernel(args: &Args, kernel: Kernel, upstream: f64, peak: f64) -> 
             );
         }
     }
+    if std::env::var_os("DECODE_ONLY").is_some() {
+        return Ok(());
+    }
     let prefill = measure::prefill_rate(&scheduler, &codec, 5).await?;
     println!(
         "prefill of a 128-token prompt alone: {prefill:.0} tokens/s  ({:.1}x upstream decode)",

@@ -35,8 +35,6 @@ use super::{Q4Step, Q8Step, WeightStep, XRows};
 pub trait Load {
     /// The step's bytes as the kernel multiplies them.
     type Bytes: Copy;
-    /// Whether values carry a per-block minimum (`d * q + m`).
-    const HAS_MIN: bool;
     /// Row pairs per tile: as many as leave the accumulators in registers
     /// next to the pairs' weights (`Bytes`) among AVX2's sixteen.
     const PAIRS: usize;
@@ -54,7 +52,6 @@ pub trait Load {
 
 impl Load for Q4Step {
     type Bytes = [__m256i; 2];
-    const HAS_MIN: bool = true;
     const PAIRS: usize = 2;
 
     #[inline(always)]
@@ -80,7 +77,6 @@ impl Load for Q4Step {
 impl Load for Q8Step {
     /// `[|w| lo, |w| hi, w lo, w hi]` with `w` the signed weight.
     type Bytes = [__m256i; 4];
-    const HAS_MIN: bool = false;
     const PAIRS: usize = 1;
 
     #[inline(always)]

@@ -5,10 +5,12 @@
 //! folded into one register (see `tile`), so the float work (convert,
 //! block scales, accumulate) is done once for four weight rows; the weight
 //! unpack and scale layout are shared by the tile's activation rows. A
-//! weight minimum (Q4_1's `m`, Q8's `-128 d` offset of the unsigned bytes)
-//! adds `m * d_x * sum(q_x)` per block: those terms are summed once per
-//! tile from the minimums gathered on the way (as in the AVX2 kernel), not
-//! with one more product per step and pair. Zen 4, 2 cores, `mesh-bench
+//! Q4_1 minimum `m` adds `m * d_x * sum(q_x)` per block: those terms are
+//! summed once per tile from the minimums gathered on the way (as in the
+//! AVX2 kernel), not with one more product per step and pair. Q8's zero
+//! point (bytes stored `+128`) is taken off in integers instead: each
+//! activation row's `vpdpbusd` start from `-128 * sum(x)` per lane, one
+//! more `vpdpbusd` per step shared by the four weight rows. Zen 4, 2 cores, `mesh-bench
 //! qgemm` (3072 × 576 Q4_1), alternating runs, best of 40: unfolded 4 × 3
 //! and 4 × 5 tiles both 80-82 GMAC/s at 32 rows and 85 at 160; folded
 //! 4 × 8 92-95 and 99.
@@ -133,7 +135,9 @@ unsafe fn tile<W: WeightStep, const MX: usize>(
             // SAFETY: rows < given, s < steps, 2 * s + 1 < stride (asserted above).
             unsafe {
                 (q[j], dm[j]) = Load::load(&*wp.add(rows[j] * steps + s));
-                _mm_storeh_pd(mp.add(rows[j] * stride + 2 * s).cast(), _mm_castps_pd(dm[j]));
+                if W::HAS_MIN {
+                    _mm_storeh_pd(mp.add(rows[j] * stride + 2 * s).cast(), _mm_castps_pd(dm[j]));
+                }
             }
         }
         let wd = folded_scales(dm);
@@ -143,11 +147,16 @@ unsafe fn tile<W: WeightStep, const MX: usize>(
                 let xs = &*xp.add(i * steps + s);
                 (_mm512_load_si512(xs.qs.as_ptr().cast()), _mm512_load_ps(xs.d.as_ptr()))
             };
+            // `-ZERO_POINT * sum(x)` per lane: the same for every weight row.
+            let base = match W::ZERO_POINT {
+                0 => zero,
+                z => _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, _mm512_set1_epi8(z as i8), xq)),
+            };
             let d = [
-                _mm512_dpbusd_epi32(zero, q[0], xq),
-                _mm512_dpbusd_epi32(zero, q[1], xq),
-                _mm512_dpbusd_epi32(zero, q[2], xq),
-                _mm512_dpbusd_epi32(zero, q[3], xq),
+                _mm512_dpbusd_epi32(base, q[0], xq),
+                _mm512_dpbusd_epi32(base, q[1], xq),
+                _mm512_dpbusd_epi32(base, q[2], xq),
+                _mm512_dpbusd_epi32(base, q[3], xq),
             ];
             let a = _mm512_add_epi32(_mm512_unpacklo_epi32(d[0], d[1]), _mm512_unpackhi_epi32(d[0], d[1]));
             let b = _mm512_add_epi32(_mm512_unpacklo_epi32(d[2], d[3]), _mm512_unpackhi_epi32(d[2], d[3]));
@@ -162,7 +171,10 @@ unsafe fn tile<W: WeightStep, const MX: usize>(
         unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), acc) };
         for (j, out) in out.iter_mut().enumerate() {
             let total = (lanes[j] + lanes[4 + j]) + (lanes[8 + j] + lanes[12 + j]);
-            out[i] = total + min_terms(&mins[rows[j] * stride..][..stride], &x.sums[i * stride..][..stride]);
+            out[i] = match W::HAS_MIN {
+                true => total + min_terms(&mins[rows[j] * stride..][..stride], &x.sums[i * stride..][..stride]),
+                false => total,
+            };
         }
     }
     out

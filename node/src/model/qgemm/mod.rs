@@ -46,14 +46,14 @@ pub struct Q4Step {
     dm: [f16; 4],
 }
 
-/// Two 8-bit blocks stored `+128` as unsigned bytes, in the lane order of
-/// the kernel (see `XStep`), with scales and offsets.
+/// Two 8-bit blocks stored `+128` as unsigned bytes (the zero point,
+/// `WeightStep::ZERO_POINT`), in the lane order of the kernel (see
+/// `XStep`), with their scales.
 #[derive(Clone, Copy)]
 #[repr(C, align(8))]
 pub struct Q8Step {
     qs: [u8; 64],
-    /// `[d_a, d_b, -128 d_a, -128 d_b]`: value = d * u + offset (exact in
-    /// f16: a power-of-two multiple).
+    /// `[d_a, d_b, 0, 0]`: value = d * (u - 128), no minimum.
     dm: [f16; 4],
 }
 
@@ -130,7 +130,6 @@ impl QMatrix {
                 let step = &mut data[r * steps + b / 2];
                 let half = b % 2;
                 step.dm[half] = d;
-                step.dm[2 + half] = f16::from_f32(-128.0 * d.to_f32());
                 for (j, &v) in q.iter().enumerate() {
                     step.qs[lane_pos(half * BLOCK + j)] = (i16::from(v) + 128) as u8;
                 }
@@ -174,12 +173,20 @@ impl<T> SimdLoad for T {}
 
 /// One weight step type the kernels understand.
 pub trait WeightStep: Sync + Copy + SimdLoad {
+    /// What the unsigned bytes store for a zero weight: kernels take
+    /// `ZERO_POINT * sum(x)` off the integer dot products (exact).
+    const ZERO_POINT: u8;
+    /// Whether values carry a per-block minimum (`d * q + m`), added
+    /// as `m * scale * sum(q_x)` from the activations' block sums.
+    const HAS_MIN: bool;
     /// The 64 unsigned weight bytes in lane order (scalar path).
     fn bytes(&self) -> [u8; 64];
     fn dm(&self) -> [f32; 4];
 }
 
 impl WeightStep for Q4Step {
+    const ZERO_POINT: u8 = 0;
+    const HAS_MIN: bool = true;
     fn bytes(&self) -> [u8; 64] {
         let mut out = [0u8; 64];
         for (i, &b) in self.qs.iter().enumerate() {
@@ -194,6 +201,8 @@ impl WeightStep for Q4Step {
 }
 
 impl WeightStep for Q8Step {
+    const ZERO_POINT: u8 = 128;
+    const HAS_MIN: bool = false;
     fn bytes(&self) -> [u8; 64] {
         self.qs
     }

@@ -21,16 +21,19 @@ pub fn block<W: WeightStep>(w: &[W], rows: usize, steps: usize, x: XRows<'_>, n:
             for (i, (acc, min)) in acc.iter_mut().zip(mins.iter_mut()).enumerate() {
                 let xs = &x.steps[i * steps + s];
                 for (lane, a) in acc.iter_mut().enumerate() {
-                    let dot: i32 =
-                        (0..4).map(|k| i32::from(bytes[4 * lane + k]) * i32::from(xs.qs[4 * lane + k])).sum();
+                    let weight = |k: usize| i32::from(bytes[4 * lane + k]) - i32::from(W::ZERO_POINT);
+                    let dot: i32 = (0..4).map(|k| weight(k) * i32::from(xs.qs[4 * lane + k])).sum();
                     *a += dot as f32 * (dm[(lane / 4) % 2] * xs.d[lane]);
                 }
-                let sums = &x.sums[i * stride + 2 * s..][..2];
-                *min += dm[2] * sums[0] + dm[3] * sums[1];
+                if W::HAS_MIN {
+                    let sums = &x.sums[i * stride + 2 * s..][..2];
+                    *min += dm[2] * sums[0] + dm[3] * sums[1];
+                }
             }
         }
         for (i, (acc, min)) in acc.iter().zip(&mins).enumerate() {
-            out.set(i, r, acc.iter().sum::<f32>() + min);
+            let dot = acc.iter().sum::<f32>();
+            out.set(i, r, if W::HAS_MIN { dot + min } else { dot });
         }
     }
 }
