@@ -27,7 +27,7 @@ use super::{Q4Step, Q8Step, WeightStep, XRows};
 pub const TILE_X: usize = 8;
 
 /// How a weight step is loaded: 64 unsigned bytes in lane order, and
-/// `[d_a, d_b, offset_a, offset_b]`.
+/// `[d_a, d_b, m_a, m_b]` (Q8: `[d_a, d_b, 0, 0]`).
 pub trait Load {
     /// # Safety
     /// Only called from `tile`, which requires AVX-512F/BW/VNNI and F16C.
