@@ -12,9 +12,9 @@
 //!    cache on and `least-loaded`, cache on and `cache-aware`, each with the
 //!    same shared-prefix workload (8 system prompts of 512 tokens, Zipf
 //!    popular, 4 closed-loop streams). Each node's KV budget
-//!    (`--mesh-kv-tokens`) holds about a third of the prompts beside its
-//!    running requests, so a node that sees every prompt evicts, and one
-//!    that sees its share need not.
+//!    (`--mesh-kv-tokens`) holds four or five of the eight prompts beside
+//!    its running requests, so a node that sees every prompt evicts, and
+//!    one that sees its share need not.
 //!
 //! Hit rates come from the callers' usage and are cross-checked with the
 //! nodes' counters, which also show how the requests and the prompt work
