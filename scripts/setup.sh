@@ -12,6 +12,8 @@ command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v systemd-nspawn >/dev/null || need+=(systemd-container)
 command -v ip >/dev/null || need+=(iproute2)
 command -v curl >/dev/null || need+=(curl)
+# jemalloc (the sidecar's allocator) builds from source with make.
+command -v make >/dev/null || need+=(make)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
