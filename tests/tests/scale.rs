@@ -24,8 +24,9 @@ const CONNECTIONS: usize = 4;
 const MAX_TOKENS: u32 = 8;
 const TOKENS_PER_SEC: &str = "1";
 /// RSS per open stream either sidecar may add: the README states ~16.7 KiB
-/// (client sidecar) and ~14.1 KiB (node sidecar); runs vary by ~1 KiB on a
-/// shared machine. Before token messages were relayed as bytes: 30 and 24.
+/// (client sidecar) and ~14.1 KiB (node sidecar) with glibc's malloc, 17.9
+/// and 15.7 with jemalloc; runs vary by ~1 KiB on a shared machine. Before
+/// token messages were relayed as bytes: 30 and 24.
 const MAX_KIB_PER_STREAM: f64 = 20.0;
 
 /// Streams open now (first token in, last not yet) and the most at once.
