@@ -32,7 +32,10 @@
 //!   tells them apart;
 //! - a hot prefix stays on its instance while that one is no more loaded
 //!   than the others by `m / n̄` typical requests, and spreads to another
-//!   past that (which then holds it too, and both compete on load);
+//!   past that (which then holds it too, and both compete on load); an
+//!   instance whose replayed cache has no room for the copy costs one
+//!   prefill of it more ([`eviction`]: what it pushes out is asked for
+//!   again), so a spread goes where it evicts nothing when it can;
 //! - a long conversation (`m` several times `n̄`) is worth several queued
 //!   requests: resending its history to a fresh instance would prefill all
 //!   of it again.
@@ -129,15 +132,9 @@ impl PrefixRouting {
             let state = self.lock();
             let typical = state.typical.get(service).copied().unwrap_or(blocks.len() as f64);
             let runs = state.index.runs(blocks, &ids);
-            // Victims matter only to a request no instance holds ([`place`]).
-            let placed = if runs.iter().all(|&r| r == 0) { PLACES } else { 0 };
+            // Each instance's replayed cache: what taking the blocks would evict.
             let age = |&id: &u32| state.resident.victim_age(id, blocks.len(), state.clock);
-            (
-                runs,
-                typical.max(1.0),
-                state.cold.get(service).copied(),
-                ids.iter().take(placed).map(age).collect::<Vec<_>>(),
-            )
+            (runs, typical.max(1.0), state.cold.get(service).copied(), ids.iter().map(age).collect::<Vec<_>>())
         };
         let best = runs.iter().copied().max().unwrap_or(0);
         let matches = Matches { best, runs: ids.into_iter().zip(runs.iter().copied()).filter(|m| m.1 > 0).collect() };
@@ -146,11 +143,17 @@ impl PrefixRouting {
             return matches;
         }
         let over = past_balance(order);
+        let size = blocks.len() as f64 / typical;
         let (mut contenders, mut rest, mut demoted) = (Vec::new(), Vec::new(), Vec::new());
         for (i, ((ep, run), over)) in order.drain(..).zip(runs).zip(over).enumerate() {
+            // A copy sent where the cache is full pushes out blocks that
+            // are likely asked for again: priced as one more prefill.
+            let evicts = run == 0 && victims[i] != u64::MAX;
             match (over, i < 2 || run > 0) {
                 (true, _) => demoted.push(ep),
-                (false, true) => contenders.push((cost(ep, run, typical, cold), run, ep)),
+                (false, true) => {
+                    contenders.push((cost(ep, run, typical, cold) + eviction(ep, evicts, size, cold), run, ep))
+                }
                 (false, false) => rest.push(ep),
             }
         }
@@ -241,23 +244,35 @@ fn place(order: &mut [&Arc<Instance>], victims: &[u64], size: f64, cold: Option<
     let loads: Vec<f64> = order[..head].iter().map(|e| e.load()).collect();
     let within = |i: usize| !over[i];
     let Some(lightest) = (0..head).filter(|&i| within(i)).map(|i| loads[i]).min_by(f64::total_cmp) else { return };
-    let prefill =
-        |e: &Instance| cold.unwrap_or_else(|| e.ttft_estimate().as_secs_f64()) / f64::from(e.record.weight.max(1));
     let best = (0..head)
-        .filter(|&i| within(i) && loads[i] <= lightest + size * prefill(order[i]))
+        .filter(|&i| within(i) && loads[i] <= lightest + size * prefill_per_request(order[i], cold))
         .min_by(|&a, &b| victims[b].cmp(&victims[a]).then(loads[a].total_cmp(&loads[b])));
     if let Some(best) = best {
         order[..=best].rotate_right(1);
     }
 }
 
+/// What sending `size` typical requests' blocks to `ep` costs later when
+/// its cache has no room for them: the blocks they push out are computed
+/// again when next asked for, about one prefill of that size.
+fn eviction(ep: &Instance, evicts: bool, size: f64, cold: Option<f64>) -> f64 {
+    match evicts {
+        true => size * prefill_per_request(ep, cold),
+        false => 0.0,
+    }
+}
+
+/// One typical request's whole prefill at `ep`: the service's cold TTFT
+/// once measured, else the instance's own estimate.
+fn prefill_per_request(ep: &Instance, cold: Option<f64>) -> f64 {
+    cold.unwrap_or_else(|| ep.ttft_estimate().as_secs_f64()) / f64::from(ep.record.weight.max(1))
+}
+
 /// Expected wait for a first token at `ep` less the prefill its `run`
 /// cached blocks save (see the module's documentation): priced at the
 /// service's cold TTFT, a whole prefill, once one was measured.
 fn cost(ep: &Instance, run: usize, typical: f64, cold: Option<f64>) -> f64 {
-    let prefill = cold.unwrap_or_else(|| ep.ttft_estimate().as_secs_f64());
-    let per_request = prefill / f64::from(ep.record.weight.max(1));
-    ep.load() - run as f64 / typical * per_request
+    ep.load() - run as f64 / typical * prefill_per_request(ep, cold)
 }
 
 #[cfg(test)]

@@ -183,3 +183,25 @@ async fn blocks_a_node_has_evicted_no_longer_attract_their_prompt() {
     drop(pick(&b, &hot));
     assert_eq!((routed(&metrics, "miss"), routed(&metrics, "hit")), (4, 1), "the hot prompt is a miss now");
 }
+
+#[tokio::test]
+async fn a_hot_prefix_spreads_where_a_cache_has_room_before_a_lighter_full_one() {
+    let (b, metrics) = cache_aware_with_room(100);
+    let routing = PrefixRouting::new(4096, metrics);
+    let all = b.all();
+    let (home, full, empty) = (&all[0], &all[1], &all[2]);
+    let hot = prompt(1, 48);
+    for (blocks, to) in [(hot.clone(), home), (prompt(1000, 60), full)] {
+        let mut order = vec![to];
+        let matches = routing.rank("chat", &mut order, &blocks);
+        routing.routed("chat", &blocks, &matches, to);
+    }
+    // A whole prefill takes a second. The holder is past the balance
+    // bound; the empty cache carries a stream more than the full one, out
+    // of whose cache the hot prompt would push that one's own prompt.
+    routing.observe_cold("chat", Duration::from_secs(1));
+    let _streams: Vec<_> = (0..3).map(|_| home.start()).chain([empty.start()]).collect();
+    let mut order = vec![full, empty, home];
+    assert_eq!(routing.rank("chat", &mut order, &hot).best, 48);
+    assert!(Arc::ptr_eq(order[0], empty), "the spread goes where it evicts nothing");
+}
